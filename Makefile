@@ -1,0 +1,36 @@
+# dlpipe: `make run` and `make test` are all a new machine needs; both set up .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dlpipe-setup
+ARGS   ?=
+PYTEST_ARGS ?=
+
+# Spark (and Gloo) bind loopback unless told otherwise: the first non-loopback address may be unreachable.
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYSPARK_PYTHON ?= $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
+
+.PHONY: setup run test lint clean clean-data
+
+setup: $(STAMP)
+
+# Re-runs only when the pinned inputs change; a second `make setup` does nothing.
+$(STAMP): pyproject.toml constraints.txt tools/setup.sh tools/build_horovod.sh
+	PYTHON=$(PYTHON) bash tools/setup.sh
+	@touch $@
+
+run: $(STAMP)
+	$(PY) -m pipelines.run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean-data:
+	rm -rf data mlruns spark-warehouse
+
+clean: clean-data
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,52 @@
+"""Command-line entry points shared by jobs/ and pipelines/: arguments, config, logging, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dlpipe.config import Config, ConfigError, load_config
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("py4j", "urllib3", "alembic", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--env", help="environment file conf/<ENV>.yaml over conf/base.yaml (default: $DLPIPE_ENV or local)")
+    p.add_argument("--conf-dir", help="configuration folder (default: ./conf)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.epochs=5")
+    return p
+
+
+def load_or_exit(args: argparse.Namespace) -> Config:
+    """The validated config, or exit 2 with the message before any Spark starts."""
+    try:
+        return load_config(args.env, args.overrides, args.conf_dir)
+    except ConfigError as exc:
+        print(f"dlpipe: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_job(stage: str, argv: list[str]) -> int:
+    """A spark-submit entry point for one stage: config, session, stage, stop."""
+    from dlpipe.pipeline import run_stage
+    from dlpipe.session import build_spark
+
+    p = parser(f"jobs/{stage}.py", f"Run the dlpipe '{stage}' stage.")
+    p.add_argument("--parent-run-id", help="MLflow run id of the pipeline run this stage belongs to")
+    args = p.parse_args(argv)
+    cfg = load_or_exit(args)
+    setup_logging()
+    spark = build_spark(cfg)
+    try:
+        run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id)
+    finally:
+        spark.stop()
+    return 0

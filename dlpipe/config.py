@@ -1,0 +1,316 @@
+"""Typed configuration: conf/base.yaml, overlaid by conf/<env>.yaml, overlaid by key.path=value overrides.
+
+Everything else in dlpipe takes a `Config`; nothing reads YAML itself. Loading validates the whole tree
+before any Spark starts, so a typo fails in a second with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_ENV = "local"
+# Free-form mappings whose keys themselves contain dots (`spark.conf.spark.sql.shuffle.partitions=4`).
+_FREE_FORM = ("spark.conf",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectConfig(_Strict):
+    root: str = Field(".", description="Project folder; relative paths elsewhere resolve against it.")
+
+
+class SparkConfig(_Strict):
+    master: str = "local[*]"
+    app_name: str = "dlpipe"
+    log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "WARN"
+    conf: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class StorageConfig(_Strict):
+    warehouse: str = "data/warehouse"
+
+
+class TrackingConfig(_Strict):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "dlpipe"
+    registered_model: str = "dlpipe-classifier"
+
+
+ColumnType = Literal["int", "long", "float", "double", "string"]
+
+
+class ColumnSpec(_Strict):
+    name: str
+    type: ColumnType
+    role: Literal["key", "feature", "label", "ignore"] = "feature"
+    required: bool = True
+    transform: Literal["standardize", "onehot", "none"] | None = Field(
+        None, description="Feature transform; default: standardize numbers, one-hot strings."
+    )
+
+    @property
+    def effective_transform(self) -> str:
+        if self.transform is not None:
+            return self.transform
+        return "onehot" if self.type == "string" else "standardize"
+
+
+class GeneratorConfig(_Strict):
+    rows: int = Field(20000, gt=0)
+    files: int = Field(4, gt=0)
+    num_numeric: int = Field(8, gt=0)
+    categories: list[str] = Field(default_factory=lambda: ["a", "b", "c", "d"], min_length=1)
+    label_noise: float = Field(0.1, ge=0, le=1)
+    malformed_fraction: float = Field(0.03, ge=0, lt=1)
+    seed: int = 7
+
+
+class DatasetConfig(_Strict):
+    name: str
+    raw_uri: str
+    format: Literal["csv"] = "csv"
+    num_classes: int = Field(..., ge=2)
+    columns: list[ColumnSpec] = Field(..., min_length=2)
+    generator: GeneratorConfig | None = None
+
+    @model_validator(mode="after")
+    def _roles(self) -> DatasetConfig:
+        roles = [c.role for c in self.columns]
+        if roles.count("key") != 1 or roles.count("label") != 1:
+            raise ValueError("dataset.columns needs exactly one column with role 'key' and one with role 'label'")
+        if "feature" not in roles:
+            raise ValueError("dataset.columns needs at least one column with role 'feature'")
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset.columns has duplicate names {dupes}")
+        return self
+
+    def column(self, role: str) -> ColumnSpec:
+        return next(c for c in self.columns if c.role == role)
+
+    @property
+    def features(self) -> list[ColumnSpec]:
+        return [c for c in self.columns if c.role == "feature"]
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    row_group_size_mb: int = Field(8, gt=0)
+    num_files: int = Field(4, gt=0)
+
+
+class TrainConfig(_Strict):
+    launcher: Literal["horovod"] = "horovod"
+    num_proc: int = Field(2, gt=0)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=1)
+    lr: float = Field(0.003, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    seed: int = 42
+    threads_per_rank: int = Field(1, gt=0)
+    gloo_iface: str | None = Field(
+        None, description="Network interface for Gloo; default: the one of the task's address."
+    )
+
+
+class InferConfig(_Strict):
+    model_uri: str | None = Field(None, description="Default: models:/<tracking.registered_model>@candidate")
+    batch_size: int = Field(4096, gt=0)
+
+
+class Config(_Strict):
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dataset: DatasetConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.project.root)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------------------------
+def default_conf_dir() -> Path:
+    """`./conf` when run from the project folder, else the conf/ beside the dlpipe package."""
+    env_dir = os.environ.get("DLPIPE_CONF_DIR")
+    if env_dir:
+        return Path(env_dir)
+    cwd_conf = Path.cwd() / "conf"
+    if (cwd_conf / "base.yaml").is_file():
+        return cwd_conf
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_config(
+    env: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    conf_dir: str | Path | None = None,
+) -> Config:
+    """Load base + env + overrides into a validated Config; raise ConfigError naming the bad key."""
+    conf_dir = Path(conf_dir) if conf_dir else default_conf_dir()
+    env = env or os.environ.get("DLPIPE_ENV") or DEFAULT_ENV
+    base_file = conf_dir / "base.yaml"
+    if not base_file.is_file():
+        raise ConfigError(f"no {base_file}: run from the project folder or pass --conf-dir / set DLPIPE_CONF_DIR")
+    data = _read_yaml(base_file)
+    env_file = conf_dir / f"{env}.yaml"
+    if not env_file.is_file():
+        known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem != "base")
+        raise ConfigError(f"environment '{env}' has no file {env_file}; known environments: {', '.join(known)}")
+    data = deep_merge(data, _read_yaml(env_file))
+    for item in overrides:
+        apply_override(data, item)
+    data.setdefault("project", {})
+    root = Path(data["project"].get("root") or ".")
+    if not root.is_absolute():
+        root = (conf_dir.resolve().parent / root).resolve()
+    data["project"]["root"] = str(root)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, data, env)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys at the top, found {type(loaded).__name__}")
+    return loaded
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return base overlaid by over; mappings merge key by key, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `key.path=value` override in place; the value is parsed as YAML (10, true, [64, 32])."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key.path=value (e.g. train.epochs=5)")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    for prefix in _FREE_FORM:
+        if key.startswith(prefix + "."):
+            parts = prefix.split(".") + [key[len(prefix) + 1 :]]
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override '{item}': '{where}' is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the key at loc (to list allowed keys)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) + (ann,):
+            inner = getattr(cand, "__args__", ())
+            for c in (cand, *inner):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(exc: ValidationError, data: dict[str, Any], env: str) -> str:
+    lines = [f"invalid configuration (conf/base.yaml + conf/{env}.yaml + overrides):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<top>"
+        value = _lookup(data, loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            model = _model_at(loc)
+            allowed = ", ".join(sorted(model.model_fields)) if model else "see conf/base.yaml"
+            lines.append(f"  unknown key '{key}' (value {value!r}); allowed keys here: {allowed}")
+        elif kind == "missing":
+            lines.append(f"  missing required key '{key}': set it in conf/{env}.yaml or pass {key}=VALUE")
+        else:
+            lines.append(f"  bad value for '{key}': {value!r}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Stage order and the end-to-end run: one MLflow parent run, a child run per stage."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pyspark.sql import SparkSession
+
+from dlpipe import tracking
+from dlpipe.config import Config
+from dlpipe.storage import dataset_paths
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "ingest", "preprocess", "train", "infer", "evaluate")
+
+
+def _generate(spark: SparkSession, cfg: Config) -> dict:
+    from dlpipe.generate import generate
+
+    m = generate(cfg, dataset_paths(cfg).raw)
+    out = {k: m[k] for k in ("rows_written", "valid_rows", "malformed_total", "bayes_accuracy", "majority_fraction")}
+    out.update({f"malformed_{kind}": n for kind, n in m["malformed"].items()})
+    out["skipped"] = int(m["skipped"])
+    return out
+
+
+def stage_function(name: str) -> Callable[[SparkSession, Config], dict]:
+    if name == "generate":
+        return _generate
+    if name == "ingest":
+        from dlpipe.ingest import run
+    elif name == "preprocess":
+        from dlpipe.features import run
+    elif name == "train":
+        from dlpipe.train.stage import run
+    elif name == "infer":
+        from dlpipe.infer import run
+    elif name == "evaluate":
+        from dlpipe.evaluate import run
+    else:
+        raise ValueError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+    return run
+
+
+def run_stage(spark: SparkSession, cfg: Config, name: str, parent_run_id: str | None = None) -> dict:
+    """Run one stage in its own MLflow child run and log its metrics there."""
+    fn = stage_function(name)
+    log.info("stage %s: start", name)
+    started = time.time()
+    with tracking.stage_run(cfg, name, parent_run_id):
+        metrics = fn(spark, cfg)
+        metrics["seconds"] = round(time.time() - started, 3)
+        tracking.log_metrics(metrics)
+    log.info("stage %s: done in %.1fs %s", name, metrics["seconds"], metrics)
+    return metrics
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    tracking_uri: str
+    predictions: str
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+
+def stages_for(cfg: Config, stages: Sequence[str] = STAGES) -> list[str]:
+    return [s for s in stages if not (s == "generate" and cfg.dataset.generator is None)]
+
+
+def run_pipeline(spark: SparkSession, cfg: Config, stages: Sequence[str] = STAGES) -> PipelineResult:
+    """Run the stages in order under one parent run; the parent also gets each stage's metrics."""
+    with tracking.pipeline_run(cfg) as parent:
+        result = PipelineResult(parent.info.run_id, tracking.tracking_uri(cfg), dataset_paths(cfg).predictions)
+        todo = stages_for(cfg, stages)
+        for i, name in enumerate(todo, 1):
+            log.info("pipeline: stage %d/%d: %s", i, len(todo), name)
+            result.metrics[name] = run_stage(spark, cfg, name)
+            tracking.log_metrics({f"{name}.{k}": v for k, v in result.metrics[name].items()})
+    return result

@@ -1,0 +1,50 @@
+"""The one function that turns a batch of features into predictions, shared by the UDF and serving.
+
+Models are loaded once per Python process and cached by URI: a Spark Python worker is reused across
+tasks, so a whole job loads each model once per worker, not once per batch or task.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+_MODELS: dict[str, torch.nn.Module] = {}
+_LOCK = threading.Lock()
+_LOADS = 0
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None) -> torch.nn.Module:
+    global _LOADS
+    with _LOCK:
+        model = _MODELS.get(model_uri)
+        if model is None:
+            import mlflow
+
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+            # MLflow 3 saves torch.export programs (no pickle); they come back as GraphModules that are
+            # already in inference form and refuse .eval(). Pickled nn.Modules need it.
+            if not isinstance(model, torch.fx.GraphModule):
+                model.eval()
+            _MODELS[model_uri] = model
+            _LOADS += 1
+        return model
+
+
+def loads_in_this_process() -> int:
+    """How many times this process loaded a model (the once-per-worker promise, made checkable)."""
+    return _LOADS
+
+
+def predict_proba(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """(n, features) float32 -> (n, classes) probabilities."""
+    threads = int(os.environ.get("DLPIPE_SCORING_THREADS", "1"))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()

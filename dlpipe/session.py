@@ -1,0 +1,37 @@
+"""The SparkSession, built from config."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from dlpipe.config import Config
+
+
+def under_spark_submit() -> bool:
+    """True when spark-submit started this Python process (its --master and --conf then win)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def build_spark(cfg: Config) -> SparkSession:
+    """Create (or get) the session for cfg: master, app name and every `spark.*` setting from conf/.
+
+    In local mode everything binds 127.0.0.1: on many machines the first non-loopback address is one
+    that nothing can reach, and Spark (and Gloo later) would hang on it.
+    """
+    master = cfg.spark.master
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if not under_spark_submit():
+        builder = builder.master(master)
+    if master.startswith("local"):
+        # Python workers run this interpreter (the project's venv), not whatever python3 is on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+    for key, value in cfg.spark.conf.items():
+        builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.spark.log_level)
+    return spark

@@ -1,0 +1,107 @@
+"""The train stage (driver side): launch the ranks, then log, register and alias the model."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import torch
+from pyspark.sql import SparkSession
+
+from dlpipe.config import Config
+from dlpipe.features import read_stats
+from dlpipe.storage import dataset_paths
+from dlpipe.train.launcher import run_horovod
+from dlpipe.train.loader import ShardLoader
+from dlpipe.train.models import build_mlp, with_probabilities
+from dlpipe.train.worker import TrainSpec, train_worker
+
+log = logging.getLogger(__name__)
+CANDIDATE = "candidate"
+
+
+def make_spec(cfg: Config, stats: dict) -> TrainSpec:
+    paths = dataset_paths(cfg)
+    t = cfg.train
+    return TrainSpec(
+        train_uri=paths.split("train"),
+        val_uri=paths.split("val"),
+        train_rows=stats["rows"]["train"],
+        val_rows=stats["rows"]["val"],
+        feature_dim=stats["feature_dim"],
+        num_classes=stats["num_classes"],
+        hidden=tuple(t.hidden),
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        seed=t.seed,
+        threads=t.threads_per_rank,
+    )
+
+
+def learning_curve(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.plot(epochs, [h["train_accuracy"] for h in history], label="train")
+    ax2.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from dlpipe import tracking
+
+    stats = read_stats(spark, cfg)
+    spec = make_spec(cfg, stats)
+    result = run_horovod(spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface)[0]
+    history = result["history"]
+    for record in history:
+        tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+    mlflow.log_figure(learning_curve(history), "learning_curve.png")
+
+    model = build_mlp(spec.feature_dim, spec.num_classes, list(spec.hidden))
+    model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
+    served = with_probabilities(model).eval()
+    example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_dim, shuffle=False)
+    example = next(iter(example_loader.epoch(0)))[0].numpy()[:5]
+    with torch.no_grad():
+        example_out = served(torch.from_numpy(example)).numpy()
+    name = cfg.tracking.registered_model
+    info = mlflow.pytorch.log_model(
+        served,
+        name="model",
+        signature=infer_signature(example, example_out),
+        input_example=example,
+        pip_requirements=tracking.pip_requirements(),
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+    mlflow.set_tags({"dlpipe.model_name": name, "dlpipe.model_version": version})
+    log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
+    last = history[-1]
+    return {
+        "final_train_loss": last["train_loss"],
+        "final_val_loss": last["val_loss"],
+        "final_val_accuracy": last["val_accuracy"],
+        "best_val_accuracy": max(h["val_accuracy"] for h in history),
+        "ranks": result["ranks"],
+        "model_version": int(version),
+        "samples_per_s_per_rank": float(np.mean([h["samples_per_s_per_rank"] for h in history])),
+    }

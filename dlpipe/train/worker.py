@@ -1,0 +1,153 @@
+"""Executor side: the training loop one Horovod rank runs. Imported and called inside a barrier task.
+
+Everything here must be picklable and importable on executors; nothing here touches Spark or MLflow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dlpipe.train.loader import ShardLoader, ShortEpochError
+from dlpipe.train.models import build_mlp
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    train_uri: str
+    val_uri: str
+    train_rows: int
+    val_rows: int
+    feature_dim: int
+    num_classes: int
+    hidden: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    threads: int
+
+
+def _logger(rank: int) -> logging.Logger:
+    log = logging.getLogger(f"dlpipe.train.rank{rank}")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [train rank {rank}] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def _allreduce_sum(hvd, values: list[float], name: str) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return hvd.allreduce(t, op=hvd.Sum, name=name).tolist()
+
+
+def train_worker(spec: TrainSpec) -> dict | None:
+    """Train with hvd (already initialized by the launcher). Rank 0 returns the weights and history."""
+    import horovod.torch as hvd
+
+    rank, size = hvd.rank(), hvd.size()
+    log = _logger(rank)
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+
+    model = build_mlp(spec.feature_dim, spec.num_classes, list(spec.hidden))
+    # Adam at lr x ranks: the effective batch is ranks x batch_size
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr * size)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    train = ShardLoader(
+        spec.train_uri,
+        rank,
+        size,
+        spec.batch_size,
+        spec.feature_dim,
+        shuffle=True,
+        seed=spec.seed,
+        expected_rows=spec.train_rows,
+    )
+    val = ShardLoader(
+        spec.val_uri, rank, size, spec.batch_size * 4, spec.feature_dim, shuffle=False, expected_rows=spec.val_rows
+    )
+    log.info(
+        "%d train rows on this rank (%d in all), %d steps per epoch", train.local_rows, train.total_rows, train.steps
+    )
+
+    history: list[dict] = []
+    started = time.time()
+    for epoch in range(1, spec.epochs + 1):
+        t0 = time.time()
+        model.train()
+        loss_sum, correct = 0.0, 0.0
+        for step, (x, y) in enumerate(train.epoch(epoch), 1):
+            optimizer.zero_grad()
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            (loss / len(y)).backward()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            correct += float((logits.argmax(1) == y).sum())
+            if rank == 0 and step % 200 == 0:
+                log.info(
+                    "epoch %d/%d batch %d/%d loss %.4f",
+                    epoch,
+                    spec.epochs,
+                    step,
+                    train.steps,
+                    loss_sum / (step * len(y)),
+                )
+        seconds = time.time() - t0
+        model.eval()
+        v_loss, v_correct = 0.0, 0.0
+        with torch.no_grad():
+            for x, y in val.epoch(epoch):
+                logits = model(x)
+                v_loss += float(loss_fn(logits, y))
+                v_correct += float((logits.argmax(1) == y).sum())
+        rows, loss_sum, correct, v_rows, v_loss, v_correct = _allreduce_sum(
+            hvd, [train.rows_last_epoch, loss_sum, correct, val.rows_last_epoch, v_loss, v_correct], f"epoch{epoch}"
+        )
+        if int(rows) != spec.train_rows or int(v_rows) != spec.val_rows:
+            raise ShortEpochError(
+                f"epoch {epoch}: ranks read {int(rows)}/{spec.train_rows} train and {int(v_rows)}/{spec.val_rows} "
+                "validation rows: refusing to train on partial data"
+            )
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / rows,
+            "train_accuracy": correct / rows,
+            "val_loss": v_loss / v_rows,
+            "val_accuracy": v_correct / v_rows,
+            "samples_per_s_per_rank": train.rows_last_epoch / max(seconds, 1e-9),
+            "epoch_seconds": seconds,
+        }
+        history.append(record)
+        if rank == 0:
+            elapsed = time.time() - started
+            eta = elapsed / epoch * (spec.epochs - epoch)
+            log.info(
+                "epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f %.0f samples/s/rank ETA %.0fs",
+                epoch,
+                spec.epochs,
+                record["train_loss"],
+                record["val_loss"],
+                record["val_accuracy"],
+                record["samples_per_s_per_rank"],
+                eta,
+            )
+    if rank != 0:
+        return None
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return {"state_dict": buf.getvalue(), "history": history, "ranks": size}

@@ -1,0 +1,34 @@
+"""Run the whole pipeline in one Spark application: generate, ingest, preprocess, train, infer, evaluate.
+
+    python -m pipelines.run [--env NAME] [key.path=value ...]
+    spark-submit pipelines/run.py [--env NAME] [key.path=value ...]
+
+Ends by printing `tracking_uri: ...`, `run_id: ...` and `predictions: ...`.
+"""
+
+import sys
+
+from dlpipe.cli import load_or_exit, parser, setup_logging
+from dlpipe.pipeline import run_pipeline
+from dlpipe.session import build_spark
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_or_exit(parser("pipelines/run.py", __doc__.splitlines()[0]).parse_args(argv))
+    setup_logging()
+    spark = build_spark(cfg)
+    try:
+        result = run_pipeline(spark, cfg)
+    finally:
+        spark.stop()
+    ev = result.metrics.get("evaluate", {})
+    if ev:
+        print(f"test accuracy: {ev['accuracy']:.4f} (majority baseline {ev['majority_baseline_accuracy']:.4f})")
+    print(f"predictions: {result.predictions}")
+    print(f"tracking_uri: {result.tracking_uri}")
+    print(f"run_id: {result.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,150 @@
+"""One test per stage on tiny data, each stage fed by the real outputs of the stages before it."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from dlpipe import evaluate, features, infer, ingest, tracking
+from dlpipe.generate import MALFORMED_KINDS, generate
+from dlpipe.storage import HadoopFS, dataset_paths, local_path
+from dlpipe.train import stage as train_stage
+from tests.conftest import make_cfg
+
+# ingest reason code <- the generator's kind of malformed line
+CODE_OF_KIND = {
+    "wrong_field_count": "malformed",
+    "bad_number": "type",
+    "missing_label": "missing",
+    "bad_label": "label_range",
+}
+
+
+def _in_run(cfg, name, fn, spark):
+    with tracking.pipeline_run(cfg, f"test-{name}"), tracking.stage_run(cfg, name):
+        return fn(spark, cfg)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="module")
+def cfg(root):
+    return make_cfg(root)
+
+
+@pytest.fixture(scope="module")
+def generated(cfg):
+    return generate(cfg, dataset_paths(cfg).raw)
+
+
+@pytest.fixture(scope="module")
+def ingested(spark, cfg, generated):
+    return ingest.run(spark, cfg)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(spark, cfg, ingested):
+    return features.run(spark, cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(spark, cfg, preprocessed):
+    return _in_run(cfg, "train", train_stage.run, spark)
+
+
+@pytest.fixture(scope="module")
+def inferred(spark, cfg, trained):
+    return _in_run(cfg, "infer", infer.run, spark)
+
+
+def test_generate_writes_known_malformed_lines(cfg, generated):
+    raw = local_path(dataset_paths(cfg).raw)
+    lines = sum(len(p.read_text().splitlines()) - 1 for p in raw.glob("part-*.csv"))
+    assert lines == generated["rows_written"] == 1500
+    assert generated["malformed_total"] == round(1500 * 0.03) == sum(generated["malformed"].values())
+    assert set(generated["malformed"]) == set(MALFORMED_KINDS)
+    assert 0.9 < generated["bayes_accuracy"] < 1
+    again = generate(cfg, dataset_paths(cfg).raw)
+    assert again["skipped"] and again["malformed"] == generated["malformed"]
+
+
+def test_ingest_quarantines_every_malformed_line_with_its_reason(spark, cfg, generated, ingested):
+    assert ingested["rows_in"] == generated["rows_written"]
+    assert ingested["rows_kept"] == generated["valid_rows"]
+    assert ingested["rows_in"] == ingested["rows_kept"] + ingested["rows_quarantined"]
+    for kind, n in generated["malformed"].items():
+        assert ingested[f"quarantined_{CODE_OF_KIND[kind]}"] == n, kind
+    q = spark.read.parquet(dataset_paths(cfg).quarantine)
+    assert q.where("reason is null or raw_line is null or source_file is null").count() == 0
+    clean = spark.read.parquet(dataset_paths(cfg).clean)
+    assert dict(clean.dtypes)["x0"] == "double" and dict(clean.dtypes)["label"] == "int"
+    assert clean.where("label < 0 or label > 2 or x0 is null").count() == 0
+
+
+def test_ingest_missing_path_and_wrong_header_fail_clearly(spark, cfg, tmp_path):
+    missing = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"raw_uri": str(tmp_path / "nope")})})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ingest.run(spark, missing)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.csv").write_text("id,x0,x1,x2,x3,x4,x5,x6,x7,segment,target\n1,0,0,0,0,0,0,0,0,a,1\n")
+    wrong = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"raw_uri": str(bad)})})
+    with pytest.raises(Exception, match="(?s)label.*target|target.*label"):
+        ingest.run(spark, wrong)
+    assert not HadoopFS(spark).exists(dataset_paths(wrong).clean + "-never")
+
+
+def test_preprocess_splits_deterministically_with_train_only_stats(spark, cfg, ingested, preprocessed):
+    assert preprocessed["rows_in"] == ingested["rows_kept"]
+    assert sum(preprocessed[f"rows_{s}"] for s in features.SPLITS) == ingested["rows_kept"]
+    assert 0.6 < preprocessed["rows_train"] / preprocessed["rows_in"] < 0.8
+    assert preprocessed["feature_dim"] == 8 + 4  # 8 standardized numbers + one-hot of 4 segments
+    paths = dataset_paths(cfg)
+    stats = features.read_stats(spark, cfg)
+    clean = spark.read.parquet(paths.clean).withColumn("_split", features.split_column(cfg))
+    train_mean = clean.where("_split = 'train'").agg({"x0": "avg"}).first()[0]
+    all_mean = clean.agg({"x0": "avg"}).first()[0]
+    assert stats["features"][0]["mean"] == pytest.approx(train_mean) and train_mean != pytest.approx(all_mean, abs=1e-9)
+    # the split of a key is a pure function of the key: same ids on a second computation
+    test_ids = {r[0] for r in spark.read.parquet(paths.split("test")).select("id").collect()}
+    again = {r[0] for r in clean.where("_split = 'test'").select("id").collect()}
+    assert test_ids == again
+    from petastorm import make_reader
+
+    with make_reader(paths.split("val"), reader_pool_type="dummy", num_epochs=1) as reader:
+        rows = list(reader)
+    assert len(rows) == preprocessed["rows_val"]
+    assert rows[0].features.shape == (12,) and rows[0].features.dtype == np.float32
+
+
+def test_train_registers_a_candidate_model(cfg, trained):
+    assert trained["ranks"] == 2
+    assert trained["final_val_accuracy"] > 0.6
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    mv = client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate")
+    assert int(mv.version) == trained["model_version"]
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["dlpipe.stage"] == "train"
+    history = client.get_metric_history(mv.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_infer_scores_every_test_row(spark, cfg, preprocessed, inferred):
+    assert inferred["rows_scored"] == inferred["rows_in"] == preprocessed["rows_test"]
+    preds = spark.read.parquet(dataset_paths(cfg).predictions)
+    row = preds.first()
+    assert len(row.probabilities) == 3 and abs(sum(row.probabilities) - 1) < 1e-4
+    assert row.prediction == int(np.argmax(row.probabilities))
+    assert row.model_name == cfg.tracking.registered_model and row.model_version == "1"
+
+
+def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):
+    m = _in_run(cfg, "evaluate", evaluate.run, spark)
+    assert m["test_rows_without_prediction"] == 0
+    assert m["predictions"] == m["test_rows"] == inferred["rows_in"]
+    assert 0 <= m["majority_baseline_accuracy"] <= 1 and m["accuracy"] > m["majority_baseline_accuracy"]
+    assert m["log_loss"] > 0
