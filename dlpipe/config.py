@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -274,28 +274,23 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
     return data
 
 
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `Foo`, `Foo | None` or `list[Foo]`."""
+    for cand in (annotation, *get_args(annotation), *(a for arg in get_args(annotation) for a in get_args(arg))):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+    return None
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the key at loc (to list allowed keys)."""
-    model: Any = Config
+    """The model class holding the key at loc, to list the keys allowed beside it."""
+    model: type[BaseModel] | None = Config
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", ()) + (ann,):
-            inner = getattr(cand, "__args__", ())
-            for c in (cand, *inner):
-                if isinstance(c, type) and issubclass(c, BaseModel):
-                    model = c
-                    break
-            else:
-                continue
-            break
-        else:
-            return None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = model.model_fields.get(part) if model else None
+        model = _submodel(field.annotation) if field else None
+    return model
 
 
 def _explain(exc: ValidationError, data: dict[str, Any], env: str) -> str:

@@ -42,7 +42,11 @@ def loads_in_this_process() -> int:
 
 
 def predict_proba(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    """(n, features) float32 -> (n, classes) probabilities."""
+    """(n, features) float32 -> (n, classes) probabilities.
+
+    One torch thread by default: Spark already runs one task per core, and more threads per task only
+    fight each other. DLPIPE_SCORING_THREADS raises it where a task owns several cores.
+    """
     threads = int(os.environ.get("DLPIPE_SCORING_THREADS", "1"))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -14,7 +14,8 @@ die() { echo "dlpipe setup: $*" >&2; exit 1; }
 # --- prerequisites, each failing with one line that says what to install ---------------------------
 command -v "$PYTHON" >/dev/null 2>&1 \
     || die "Python 3.11 not found as '$PYTHON': install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv) or run with PYTHON=/path/to/python3.11"
-pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+    || die "'$PYTHON' does not run: install Python 3.11 or run with PYTHON=/path/to/python3.11"
 [ "$pyver" = "3.11" ] \
     || die "Python 3.11 is required, but '$PYTHON' is Python $pyver: install Python 3.11 or run with PYTHON=/path/to/python3.11"
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \

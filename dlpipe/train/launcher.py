@@ -10,6 +10,7 @@ plan; rank 0 starts Horovod's rendezvous server on its own address and shares th
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -31,7 +32,9 @@ def available_slots(sc: SparkContext) -> int:
     m = re.fullmatch(r"local(?:\[(\*|\d+)(?:\s*,\s*\d+)?\])?", master)
     if m:
         n = m.group(1)
-        return 1 if n is None else (__import__("os").cpu_count() or 1) if n == "*" else int(n)
+        if n is None:
+            return 1
+        return (os.cpu_count() or 1) if n == "*" else int(n)
     jsc = sc._jsc.sc()
     return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
 
@@ -74,7 +77,6 @@ def rank_plan(hosts: list[str]) -> list[Any]:
 
 def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
     def task(_: Any):
-        import os
         import threading
 
         from pyspark import BarrierTaskContext
