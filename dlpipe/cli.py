@@ -21,6 +21,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--env", help="environment file conf/<ENV>.yaml over conf/base.yaml (default: $DLPIPE_ENV or local)")
     p.add_argument("--conf-dir", help="configuration folder (default: ./conf)")
+    p.add_argument("--force", action="store_true", help="redo stages even when their inputs and config are unchanged")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.epochs=5")
     return p
 
@@ -46,7 +47,7 @@ def run_job(stage: str, argv: list[str]) -> int:
     setup_logging()
     spark = build_spark(cfg)
     try:
-        run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id)
+        run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id, force=args.force)
     finally:
         spark.stop()
     return 0

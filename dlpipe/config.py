@@ -38,18 +38,36 @@ class SparkConfig(_Strict):
     conf: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+class S3Config(_Strict):
+    endpoint: str | None = Field(None, description="S3-compatible endpoint (http://host:port); None = AWS.")
+    path_style_access: bool = False
+    region: str | None = None
+    credentials_file: str | None = Field(
+        "conf/credentials.yaml",
+        description="git-ignored YAML {s3: {access_key, secret_key}}; AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY win.",
+    )
+    jars: list[str] | None = Field(None, description="hadoop-aws + AWS SDK jars; default: .cache/servers/jars/s3a")
+
+
+class HdfsConfig(_Strict):
+    webhdfs_url: str | None = Field(None, description="NameNode WebHDFS URL for Python-side access.")
+    user: str | None = None
+
+
 class StorageConfig(_Strict):
     warehouse: str = "data/warehouse"
+    s3: S3Config = Field(default_factory=S3Config)
+    hdfs: HdfsConfig = Field(default_factory=HdfsConfig)
 
 
 class TrackingConfig(_Strict):
     uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_location: str = "mlruns/artifacts"
     experiment: str = "dlpipe"
-    registered_model: str = "dlpipe-classifier"
+    registered_model: str | None = Field(None, description="Default: <dataset.name>-classifier")
 
 
-ColumnType = Literal["int", "long", "float", "double", "string"]
+ColumnType = Literal["int", "long", "float", "double", "string", "image"]
 
 
 class ColumnSpec(_Strict):
@@ -57,18 +75,36 @@ class ColumnSpec(_Strict):
     type: ColumnType
     role: Literal["key", "feature", "label", "ignore"] = "feature"
     required: bool = True
-    transform: Literal["standardize", "onehot", "none"] | None = Field(
-        None, description="Feature transform; default: standardize numbers, one-hot strings."
+    transform: Literal["standardize", "onehot", "scale", "none"] | None = Field(
+        None, description="Feature transform; default: standardize numbers, one-hot strings, scale images."
     )
+    min: float | None = Field(None, description="Smallest valid value; smaller values are quarantined.")
+    max: float | None = Field(None, description="Largest valid value; larger values are quarantined.")
+    values: list[str] | None = Field(None, description="Allowed values of a string column.")
+    shape: list[int] | None = Field(None, description="Image columns: [height, width] or [height, width, channels].")
 
     @property
     def effective_transform(self) -> str:
         if self.transform is not None:
             return self.transform
-        return "onehot" if self.type == "string" else "standardize"
+        return {"string": "onehot", "image": "scale"}.get(self.type, "standardize")
+
+    @model_validator(mode="after")
+    def _image_shape(self) -> ColumnSpec:
+        if self.type == "image" and (not self.shape or len(self.shape) not in (2, 3)):
+            raise ValueError(f"image column '{self.name}' needs shape: [height, width] or [height, width, channels]")
+        return self
+
+
+class SourceConfig(_Strict):
+    uri: str = Field(..., description="file://, hdfs://, s3a:// (s3:// means s3a://) or a path under the project")
+    format: Literal["csv", "jsonl", "parquet", "image"] = "csv"
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Spark reader options")
+    label_from_path: str | None = Field(None, description="image: regex whose first group in the path is the label")
 
 
 class GeneratorConfig(_Strict):
+    kind: Literal["tabular", "digits"] = "tabular"
     rows: int = Field(20000, gt=0)
     files: int = Field(4, gt=0)
     num_numeric: int = Field(8, gt=0)
@@ -78,36 +114,8 @@ class GeneratorConfig(_Strict):
     seed: int = 7
 
 
-class DatasetConfig(_Strict):
-    name: str
-    raw_uri: str
-    format: Literal["csv"] = "csv"
-    num_classes: int = Field(..., ge=2)
-    columns: list[ColumnSpec] = Field(..., min_length=2)
-    generator: GeneratorConfig | None = None
-
-    @model_validator(mode="after")
-    def _roles(self) -> DatasetConfig:
-        roles = [c.role for c in self.columns]
-        if roles.count("key") != 1 or roles.count("label") != 1:
-            raise ValueError("dataset.columns needs exactly one column with role 'key' and one with role 'label'")
-        if "feature" not in roles:
-            raise ValueError("dataset.columns needs at least one column with role 'feature'")
-        names = [c.name for c in self.columns]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"dataset.columns has duplicate names {dupes}")
-        return self
-
-    def column(self, role: str) -> ColumnSpec:
-        return next(c for c in self.columns if c.role == role)
-
-    @property
-    def features(self) -> list[ColumnSpec]:
-        return [c for c in self.columns if c.role == "feature"]
-
-
 class SplitConfig(_Strict):
+    keys: list[str] | None = Field(None, description="Columns hashed to choose the split; default: the key column")
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
@@ -121,8 +129,52 @@ class SplitConfig(_Strict):
         return self
 
 
-class PreprocessConfig(_Strict):
+class DatasetConfig(_Strict):
+    name: str
+    source: SourceConfig
+    num_classes: int = Field(..., ge=2)
+    columns: list[ColumnSpec] = Field(..., min_length=2)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Ingest fails above this share of bad rows.")
+    generator: GeneratorConfig | None = None
+
+    @model_validator(mode="after")
+    def _roles(self) -> DatasetConfig:
+        roles = [c.role for c in self.columns]
+        if roles.count("key") != 1 or roles.count("label") != 1:
+            raise ValueError("dataset.columns needs exactly one column with role 'key' and one with role 'label'")
+        if "feature" not in roles:
+            raise ValueError("dataset.columns needs at least one column with role 'feature'")
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset.columns has duplicate names {dupes}")
+        unknown = sorted(set(self.split.keys or []) - set(names))
+        if unknown:
+            raise ValueError(f"dataset.split.keys {unknown} are not columns of the dataset")
+        images = [c for c in self.columns if c.type == "image"]
+        if self.source.format == "image":
+            if len(images) != 1 or images[0].role != "feature" or len(self.features) != 1:
+                raise ValueError("an image dataset has exactly one feature column, of type image")
+            if not self.source.label_from_path:
+                raise ValueError("an image dataset needs source.label_from_path (a regex capturing the label)")
+        elif images:
+            raise ValueError("image columns need source.format: image")
+        return self
+
+    def column(self, role: str) -> ColumnSpec:
+        return next(c for c in self.columns if c.role == role)
+
+    @property
+    def features(self) -> list[ColumnSpec]:
+        return [c for c in self.columns if c.role == "feature"]
+
+    @property
+    def split_keys(self) -> list[str]:
+        return self.split.keys or [self.column("key").name]
+
+
+class PreprocessConfig(_Strict):
     row_group_size_mb: int = Field(8, gt=0)
     num_files: int = Field(4, gt=0)
 
@@ -160,6 +212,10 @@ class Config(_Strict):
     def root(self) -> Path:
         return Path(self.project.root)
 
+    @property
+    def model_name(self) -> str:
+        return self.tracking.registered_model or f"{self.dataset.name}-classifier"
+
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
@@ -188,14 +244,17 @@ def load_config(
     base_file = conf_dir / "base.yaml"
     if not base_file.is_file():
         raise ConfigError(f"no {base_file}: run from the project folder or pass --conf-dir / set DLPIPE_CONF_DIR")
-    data = _read_yaml(base_file)
+    data = _with_dataset(_read_yaml(base_file), {}, conf_dir)
     env_file = conf_dir / f"{env}.yaml"
     if not env_file.is_file():
-        known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem != "base")
+        known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem not in ("base", "credentials"))
         raise ConfigError(f"environment '{env}' has no file {env_file}; known environments: {', '.join(known)}")
-    data = deep_merge(data, _read_yaml(env_file))
+    data = _with_dataset(_read_yaml(env_file), data, conf_dir)
     for item in overrides:
-        apply_override(data, item)
+        if item.partition("=")[0].strip() == "dataset":  # dataset=NAME picks conf/datasets/NAME.yaml
+            data["dataset"] = _dataset_file(conf_dir, item.partition("=")[2].strip())
+        else:
+            apply_override(data, item)
     data.setdefault("project", {})
     root = Path(data["project"].get("root") or ".")
     if not root.is_absolute():
@@ -205,6 +264,24 @@ def load_config(
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, data, env)) from None
+
+
+def _dataset_file(conf_dir: Path, name: str) -> dict[str, Any]:
+    path = conf_dir / "datasets" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (conf_dir / "datasets").glob("*.yaml"))
+        raise ConfigError(f"dataset '{name}' has no file {path}; known datasets: {', '.join(known) or 'none'}")
+    spec = _read_yaml(path)
+    spec.setdefault("name", name)
+    return spec
+
+
+def _with_dataset(layer: dict[str, Any], below: dict[str, Any], conf_dir: Path) -> dict[str, Any]:
+    """Overlay a config layer; a `dataset: NAME` in it replaces the dataset with conf/datasets/NAME.yaml."""
+    layer = dict(layer)
+    if isinstance(layer.get("dataset"), str):
+        below = {**below, "dataset": _dataset_file(conf_dir, layer.pop("dataset"))}
+    return deep_merge(below, layer)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

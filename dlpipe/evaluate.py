@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 from dlpipe.config import Config
 from dlpipe.features import read_stats
 from dlpipe.generate import read_manifest
-from dlpipe.storage import dataset_paths
+from dlpipe.storage import dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def plot_confusion(cm: np.ndarray):
     return fig
 
 
-def run(spark: SparkSession, cfg: Config) -> dict:
+def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
+    """The evaluate stage (always runs: it is cheap and its figures belong to this run)."""
     import mlflow
 
     paths = dataset_paths(cfg)
@@ -68,8 +69,8 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     metrics["test_rows"] = test.count()
     metrics["predictions"] = int(cm.sum())
     metrics["test_rows_without_prediction"] = missing
-    manifest = read_manifest(paths.raw) if cfg.dataset.generator else None
-    if manifest:
+    manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
+    if manifest and manifest.get("bayes_accuracy") is not None:
         metrics["bayes_accuracy"] = manifest["bayes_accuracy"]
     mlflow.log_figure(plot_confusion(cm), "confusion_matrix.png")
     mlflow.log_dict({"labels": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")

@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from dlpipe import lineage
 from dlpipe.config import Config
 from dlpipe.ingest import AccountingError
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths
@@ -32,15 +33,67 @@ _BUCKETS = 1_000_000
 
 
 def split_column(cfg: Config) -> Column:
-    """'train' | 'val' | 'test' from a seeded 64-bit hash of the key: deterministic, no shuffle needed."""
-    s = cfg.preprocess.split
-    key = F.col(cfg.dataset.column("key").name).cast("string")
-    bucket = F.pmod(F.xxhash64(F.lit(s.seed), key), F.lit(_BUCKETS)) / _BUCKETS
+    """'train' | 'val' | 'test' from a seeded 64-bit hash of the split keys: deterministic, no shuffle needed."""
+    s = cfg.dataset.split
+    keys = [F.col(k).cast("string") for k in cfg.dataset.split_keys]
+    bucket = F.pmod(F.xxhash64(F.lit(s.seed), *keys), F.lit(_BUCKETS)) / _BUCKETS
     return F.when(bucket < s.train, "train").when(bucket < s.train + s.val, "val").otherwise("test")
+
+
+def _image_moments(shape: tuple[int, ...], image: str):
+    def moments(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from dlpipe.tensors import decode_cells
+
+        total, total_sq, n = 0.0, 0.0, 0
+        for pdf in batches:
+            x = decode_cells(pdf[image].tolist(), np.uint8, shape).astype(np.float64) / 255.0
+            total, total_sq, n = total + x.sum(), total_sq + (x * x).sum(), n + x.size
+        yield pd.DataFrame({"s": [total], "sq": [total_sq], "n": [n]})
+
+    return moments
+
+
+def image_shape(cfg: Config) -> tuple[int, ...]:
+    """The declared (H, W[, C]) of the image column."""
+    return tuple(next(c for c in cfg.dataset.columns if c.type == "image").shape or ())
 
 
 def fit_stats(train: DataFrame, cfg: Config) -> dict:
     """Feature statistics and class counts, from the training split only."""
+    stats = _fit_image_stats(train, cfg) if cfg.dataset.source.format == "image" else _fit_tabular_stats(train, cfg)
+    label = cfg.dataset.column("label").name
+    counts = dict(train.groupBy(label).count().collect())
+    class_counts = [int(counts.get(k, 0)) for k in range(cfg.dataset.num_classes)]
+    stats.update(
+        {
+            "feature_dim": int(np.prod(stats["feature_shape"])),
+            "num_classes": cfg.dataset.num_classes,
+            "key": cfg.dataset.column("key").name,
+            "label": label,
+            "class_counts_train": class_counts,
+            "majority_class": int(np.argmax(class_counts)),
+        }
+    )
+    return stats
+
+
+def _fit_image_stats(train: DataFrame, cfg: Config) -> dict:
+    col = cfg.dataset.features[0]
+    shape = image_shape(cfg)
+    parts = train.select(col.name).mapInPandas(_image_moments(shape, col.name), "s double, sq double, n long").collect()
+    total, total_sq, n = (sum(r[i] for r in parts) for i in range(3))
+    mean = total / max(n, 1)
+    std = max(float(np.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0))), 1e-6)
+    h, w = shape[:2]
+    channels = shape[2] if len(shape) == 3 else 1
+    return {
+        "features": [{"name": col.name, "transform": "scale", "mean": mean, "std": std, "shape": list(shape)}],
+        "feature_names": [col.name],
+        "feature_shape": [channels, h, w],
+    }
+
+
+def _fit_tabular_stats(train: DataFrame, cfg: Config) -> dict:
     aggs = []
     for col in cfg.dataset.features:
         if col.effective_transform == "standardize":
@@ -66,19 +119,7 @@ def fit_stats(train: DataFrame, cfg: Config) -> dict:
             entry = {"name": col.name, "transform": "none"}
             names.append(col.name)
         features.append(entry)
-    label = cfg.dataset.column("label").name
-    counts = dict(train.groupBy(label).count().collect())
-    class_counts = [int(counts.get(k, 0)) for k in range(cfg.dataset.num_classes)]
-    return {
-        "features": features,
-        "feature_names": names,
-        "feature_dim": len(names),
-        "num_classes": cfg.dataset.num_classes,
-        "key": cfg.dataset.column("key").name,
-        "label": label,
-        "class_counts_train": class_counts,
-        "majority_class": int(np.argmax(class_counts)),
-    }
+    return {"features": features, "feature_names": names, "feature_shape": [len(names)]}
 
 
 def feature_vector(stats: dict) -> Column:
@@ -115,7 +156,7 @@ def unischema(cfg: Config, stats: dict):
         f"{cfg.dataset.name}_schema",
         [
             UnischemaField(key.name, np_key, (), ScalarCodec(spark_key), False),
-            UnischemaField("features", np.float32, (stats["feature_dim"],), NdarrayCodec(), False),
+            UnischemaField("features", np.float32, tuple(stats["feature_shape"]), NdarrayCodec(), False),
             UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
         ],
     )
@@ -132,10 +173,31 @@ def _encode_partitions(key: str):
     return encode
 
 
+def _scale_images(key: str, image: str, shape: tuple[int, ...], mean: float, std: float, out_shape: tuple[int, ...]):
+    def scale(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from dlpipe.tensors import decode_cells
+
+        for pdf in batches:
+            if len(pdf) == 0:
+                continue
+            x = decode_cells(pdf[image].tolist(), np.uint8, shape).astype(np.float32) / 255.0
+            x = (x - mean) / std
+            if len(shape) == 3:  # H, W, C -> C, H, W
+                x = np.moveaxis(x, -1, 1)
+            x = x.reshape(len(pdf), *out_shape)
+            yield pd.DataFrame({key: pdf[key], "features": encode_rows(x), "label": pdf["label"]})
+
+    return scale
+
+
 def transform(clean: DataFrame, cfg: Config, stats: dict) -> DataFrame:
-    """Clean typed rows -> (key, features NdarrayCodec bytes, label int32), the Petastorm row layout."""
+    """Clean typed rows -> (key, features NdarrayCodec float32 tensor, label int32), the Petastorm layout."""
     key, label = stats["key"], stats["label"]
     schema = unischema(cfg, stats).as_spark_schema()
+    if cfg.dataset.source.format == "image":
+        f = stats["features"][0]
+        fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
+        return clean.select(key, f["name"], F.col(label).cast("int").alias("label")).mapInPandas(fn, schema=schema)
     arrays = clean.select(F.col(key), feature_vector(stats).alias("features"), F.col(label).cast("int").alias("label"))
     return arrays.mapInPandas(_encode_partitions(key), schema=schema)
 
@@ -147,14 +209,36 @@ def write_petastorm(spark: SparkSession, df: DataFrame, uri: str, cfg: Config, s
         df.repartition(cfg.preprocess.num_files).write.mode("overwrite").option("compression", "snappy").parquet(uri)
 
 
-def run(spark: SparkSession, cfg: Config) -> dict:
+def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
+    paths = dataset_paths(cfg)
+    inputs = {paths.clean: lineage.dataset_fingerprint(spark, paths.clean)}
+    spec = {
+        "stage": "preprocess",
+        "inputs": inputs,
+        "split": cfg.dataset.split.model_dump(mode="json"),
+        "columns": [c.model_dump(mode="json") for c in cfg.dataset.columns],
+        "num_classes": cfg.dataset.num_classes,
+        "preprocess": cfg.preprocess.model_dump(mode="json"),
+    }
+    return lineage.digest(spec), inputs
+
+
+def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The preprocess stage. Returns metrics: rows per split and the feature dimension."""
     paths = dataset_paths(cfg)
+    if not HadoopFS(spark).exists(paths.clean):
+        raise FileNotFoundError(f"preprocess: no clean dataset at {paths.clean}: run the ingest stage first")
+    fp, inputs = fingerprint(spark, cfg)
+    done = None if force else lineage.reusable(spark, paths.petastorm, fp)
+    if done:
+        log.info("preprocess: %s is up to date (fingerprint %s), skipping; use --force to redo", paths.petastorm, fp)
+        lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=True)
+        return {**done["metrics"], "skipped": 1}
     clean = spark.read.parquet(paths.clean).withColumn("_split", split_column(cfg)).cache()
     try:
         rows_in = clean.count()
         stats = fit_stats(clean.where(F.col("_split") == "train"), cfg)
-        log.info("preprocess: %d rows, %d features after transform", rows_in, stats["feature_dim"])
+        log.info("preprocess: %d rows, features of shape %s after transform", rows_in, stats["feature_shape"])
         fs = HadoopFS(spark)
         with atomic_output(spark, paths.petastorm) as tmp:
             rows = {}
@@ -169,9 +253,16 @@ def run(spark: SparkSession, cfg: Config) -> dict:
                 )
             stats["rows"] = rows
             fs.write_json(f"{tmp}/_dlpipe_stats.json", stats)
+            metrics = {
+                "rows_in": rows_in,
+                **{f"rows_{k}": v for k, v in rows.items()},
+                "feature_dim": stats["feature_dim"],
+            }
+            lineage.write_meta(spark, tmp, "preprocess", fp, inputs, metrics)
     finally:
         clean.unpersist()
-    return {"rows_in": rows_in, **{f"rows_{k}": v for k, v in rows.items()}, "feature_dim": stats["feature_dim"]}
+    lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=False)
+    return {**metrics, "skipped": 0}
 
 
 def read_stats(spark: SparkSession, cfg: Config) -> dict:

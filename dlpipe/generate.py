@@ -1,9 +1,13 @@
-"""The built-in example dataset: raw CSV files of a classification problem with a known ground truth.
+"""The built-in example datasets, written as raw files: a tabular CSV problem and PNG digit images.
 
+Tabular (`kind: tabular`):
 Features x ~ N(0, I) plus a categorical `segment`; the true class is argmax(x W + B[segment]). With
 probability `label_noise` the label is replaced by a uniformly random class, so the best any model can do
 (the Bayes accuracy) is 1 - noise + noise / K, known before training. A few percent of lines are broken
 on purpose, in four kinds, and the manifest counts each kind so tests can check the quarantine exactly.
+
+Images (`kind: digits`): scikit-learn's 8x8 digits rendered to PNG files `<label>/<index>.png`, with a
+few corrupt files, wrong-sized images and unlabeled files (counted the same way).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import uuid
 import numpy as np
 
 from dlpipe.config import Config, ConfigError
-from dlpipe.storage import python_fs
+from dlpipe.storage import StorageSettings, python_fs, storage_settings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ def expected_columns(cfg: Config) -> list[str]:
 
 
 def generate(cfg: Config, uri: str, force: bool = False) -> dict:
-    """Write the example's raw CSV files under uri (atomically) and return the manifest.
+    """Write the example's raw files under uri and return the manifest (written last).
 
     Deterministic in the generator settings; if uri already holds data made with the same settings the
     work is skipped (the manifest says so), unless force.
@@ -39,19 +43,30 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     g = cfg.dataset.generator
     if g is None:
         raise ConfigError("dataset.generator is not set: this dataset has no built-in generator")
+    params = {**g.model_dump(), "num_classes": cfg.dataset.num_classes}
+    existing = read_manifest(uri, storage_settings(cfg))
+    if not force and existing and existing.get("params") == params:
+        log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])
+        return {**existing, "skipped": True}
+    files, manifest = _digits(cfg) if g.kind == "digits" else _tabular(cfg)
+    manifest = {"params": params, **manifest, "skipped": False}
+    _write_all(cfg, uri, files, manifest)
+    log.info(
+        "generate: wrote %d rows (%d malformed) in %d files to %s",
+        manifest["rows_written"],
+        manifest["malformed_total"],
+        len(files),
+        uri,
+    )
+    return manifest
+
+
+def _tabular(cfg: Config) -> tuple[dict[str, bytes], dict]:
+    g = cfg.dataset.generator
+    assert g is not None
     names = [c.name for c in cfg.dataset.columns]
     if names != expected_columns(cfg):
         raise ConfigError(f"dataset.columns {names} do not match what the generator writes {expected_columns(cfg)}")
-    params = {**g.model_dump(), "num_classes": cfg.dataset.num_classes}
-    fs, root = python_fs(uri)
-    manifest_path = f"{root}/{MANIFEST}"
-    if not force and fs.get_file_info(manifest_path).is_file:
-        with fs.open_input_stream(manifest_path) as f:
-            existing = json.loads(f.read())
-        if existing.get("params") == params:
-            log.info("generate: %s already holds this data (%d lines), skipping", uri, existing["rows_written"])
-            return {**existing, "skipped": True}
-
     k = cfg.dataset.num_classes
     rng = np.random.default_rng(g.seed)
     n, d, cats = g.rows, g.num_numeric, g.categories
@@ -67,8 +82,6 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     bad_rows = rng.choice(n, size=n_bad, replace=False)
     kind_of = {int(r): MALFORMED_KINDS[i % len(MALFORMED_KINDS)] for i, r in enumerate(bad_rows)}
     counts = dict.fromkeys(MALFORMED_KINDS, 0)
-
-    header = ",".join(expected_columns(cfg))
     lines = []
     for i in range(n):
         fields = [str(i), *(f"{v:.6f}" for v in x[i]), cats[seg[i]], str(int(y[i]))]
@@ -87,8 +100,12 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
 
     valid = np.ones(n, dtype=bool)
     valid[bad_rows] = False
-    manifest = {
-        "params": params,
+    header = ",".join(expected_columns(cfg))
+    files = {
+        f"part-{part:05d}.csv": ("\n".join([header, *(lines[i] for i in chunk)]) + "\n").encode()
+        for part, chunk in enumerate(np.array_split(np.arange(n), g.files))
+    }
+    return files, {
         "rows_written": n,
         "valid_rows": int(valid.sum()),
         "malformed": counts,
@@ -96,35 +113,90 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
         "bayes_accuracy": 1 - g.label_noise + g.label_noise / k,
         "realized_ceiling_accuracy": float(np.mean(y_true[valid] == y[valid])),
         "majority_fraction": float(np.bincount(y[valid], minlength=k).max() / valid.sum()),
-        "files": g.files,
-        "skipped": False,
     }
 
+
+DIGITS_MALFORMED = ("corrupt_file", "wrong_shape", "unlabeled")
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _digits(cfg: Config) -> tuple[dict[str, bytes], dict]:
+    """scikit-learn's 8x8 digits (shipped with it, no download) as PNG files <label>/<index>.png."""
+    from sklearn.datasets import load_digits
+
+    g = cfg.dataset.generator
+    assert g is not None
+    digits = load_digits()
+    rng = np.random.default_rng(g.seed)
+    n = g.rows
+    order = np.arange(n) % len(digits.target)
+    images = np.clip(np.round(digits.images[order] * 255.0 / 16.0), 0, 255).astype(np.uint8)
+    labels = digits.target[order]
+    n_bad = int(round(n * g.malformed_fraction))
+    bad = {
+        int(r): DIGITS_MALFORMED[i % len(DIGITS_MALFORMED)] for i, r in enumerate(rng.choice(n, n_bad, replace=False))
+    }
+    counts = dict.fromkeys(DIGITS_MALFORMED, 0)
+    files: dict[str, bytes] = {}
+    for i in range(n):
+        kind = bad.get(i)
+        name = f"{labels[i]}/{i:05d}.png"
+        if kind == "corrupt_file":
+            files[name] = b"\x89PNG\r\n\x1a\n" + rng.bytes(40)
+        elif kind == "wrong_shape":
+            files[name] = _png(np.zeros((9, 9), dtype=np.uint8))
+        elif kind == "unlabeled":
+            files[f"unsorted/{i:05d}.png"] = _png(images[i])
+        else:
+            files[name] = _png(images[i])
+        if kind:
+            counts[kind] += 1
+    valid = np.array([i not in bad for i in range(n)])
+    return files, {
+        "rows_written": n,
+        "valid_rows": int(valid.sum()),
+        "malformed": counts,
+        "malformed_total": n_bad,
+        "majority_fraction": float(np.bincount(labels[valid], minlength=10).max() / valid.sum()),
+    }
+
+
+def _write_all(cfg: Config, uri: str, files: dict[str, bytes], manifest: dict) -> None:
+    """Write files and then the manifest; where the filesystem can rename folders (local, HDFS), into a
+    temporary folder renamed into place at the end, so a killed run leaves nothing under uri."""
+    import pyarrow.fs as pafs
+
+    fs, root = python_fs(uri, storage_settings(cfg))
+    in_place = isinstance(fs, pafs.S3FileSystem)  # S3 has no folder rename: the manifest, written last, marks done
     parent, _, name = root.rstrip("/").rpartition("/")
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
-    fs.create_dir(tmp, recursive=True)
+    target = root if in_place else f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir(root)
+    fs.create_dir(target, recursive=True)
     try:
-        for part, chunk in enumerate(np.array_split(np.arange(n), g.files)):
-            buf = io.StringIO()
-            buf.write(header + "\n")
-            for i in chunk:
-                buf.write(lines[i] + "\n")
-            with fs.open_output_stream(f"{tmp}/part-{part:05d}.csv") as f:
-                f.write(buf.getvalue().encode())
-        with fs.open_output_stream(f"{tmp}/{MANIFEST}") as f:
+        for rel, data in files.items():
+            if "/" in rel:
+                fs.create_dir(f"{target}/{rel.rsplit('/', 1)[0]}", recursive=True)
+            with fs.open_output_stream(f"{target}/{rel}") as f:
+                f.write(data)
+        with fs.open_output_stream(f"{target}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2).encode())
-        if fs.get_file_info(root).type.name != "NotFound":
-            fs.delete_dir(root)
-        fs.move(tmp, root)
+        if not in_place:
+            fs.move(target, root)
     except BaseException:
-        fs.delete_dir(tmp)
+        fs.delete_dir(target)
         raise
-    log.info("generate: wrote %d lines (%d malformed) in %d files to %s", n, n_bad, g.files, uri)
-    return manifest
 
 
-def read_manifest(uri: str) -> dict | None:
-    fs, root = python_fs(uri)
+def read_manifest(uri: str, settings: StorageSettings | None = None) -> dict | None:
+    fs, root = python_fs(uri, settings)
     path = f"{root}/{MANIFEST}"
     if not fs.get_file_info(path).is_file:
         return None

@@ -7,7 +7,7 @@ import logging
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dlpipe import tracking
+from dlpipe import lineage, tracking
 from dlpipe.config import Config
 from dlpipe.features import read_stats
 from dlpipe.ingest import AccountingError
@@ -17,10 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def model_uri(cfg: Config) -> str:
-    return cfg.infer.model_uri or f"models:/{cfg.tracking.registered_model}@candidate"
+    return cfg.infer.model_uri or f"models:/{cfg.model_name}@candidate"
 
 
-def run(spark: SparkSession, cfg: Config) -> dict:
+def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
+    """The infer stage; skipped when the same model already scored the same test split."""
     import mlflow
 
     from udfs.score import score_column
@@ -29,25 +30,26 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     stats = read_stats(spark, cfg)
     uri = model_uri(cfg)
     mv = tracking.model_version_for(uri)
-    log.info("infer: scoring %s with %s (version %s, run %s)", paths.split("test"), uri, mv["version"], mv["run_id"])
-    mlflow.set_tags(
-        {
-            "dlpipe.model_uri": uri,
-            "dlpipe.model_version": str(mv["version"]),
-            "dlpipe.input": paths.split("test"),
-            "dlpipe.output": paths.predictions,
-        }
-    )
+    test_uri = paths.split("test")
+    mlflow.set_tags({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv["version"])})
+    inputs = {
+        test_uri: lineage.dataset_fingerprint(spark, paths.petastorm),
+        uri: f"{mv['name']}/{mv['version']}/{mv['run_id']}",
+    }
+    fp = lineage.digest({"stage": "infer", "inputs": inputs, "infer": cfg.infer.model_dump(mode="json")})
+    done = None if force else lineage.reusable(spark, paths.predictions, fp)
+    if done:
+        log.info("infer: %s is up to date (fingerprint %s), skipping; use --force to redo", paths.predictions, fp)
+        lineage.log_lineage("infer", fp, inputs, [paths.predictions], skipped=True)
+        return {**done["metrics"], "skipped": 1}
+    log.info("infer: scoring %s with %s (version %s, run %s)", test_uri, uri, mv["version"], mv["run_id"])
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
     key = stats["key"]
-    rows = spark.read.parquet(paths.split("test"))
-    scored = rows.select(
-        key,
-        "label",
-        score_column(F.col("features"), mv["download_uri"], stats["feature_dim"], tracking.tracking_uri(cfg)).alias(
-            "_score"
-        ),
-    ).select(
+    rows = spark.read.parquet(test_uri)
+    score = score_column(
+        F.col("features"), mv["download_uri"], tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
+    )
+    scored = rows.select(key, "label", score.alias("_score")).select(
         key,
         "label",
         "_score.prediction",
@@ -62,5 +64,8 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         rows_out = spark.read.parquet(tmp).count()
         if rows_out != rows_in:
             raise AccountingError(f"infer: {rows_in} rows in, {rows_out} predictions written")
+        metrics = {"rows_in": rows_in, "rows_scored": rows_out}
+        lineage.write_meta(spark, tmp, "infer", fp, inputs, metrics)
+    lineage.log_lineage("infer", fp, inputs, [paths.predictions], skipped=False)
     log.info("infer: wrote %d predictions to %s", rows_out, paths.predictions)
-    return {"rows_in": rows_in, "rows_scored": rows_out}
+    return {**metrics, "skipped": 0}

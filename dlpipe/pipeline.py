@@ -11,24 +11,25 @@ from pyspark.sql import SparkSession
 
 from dlpipe import tracking
 from dlpipe.config import Config
-from dlpipe.storage import dataset_paths
+from dlpipe.storage import configure_spark_storage, dataset_paths
 
 log = logging.getLogger(__name__)
 
 STAGES = ("generate", "ingest", "preprocess", "train", "infer", "evaluate")
 
 
-def _generate(spark: SparkSession, cfg: Config) -> dict:
+def _generate(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     from dlpipe.generate import generate
 
-    m = generate(cfg, dataset_paths(cfg).raw)
+    m = generate(cfg, dataset_paths(cfg).raw, force=force)
     out = {k: m[k] for k in ("rows_written", "valid_rows", "malformed_total", "bayes_accuracy", "majority_fraction")}
     out.update({f"malformed_{kind}": n for kind, n in m["malformed"].items()})
     out["skipped"] = int(m["skipped"])
     return out
 
 
-def stage_function(name: str) -> Callable[[SparkSession, Config], dict]:
+def stage_function(name: str) -> Callable[..., dict]:
+    """The stage's `run(spark, cfg, force=False) -> metrics`."""
     if name == "generate":
         return _generate
     if name == "ingest":
@@ -46,13 +47,18 @@ def stage_function(name: str) -> Callable[[SparkSession, Config], dict]:
     return run
 
 
-def run_stage(spark: SparkSession, cfg: Config, name: str, parent_run_id: str | None = None) -> dict:
-    """Run one stage in its own MLflow child run and log its metrics there."""
+def run_stage(
+    spark: SparkSession, cfg: Config, name: str, parent_run_id: str | None = None, force: bool = False
+) -> dict:
+    """Run one stage in its own MLflow child run and log its metrics there.
+
+    Stages whose output was made from the same inputs and config skip their work unless force."""
     fn = stage_function(name)
+    configure_spark_storage(spark, cfg)
     log.info("stage %s: start", name)
     started = time.time()
     with tracking.stage_run(cfg, name, parent_run_id):
-        metrics = fn(spark, cfg)
+        metrics = fn(spark, cfg, force=force)
         metrics["seconds"] = round(time.time() - started, 3)
         tracking.log_metrics(metrics)
     log.info("stage %s: done in %.1fs %s", name, metrics["seconds"], metrics)
@@ -71,13 +77,15 @@ def stages_for(cfg: Config, stages: Sequence[str] = STAGES) -> list[str]:
     return [s for s in stages if not (s == "generate" and cfg.dataset.generator is None)]
 
 
-def run_pipeline(spark: SparkSession, cfg: Config, stages: Sequence[str] = STAGES) -> PipelineResult:
+def run_pipeline(
+    spark: SparkSession, cfg: Config, stages: Sequence[str] = STAGES, force: bool = False
+) -> PipelineResult:
     """Run the stages in order under one parent run; the parent also gets each stage's metrics."""
     with tracking.pipeline_run(cfg) as parent:
         result = PipelineResult(parent.info.run_id, tracking.tracking_uri(cfg), dataset_paths(cfg).predictions)
         todo = stages_for(cfg, stages)
         for i, name in enumerate(todo, 1):
             log.info("pipeline: stage %d/%d: %s", i, len(todo), name)
-            result.metrics[name] = run_stage(spark, cfg, name)
+            result.metrics[name] = run_stage(spark, cfg, name, force=force)
             tracking.log_metrics({f"{name}.{k}": v for k, v in result.metrics[name].items()})
     return result

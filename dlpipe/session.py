@@ -8,6 +8,7 @@ import sys
 from pyspark.sql import SparkSession
 
 from dlpipe.config import Config
+from dlpipe.storage import hadoop_s3a_conf, s3a_jars, storage_settings
 
 
 def under_spark_submit() -> bool:
@@ -32,6 +33,13 @@ def build_spark(cfg: Config) -> SparkSession:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for key, value in cfg.spark.conf.items():
         builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
+    # s3a:// needs hadoop-aws + the AWS SDK on the classpath at start (under spark-submit: pass --jars)
+    jars = s3a_jars(cfg)
+    if jars:
+        extra = cfg.spark.conf.get("spark.jars")
+        builder = builder.config("spark.jars", ",".join(jars + ([str(extra)] if extra else [])))
+    for key, value in hadoop_s3a_conf(storage_settings(cfg)).items():
+        builder = builder.config(f"spark.hadoop.{key}", value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.spark.log_level)
     return spark

@@ -8,15 +8,19 @@ Spark JVM, so every scheme Spark can read (file, hdfs, s3a) behaves the same. Ex
 from __future__ import annotations
 
 import json
+import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
 
 
 def resolve_uri(root: str | Path, uri: str) -> str:
@@ -59,12 +63,89 @@ class DatasetPaths:
 def dataset_paths(cfg: Any) -> DatasetPaths:
     base = resolve_uri(cfg.root, cfg.storage.warehouse).rstrip("/") + "/" + cfg.dataset.name
     return DatasetPaths(
-        raw=resolve_uri(cfg.root, cfg.dataset.raw_uri),
+        raw=resolve_uri(cfg.root, cfg.dataset.source.uri),
         clean=f"{base}/clean",
         quarantine=f"{base}/quarantine",
         petastorm=f"{base}/petastorm",
         predictions=f"{base}/predictions",
     )
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """What Python code on a driver or an executor needs to open s3a:// and hdfs:// paths.
+
+    Picklable, so it travels to executors with a task. The secret never shows in a repr or a log line.
+    """
+
+    s3_endpoint: str | None = None
+    s3_path_style: bool = False
+    s3_region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    webhdfs_url: str | None = None
+    hdfs_user: str | None = None
+
+
+def s3_credentials(cfg: Any) -> tuple[str | None, str | None, str | None]:
+    """(access key, secret key, session token) from the environment, else the git-ignored credentials file."""
+    env = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    if all(env):
+        return env[0], env[1], os.environ.get("AWS_SESSION_TOKEN")
+    path_setting = cfg.storage.s3.credentials_file
+    if path_setting:
+        path = Path(path_setting)
+        path = path if path.is_absolute() else cfg.root / path
+        if path.is_file():
+            import yaml
+
+            s3 = (yaml.safe_load(path.read_text()) or {}).get("s3") or {}
+            if s3.get("access_key") and s3.get("secret_key"):
+                return s3["access_key"], s3["secret_key"], s3.get("session_token")
+    return None, None, None
+
+
+def storage_settings(cfg: Any) -> StorageSettings:
+    key, secret, token = s3_credentials(cfg)
+    s3, hdfs = cfg.storage.s3, cfg.storage.hdfs
+    return StorageSettings(
+        s3.endpoint, s3.path_style_access, s3.region, key, secret, token, hdfs.webhdfs_url, hdfs.user
+    )
+
+
+def s3a_jars(cfg: Any) -> list[str]:
+    """The hadoop-aws and AWS SDK jars Spark needs for s3a:// (pyspark ships neither)."""
+    if cfg.storage.s3.jars is not None:
+        return [str(Path(j) if Path(j).is_absolute() else cfg.root / j) for j in cfg.storage.s3.jars]
+    return sorted(str(p) for p in (cfg.root / ".cache" / "servers" / "jars" / "s3a").glob("*.jar"))
+
+
+def hadoop_s3a_conf(settings: StorageSettings) -> dict[str, str]:
+    """Hadoop settings for s3a:// from the storage settings (keys without the `spark.hadoop.` prefix)."""
+    conf: dict[str, str] = {}
+    if settings.s3_endpoint:
+        conf["fs.s3a.endpoint"] = settings.s3_endpoint
+        conf["fs.s3a.connection.ssl.enabled"] = str(settings.s3_endpoint.startswith("https")).lower()
+    if settings.s3_path_style:
+        conf["fs.s3a.path.style.access"] = "true"
+    if settings.s3_region:
+        conf["fs.s3a.endpoint.region"] = settings.s3_region
+    if settings.access_key and settings.secret_key:
+        provider = "TemporaryAWSCredentialsProvider" if settings.session_token else "SimpleAWSCredentialsProvider"
+        conf["fs.s3a.aws.credentials.provider"] = f"org.apache.hadoop.fs.s3a.{provider}"
+        conf["fs.s3a.access.key"] = settings.access_key
+        conf["fs.s3a.secret.key"] = settings.secret_key
+        if settings.session_token:
+            conf["fs.s3a.session.token"] = settings.session_token
+    return conf
+
+
+def configure_spark_storage(spark: SparkSession, cfg: Any) -> None:
+    """Apply cfg's s3a settings to a running session (new FileSystem instances pick them up)."""
+    hconf = spark.sparkContext._jsc.hadoopConfiguration()
+    for key, value in hadoop_s3a_conf(storage_settings(cfg)).items():
+        hconf.set(key, value)
 
 
 class HadoopFS:
@@ -133,6 +214,11 @@ def atomic_output(spark: SparkSession, final_uri: str) -> Iterator[str]:
     """
     fs = HadoopFS(spark)
     parent, _, name = final_uri.rstrip("/").rpartition("/")
+    if fs.exists(parent):  # leftovers of a run that was killed before it could clean up
+        for stale in fs.list_names(parent):
+            if stale.startswith(f"{name}.tmp-"):
+                log.warning("removing %s/%s, left by an interrupted run", parent, stale)
+                fs.delete(f"{parent}/{stale}")
     tmp = f"{parent}/{name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         yield tmp
@@ -143,11 +229,39 @@ def atomic_output(spark: SparkSession, final_uri: str) -> Iterator[str]:
     fs.rename(tmp, final_uri)
 
 
-def python_fs(uri: str):
-    """(pyarrow FileSystem, path) for reading a dataset from Python on a driver or an executor."""
+def python_fs(uri: str, settings: StorageSettings | None = None):
+    """(pyarrow FileSystem, path) for Python-side reads and writes on a driver or an executor.
+
+    file:// -> local; s3a:// -> pyarrow's S3 client; hdfs:// -> WebHDFS through HdfsCLI (there is no
+    libhdfs for pyarrow's own HadoopFileSystem here, and WebHDFS needs nothing but HTTP).
+    """
     import pyarrow.fs as pafs
 
+    settings = settings or StorageSettings()
     parsed = urlparse(uri)
     if parsed.scheme in ("file", ""):
         return pafs.LocalFileSystem(), parsed.path
-    raise ValueError(f"no Python-side filesystem for scheme '{parsed.scheme}' in {uri}")
+    if parsed.scheme in ("s3a", "s3"):
+        kwargs: dict[str, Any] = {}
+        if settings.s3_endpoint:
+            endpoint = urlparse(settings.s3_endpoint)
+            kwargs["endpoint_override"] = endpoint.netloc or settings.s3_endpoint
+            kwargs["scheme"] = endpoint.scheme or "https"
+        if settings.access_key and settings.secret_key:
+            kwargs.update(
+                access_key=settings.access_key, secret_key=settings.secret_key, session_token=settings.session_token
+            )
+        kwargs["region"] = settings.s3_region or "us-east-1"
+        if settings.s3_path_style:
+            kwargs["force_virtual_addressing"] = False
+        return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme == "hdfs":
+        if not settings.webhdfs_url:
+            raise ValueError(
+                f"storage.hdfs.webhdfs_url is not set: Python-side access to {uri} goes through WebHDFS; "
+                "set it to the NameNode's HTTP address, e.g. http://namenode:9870"
+            )
+        from dlpipe.webhdfs import webhdfs_filesystem
+
+        return webhdfs_filesystem(settings.webhdfs_url, settings.hdfs_user), parsed.path or "/"
+    raise ValueError(f"unsupported storage scheme '{parsed.scheme}' in {uri}: use file://, hdfs:// or s3a://")

@@ -14,11 +14,12 @@ from dlpipe.session import build_spark
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_or_exit(parser("pipelines/run.py", __doc__.splitlines()[0]).parse_args(argv))
+    args = parser("pipelines/run.py", __doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_or_exit(args)
     setup_logging()
     spark = build_spark(cfg)
     try:
-        result = run_pipeline(spark, cfg)
+        result = run_pipeline(spark, cfg, force=args.force)
     finally:
         spark.stop()
     ev = result.metrics.get("evaluate", {})

@@ -65,8 +65,8 @@ def test_bad_choice_lists_allowed_values():
 
 
 def test_split_fractions_must_sum_to_one():
-    with pytest.raises(ConfigError, match="preprocess.split"):
-        load_config("local", ["preprocess.split.train=0.9"], conf_dir=REPO / "conf")
+    with pytest.raises(ConfigError, match="dataset.split"):
+        load_config("local", ["dataset.split.train=0.9"], conf_dir=REPO / "conf")
 
 
 def test_missing_required_value(tmp_path):

@@ -63,10 +63,10 @@ def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
     assert by_stage["evaluate"].data.metrics["accuracy"] == pytest.approx(result.metrics["evaluate"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(by_stage["train"].info.run_id)}
     assert "learning_curve.png" in artifacts
-    mv = client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate")
+    mv = client.get_model_version_by_alias(cfg.model_name, "candidate")
     assert mv.run_id == by_stage["train"].info.run_id
     reqs = mlflow.artifacts.download_artifacts(
-        f"models:/{cfg.tracking.registered_model}/{mv.version}", tracking_uri=result.tracking_uri
+        f"models:/{cfg.model_name}/{mv.version}", tracking_uri=result.tracking_uri
     )
     text = open(os.path.join(reqs, "requirements.txt")).read()
     assert "torch==2.13.0+cpu" in text and "download.pytorch.org/whl/cpu" in text

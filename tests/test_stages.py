@@ -86,13 +86,25 @@ def test_ingest_quarantines_every_malformed_line_with_its_reason(spark, cfg, gen
 
 
 def test_ingest_missing_path_and_wrong_header_fail_clearly(spark, cfg, tmp_path):
-    missing = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"raw_uri": str(tmp_path / "nope")})})
+    missing = cfg.model_copy(
+        update={
+            "dataset": cfg.dataset.model_copy(
+                update={"source": cfg.dataset.source.model_copy(update={"uri": str(tmp_path / "nope")})}
+            )
+        }
+    )
     with pytest.raises(FileNotFoundError, match="nope"):
         ingest.run(spark, missing)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.csv").write_text("id,x0,x1,x2,x3,x4,x5,x6,x7,segment,target\n1,0,0,0,0,0,0,0,0,a,1\n")
-    wrong = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"raw_uri": str(bad)})})
+    wrong = cfg.model_copy(
+        update={
+            "dataset": cfg.dataset.model_copy(
+                update={"source": cfg.dataset.source.model_copy(update={"uri": str(bad)})}
+            )
+        }
+    )
     with pytest.raises(Exception, match="(?s)label.*target|target.*label"):
         ingest.run(spark, wrong)
     assert not HadoopFS(spark).exists(dataset_paths(wrong).clean + "-never")
@@ -125,7 +137,7 @@ def test_train_registers_a_candidate_model(cfg, trained):
     assert trained["ranks"] == 2
     assert trained["final_val_accuracy"] > 0.6
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
-    mv = client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate")
+    mv = client.get_model_version_by_alias(cfg.model_name, "candidate")
     assert int(mv.version) == trained["model_version"]
     run = client.get_run(mv.run_id)
     assert run.data.tags["dlpipe.stage"] == "train"
@@ -139,7 +151,7 @@ def test_infer_scores_every_test_row(spark, cfg, preprocessed, inferred):
     row = preds.first()
     assert len(row.probabilities) == 3 and abs(sum(row.probabilities) - 1) < 1e-4
     assert row.prediction == int(np.argmax(row.probabilities))
-    assert row.model_name == cfg.tracking.registered_model and row.model_version == "1"
+    assert row.model_name == cfg.model_name and row.model_version == "1"
 
 
 def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):

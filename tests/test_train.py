@@ -40,7 +40,7 @@ def _dataset(tmp_path, n, files=3, dim=4):
 @pytest.mark.parametrize("n,size,batch", [(101, 2, 10), (100, 3, 7), (50, 2, 25), (64, 4, 8)])
 def test_shards_cover_every_row_once_with_equal_steps(tmp_path, n, size, batch):
     uri, x = _dataset(tmp_path, n)
-    loaders = [ShardLoader(uri, r, size, batch, 4, shuffle=True, seed=3, expected_rows=n) for r in range(size)]
+    loaders = [ShardLoader(uri, r, size, batch, (4,), shuffle=True, seed=3, expected_rows=n) for r in range(size)]
     assert len({ld.steps for ld in loaders}) == 1
     seen = []
     for ld in loaders:
@@ -54,7 +54,7 @@ def test_shards_cover_every_row_once_with_equal_steps(tmp_path, n, size, batch):
 
 def test_shuffle_changes_order_between_epochs(tmp_path):
     uri, _ = _dataset(tmp_path, 200)
-    ld = ShardLoader(uri, 0, 1, 50, 4, shuffle=True, seed=1)
+    ld = ShardLoader(uri, 0, 1, 50, (4,), shuffle=True, seed=1)
     e1 = np.concatenate([y.numpy() for _, y in ld.epoch(1)])
     e2 = np.concatenate([y.numpy() for _, y in ld.epoch(2)])
     assert sorted(e1) == sorted(e2) and not np.array_equal(e1, e2)
@@ -63,4 +63,4 @@ def test_shuffle_changes_order_between_epochs(tmp_path):
 def test_row_count_mismatch_is_an_error(tmp_path):
     uri, _ = _dataset(tmp_path, 30)
     with pytest.raises(ShortEpochError, match="holds 30 rows"):
-        ShardLoader(uri, 0, 1, 8, 4, shuffle=False, expected_rows=31)
+        ShardLoader(uri, 0, 1, 8, (4,), shuffle=False, expected_rows=31)

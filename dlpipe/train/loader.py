@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from dlpipe.storage import python_fs
+from dlpipe.storage import StorageSettings, python_fs
 from dlpipe.tensors import decode_arrow
 
 
@@ -34,8 +34,8 @@ class Piece:
     hi: int
 
 
-def list_parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, root = python_fs(uri)
+def list_parquet_files(uri: str, storage: StorageSettings | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    fs, root = python_fs(uri, storage)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     names = sorted(
         i.path for i in infos if i.is_file and i.path.endswith(".parquet") and not i.base_name.startswith(("_", "."))
@@ -52,14 +52,15 @@ class ShardLoader:
         rank: int,
         size: int,
         batch_size: int,
-        feature_dim: int,
+        feature_shape: tuple[int, ...],
         shuffle: bool,
         seed: int = 0,
         expected_rows: int | None = None,
+        storage: StorageSettings | None = None,
     ):
         self.uri, self.rank, self.size = uri, rank, size
-        self.feature_dim, self.shuffle, self.seed = feature_dim, shuffle, seed
-        self._fs, files = list_parquet_files(uri)
+        self.feature_shape, self.shuffle, self.seed = tuple(feature_shape), shuffle, seed
+        self._fs, files = list_parquet_files(uri, storage)
         groups: list[tuple[str, int, int]] = []
         for path in files:
             meta = pq.ParquetFile(self._fs.open_input_file(path)).metadata
@@ -92,7 +93,7 @@ class ShardLoader:
             .read_row_group(piece.row_group, columns=["features", "label"])
             .slice(piece.lo, piece.hi - piece.lo)
         )
-        x = decode_arrow(table.column("features"), np.float32, (self.feature_dim,))
+        x = decode_arrow(table.column("features"), np.float32, self.feature_shape)
         y = table.column("label").to_numpy().astype(np.int64)
         return x, y
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 
-def build_mlp(in_dim: int, num_classes: int, hidden: list[int]) -> nn.Sequential:
-    """A plain MLP producing logits."""
-    layers: list[nn.Module] = []
-    prev = in_dim
+def build_mlp(in_shape: tuple[int, ...], num_classes: int, hidden: list[int]) -> nn.Sequential:
+    """A plain MLP producing logits; inputs of any shape are flattened first."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    prev = int(math.prod(in_shape))
     for width in hidden:
         layers += [nn.Linear(prev, width), nn.ReLU()]
         prev = width

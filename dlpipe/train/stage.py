@@ -11,7 +11,7 @@ from pyspark.sql import SparkSession
 
 from dlpipe.config import Config
 from dlpipe.features import read_stats
-from dlpipe.storage import dataset_paths
+from dlpipe.storage import dataset_paths, storage_settings
 from dlpipe.train.launcher import run_horovod
 from dlpipe.train.loader import ShardLoader
 from dlpipe.train.models import build_mlp, with_probabilities
@@ -29,7 +29,7 @@ def make_spec(cfg: Config, stats: dict) -> TrainSpec:
         val_uri=paths.split("val"),
         train_rows=stats["rows"]["train"],
         val_rows=stats["rows"]["val"],
-        feature_dim=stats["feature_dim"],
+        feature_shape=tuple(stats["feature_shape"]),
         num_classes=stats["num_classes"],
         hidden=tuple(t.hidden),
         epochs=t.epochs,
@@ -37,6 +37,7 @@ def make_spec(cfg: Config, stats: dict) -> TrainSpec:
         lr=t.lr,
         seed=t.seed,
         threads=t.threads_per_rank,
+        storage=storage_settings(cfg),
     )
 
 
@@ -61,7 +62,8 @@ def learning_curve(history: list[dict]):
     return fig
 
 
-def run(spark: SparkSession, cfg: Config) -> dict:
+def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
+    """The train stage (always trains: a new model version per pipeline run)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -75,14 +77,14 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
     mlflow.log_figure(learning_curve(history), "learning_curve.png")
 
-    model = build_mlp(spec.feature_dim, spec.num_classes, list(spec.hidden))
+    model = build_mlp(spec.feature_shape, spec.num_classes, list(spec.hidden))
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
     served = with_probabilities(model).eval()
-    example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_dim, shuffle=False)
+    example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
     example = next(iter(example_loader.epoch(0)))[0].numpy()[:5]
     with torch.no_grad():
         example_out = served(torch.from_numpy(example)).numpy()
-    name = cfg.tracking.registered_model
+    name = cfg.model_name
     info = mlflow.pytorch.log_model(
         served,
         name="model",

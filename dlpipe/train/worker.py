@@ -9,11 +9,12 @@ import io
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from dlpipe.storage import StorageSettings
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 from dlpipe.train.models import build_mlp
 
@@ -24,7 +25,7 @@ class TrainSpec:
     val_uri: str
     train_rows: int
     val_rows: int
-    feature_dim: int
+    feature_shape: tuple[int, ...]
     num_classes: int
     hidden: tuple[int, ...]
     epochs: int
@@ -32,6 +33,7 @@ class TrainSpec:
     lr: float
     seed: int
     threads: int
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
 
 def _logger(rank: int) -> logging.Logger:
@@ -59,7 +61,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
 
-    model = build_mlp(spec.feature_dim, spec.num_classes, list(spec.hidden))
+    model = build_mlp(spec.feature_shape, spec.num_classes, list(spec.hidden))
     # Adam at lr x ranks: the effective batch is ranks x batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr * size)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -72,13 +74,21 @@ def train_worker(spec: TrainSpec) -> dict | None:
         rank,
         size,
         spec.batch_size,
-        spec.feature_dim,
+        spec.feature_shape,
         shuffle=True,
         seed=spec.seed,
         expected_rows=spec.train_rows,
+        storage=spec.storage,
     )
     val = ShardLoader(
-        spec.val_uri, rank, size, spec.batch_size * 4, spec.feature_dim, shuffle=False, expected_rows=spec.val_rows
+        spec.val_uri,
+        rank,
+        size,
+        spec.batch_size * 4,
+        spec.feature_shape,
+        shuffle=False,
+        expected_rows=spec.val_rows,
+        storage=spec.storage,
     )
     log.info(
         "%d train rows on this rank (%d in all), %d steps per epoch", train.local_rows, train.total_rows, train.steps
