@@ -54,6 +54,9 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The evaluate stage (always runs: it is cheap and its figures belong to this run)."""
     import mlflow
 
+    from dlpipe.tracking import require_active_run
+
+    require_active_run("evaluate")
     paths = dataset_paths(cfg)
     stats = read_stats(spark, cfg)
     key, k = stats["key"], stats["num_classes"]

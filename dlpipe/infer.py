@@ -31,7 +31,8 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     uri = model_uri(cfg)
     mv = tracking.model_version_for(uri)
     test_uri = paths.split("test")
-    mlflow.set_tags({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv["version"])})
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv["version"])})
     inputs = {
         test_uri: lineage.dataset_fingerprint(spark, paths.petastorm),
         uri: f"{mv['name']}/{mv['version']}/{mv['run_id']}",

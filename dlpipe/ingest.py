@@ -130,9 +130,21 @@ def _read_images(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
 
 # --- validating ----------------------------------------------------------------------------------------
 def _typed(col: ColumnSpec) -> Column:
+    """The typed value, or null when the text is not of the declared type.
+
+    Integers also accept integral decimal text ("3.0", "1e3": what a float column or a spreadsheet export
+    holds for a whole number), exactly within 2**53; "1.5" stays a type error.
+    """
     if col.type in ("string", "image"):
         return F.col(col.name)
-    return F.expr(f"try_cast(trim(`{col.name}`) AS {SPARK_TYPES[col.type]})")
+    text = f"trim(`{col.name}`)"
+    if col.type in ("int", "long"):
+        whole = f"try_cast({text} AS double)"
+        via_double = (
+            f"CASE WHEN {whole} = floor({whole}) AND abs({whole}) < 9007199254740992 THEN CAST({whole} AS bigint) END"
+        )
+        return F.expr(f"try_cast(coalesce(try_cast({text} AS bigint), {via_double}) AS {SPARK_TYPES[col.type]})")
+    return F.expr(f"try_cast({text} AS {SPARK_TYPES[col.type]})")
 
 
 def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
@@ -147,7 +159,10 @@ def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
         if col.required or col.role in ("key", "label"):
             checks.append((empty, F.lit(f"missing value: {col.name}"), "missing"))
         if col.type in NUMERIC:
-            checks.append((~empty & typed.isNull(), F.concat(F.lit(f"not a {col.type}: {col.name}="), raw), "type"))
+            article = "an" if col.type == "int" else "a"
+            checks.append(
+                (~empty & typed.isNull(), F.concat(F.lit(f"not {article} {col.type}: {col.name}="), raw), "type")
+            )
             if col.type in ("float", "double"):
                 bad = typed.isNotNull() & (F.isnan(typed) | (F.abs(typed) == float("inf")))
                 checks.append((bad, F.concat(F.lit(f"not finite: {col.name}="), raw), "not_finite"))

@@ -71,9 +71,15 @@ def reusable(spark: SparkSession, uri: str, fingerprint: str) -> dict | None:
 
 
 def log_lineage(stage: str, fingerprint: str, inputs: dict[str, str], outputs: list[str], skipped: bool) -> None:
-    """Record lineage on the active MLflow run: tags to search by, and the whole record as JSON."""
+    """Record lineage on the active MLflow run: tags to search by, and the whole record as JSON.
+
+    Without an active run (a stage called as a plain function) there is nothing to record on; calling
+    MLflow anyway would silently start a run in its default store, in whatever folder we are in.
+    """
     import mlflow
 
+    if mlflow.active_run() is None:
+        return
     mlflow.set_tags(
         {"dlpipe.fingerprint": fingerprint, "dlpipe.skipped": str(skipped).lower(), "dlpipe.outputs": ",".join(outputs)}
     )

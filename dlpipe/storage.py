@@ -141,10 +141,27 @@ def hadoop_s3a_conf(settings: StorageSettings) -> dict[str, str]:
     return conf
 
 
+_S3A_KEYS = (
+    "fs.s3a.endpoint",
+    "fs.s3a.connection.ssl.enabled",
+    "fs.s3a.path.style.access",
+    "fs.s3a.endpoint.region",
+    "fs.s3a.aws.credentials.provider",
+    "fs.s3a.access.key",
+    "fs.s3a.secret.key",
+    "fs.s3a.session.token",
+)
+
+
 def configure_spark_storage(spark: SparkSession, cfg: Any) -> None:
-    """Apply cfg's s3a settings to a running session (new FileSystem instances pick them up)."""
+    """Make a running session's s3a settings those of cfg (new FileSystem instances pick them up);
+    settings cfg does not give are removed, so one config's credentials never serve another's."""
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
-    for key, value in hadoop_s3a_conf(storage_settings(cfg)).items():
+    wanted = hadoop_s3a_conf(storage_settings(cfg))
+    for key in _S3A_KEYS:
+        if key not in wanted:
+            hconf.unset(key)
+    for key, value in wanted.items():
         hconf.set(key, value)
 
 

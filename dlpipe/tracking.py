@@ -56,6 +56,17 @@ def setup(cfg: Config) -> str:
     return exp_id
 
 
+def require_active_run(stage: str) -> None:
+    """Stages that log models or figures need the run they belong to (MLflow would otherwise open one
+    in its default store, wherever the process happens to be)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError(
+            f"the {stage} stage logs to MLflow: run it with dlpipe.pipeline.run_stage or inside stage_run"
+        )
+
+
 def _param_value(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."

@@ -4,31 +4,39 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.servers import HdfsCluster, S3Server, missing_components, pid_exists, spark_jars
+
 REPO = Path(__file__).resolve().parent.parent
+# What tools/provision_servers.sh fills (`make setup`): the S3 and HDFS servers and the s3a jars.
+SERVERS_CACHE = REPO / ".cache"
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
-def make_cfg(root: Path, *overrides: str, rows: int = 1500):
+def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | None = None) -> list[str]:
+    """The override list of a test config (also what a test passes to a job on the command line)."""
+    return [
+        *([f"dataset={dataset}"] if dataset else []),
+        f"project.root={root}",
+        f"dataset.generator.rows={rows}",
+        "spark.master=local[2]",
+        "preprocess.num_files=2",
+        "train.epochs=3",
+        *overrides,
+    ]
+
+
+def make_cfg(root: Path, *overrides: str, rows: int = 1500, dataset: str | None = None):
     """A config rooted in root (data, warehouse and the MLflow SQLite store all live there)."""
     from dlpipe.config import load_config
 
-    return load_config(
-        "local",
-        [
-            f"project.root={root}",
-            f"dataset.generator.rows={rows}",
-            "spark.master=local[2]",
-            "preprocess.num_files=2",
-            "train.epochs=3",
-            *overrides,
-        ],
-        conf_dir=REPO / "conf",
-    )
+    return load_config("local", cfg_overrides(root, *overrides, rows=rows, dataset=dataset), conf_dir=REPO / "conf")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +45,7 @@ def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
     tmp = tmp_path_factory.mktemp("spark")
-    session = (
+    builder = (
         SparkSession.builder.master("local[2]")
         .appName("dlpipe-tests")
         .config("spark.ui.enabled", "false")
@@ -48,8 +56,12 @@ def spark(tmp_path_factory):
         .config("spark.sql.warehouse.dir", str(tmp / "warehouse"))
         .config("spark.local.dir", str(tmp / "local"))
         .config("spark.sql.session.timeZone", "UTC")
-        .getOrCreate()
     )
+    # s3a:// needs hadoop-aws + the AWS SDK bundle, which pyspark lacks (tools/provision_servers.sh fetches them).
+    jars = spark_jars(SERVERS_CACHE)
+    if jars:
+        builder = builder.config("spark.jars", ",".join(jars))
+    session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -62,3 +74,64 @@ def _no_dangling_mlflow_run():
 
     while mlflow.active_run() is not None:
         mlflow.end_run("FAILED")
+
+
+# --- real storage servers on 127.0.0.1 (tests/servers.py), started once per session ---------------------------------
+@pytest.fixture(scope="session")
+def servers_cache() -> Path:
+    """The provisioned server cache; tests that need a storage server skip (with the reason) without it."""
+    missing = missing_components(SERVERS_CACHE)
+    if missing:
+        pytest.skip(
+            f"storage servers not provisioned ({', '.join(missing)} missing under {SERVERS_CACHE / 'servers'}): "
+            "run `make setup` (it calls tools/provision_servers.sh)"
+        )
+    return SERVERS_CACHE
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """A running S3 server, the one identity it accepts, and a bucket that exists."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    pid: int
+
+
+@pytest.fixture(scope="session")
+def s3_server(servers_cache, tmp_path_factory) -> Iterator[S3Endpoint]:
+    """SeaweedFS S3 on a free 127.0.0.1 port, checking signatures, with the bucket `dlpipe-test`."""
+    from pyarrow import fs
+
+    server = S3Server(servers_cache, tmp_path_factory.mktemp("s3"), "dlpipe-test-key", "dlpipe-test-secret-0123")
+    server.start()
+    assert server.pid is not None
+    try:
+        s3 = fs.S3FileSystem(
+            access_key=server.access_key,
+            secret_key=server.secret_key,
+            endpoint_override=server.endpoint,
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        s3.create_dir("dlpipe-test")
+        yield S3Endpoint(server.endpoint, server.access_key, server.secret_key, "dlpipe-test", server.pid)
+    finally:
+        server.stop()
+    assert not pid_exists(server.pid), f"S3 server (pid {server.pid}) still running after stop()"
+
+
+@pytest.fixture(scope="session")
+def hdfs_cluster(servers_cache, tmp_path_factory) -> Iterator[HdfsCluster]:
+    """A Hadoop 2.7.3 NameNode + DataNode on free 127.0.0.1 ports (WebHDFS on, permissions off)."""
+    cluster = HdfsCluster(servers_cache, tmp_path_factory.mktemp("hdfs"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+    alive = [pid for pid in cluster.pids if pid_exists(pid)]
+    assert not alive, f"HDFS daemons {alive} still running after stop()"

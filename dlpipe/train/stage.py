@@ -69,6 +69,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
 
     from dlpipe import tracking
 
+    tracking.require_active_run("train")
     stats = read_stats(spark, cfg)
     spec = make_spec(cfg, stats)
     result = run_horovod(spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface)[0]
