@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dlpipe-setup
 ARGS   ?=
 PYTEST_ARGS ?=
+ONLY   ?=
 
 # Spark (and Gloo) bind loopback unless told otherwise: the first non-loopback address may be unreachable.
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
 
-.PHONY: setup run test lint ui clean clean-data
+.PHONY: setup run test lint ui bench clean clean-data
 
 setup: $(STAMP)
 
@@ -25,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks print `name: value` lines (and data/bench/<group>.json); ONLY=data runs one group.
+bench: $(STAMP)
+	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

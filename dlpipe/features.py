@@ -21,7 +21,7 @@ from dlpipe import lineage
 from dlpipe.config import Config
 from dlpipe.ingest import AccountingError
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths
-from dlpipe.tensors import encode_rows
+from dlpipe.tensors import encode_arrow
 
 log = logging.getLogger(__name__)
 # Petastorm 0.13.1 reads its metadata through pyarrow's legacy dataset API on purpose (the reason pyarrow is
@@ -162,30 +162,40 @@ def unischema(cfg: Config, stats: dict):
     )
 
 
-def _encode_partitions(key: str):
-    def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            if len(pdf) == 0:
-                continue
-            feats = np.stack(pdf["features"].to_numpy()).astype(np.float32, copy=False)
-            yield pd.DataFrame({key: pdf[key], "features": encode_rows(feats), "label": pdf["label"]})
+def _encode_batches(key: str, shape: tuple[int, ...]):
+    """array<float> features -> NdarrayCodec cells, an Arrow batch at a time (no pandas, no loop per row)."""
+
+    def encode(batches):
+        import pyarrow as pa
+
+        for batch in batches:
+            feats = batch.column("features")
+            x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            cells = encode_arrow(x.reshape(len(batch), *shape))
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(key), cells, batch.column("label")], [key, "features", "label"]
+            )
 
     return encode
 
 
 def _scale_images(key: str, image: str, shape: tuple[int, ...], mean: float, std: float, out_shape: tuple[int, ...]):
-    def scale(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from dlpipe.tensors import decode_cells
+    """uint8 image cells -> float32 (C, H, W) cells scaled with the train split's pixel mean and std."""
 
-        for pdf in batches:
-            if len(pdf) == 0:
-                continue
-            x = decode_cells(pdf[image].tolist(), np.uint8, shape).astype(np.float32) / 255.0
+    def scale(batches):
+        import pyarrow as pa
+
+        from dlpipe.tensors import decode_arrow
+
+        for batch in batches:
+            x = decode_arrow(batch.column(image), np.uint8, shape).astype(np.float32) / 255.0
             x = (x - mean) / std
             if len(shape) == 3:  # H, W, C -> C, H, W
                 x = np.moveaxis(x, -1, 1)
-            x = x.reshape(len(pdf), *out_shape)
-            yield pd.DataFrame({key: pdf[key], "features": encode_rows(x), "label": pdf["label"]})
+            cells = encode_arrow(np.ascontiguousarray(x).reshape(len(batch), *out_shape))
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(key), cells, batch.column("label")], [key, "features", "label"]
+            )
 
     return scale
 
@@ -197,9 +207,9 @@ def transform(clean: DataFrame, cfg: Config, stats: dict) -> DataFrame:
     if cfg.dataset.source.format == "image":
         f = stats["features"][0]
         fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
-        return clean.select(key, f["name"], F.col(label).cast("int").alias("label")).mapInPandas(fn, schema=schema)
+        return clean.select(key, f["name"], F.col(label).cast("int").alias("label")).mapInArrow(fn, schema=schema)
     arrays = clean.select(F.col(key), feature_vector(stats).alias("features"), F.col(label).cast("int").alias("label"))
-    return arrays.mapInPandas(_encode_partitions(key), schema=schema)
+    return arrays.mapInArrow(_encode_batches(key, tuple(stats["feature_shape"])), schema=schema)
 
 
 def write_petastorm(spark: SparkSession, df: DataFrame, uri: str, cfg: Config, stats: dict) -> None:

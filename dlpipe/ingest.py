@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -147,14 +148,22 @@ def _typed(col: ColumnSpec) -> Column:
     return F.expr(f"try_cast({text} AS {SPARK_TYPES[col.type]})")
 
 
+def _t(name: str) -> Column:
+    """The typed value of a column, computed once per row by `validate`."""
+    return F.col(f"__t_{name}")
+
+
 def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
-    """(condition, reason, code) in the order they are tried; a row gets the first reason that applies."""
+    """(condition, reason, code) in the order they are tried; a row gets the first that applies.
+
+    Conditions read the typed columns `validate` computed once; reasons are only built for bad rows.
+    """
     checks: list[tuple[Column, Column, str]] = [
         (F.col(CORRUPT).isNotNull(), F.lit("malformed line: wrong number of fields or bad syntax"), "malformed"),
         (F.col(PRE_REASON).isNotNull(), F.col(PRE_REASON), "image"),
     ]
     for col in cfg.dataset.columns:
-        raw, typed = F.col(col.name), _typed(col)
+        raw, typed = F.col(col.name), _t(col.name)
         empty = raw.isNull() if col.type == "image" else (raw.isNull() | (F.trim(raw) == ""))
         if col.required or col.role in ("key", "label"):
             checks.append((empty, F.lit(f"missing value: {col.name}"), "missing"))
@@ -164,21 +173,21 @@ def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
                 (~empty & typed.isNull(), F.concat(F.lit(f"not {article} {col.type}: {col.name}="), raw), "type")
             )
             if col.type in ("float", "double"):
-                bad = typed.isNotNull() & (F.isnan(typed) | (F.abs(typed) == float("inf")))
+                bad = F.isnan(typed) | (F.abs(typed) == float("inf"))
                 checks.append((bad, F.concat(F.lit(f"not finite: {col.name}="), raw), "not_finite"))
             if col.min is not None or col.max is not None:
                 low = typed < F.lit(col.min) if col.min is not None else F.lit(False)
                 high = typed > F.lit(col.max) if col.max is not None else F.lit(False)
                 msg = F.lit(f"out of range [{col.min}, {col.max}]: {col.name}=")
-                checks.append((typed.isNotNull() & (low | high), F.concat(msg, raw), "range"))
+                checks.append((low | high, F.concat(msg, raw), "range"))
         if col.type == "string" and col.values is not None:
             bad = ~empty & ~raw.isin(col.values)
             checks.append((bad, F.concat(F.lit(f"not an allowed value of {col.name}: "), raw), "value"))
     label = cfg.dataset.column("label")
-    k, typed_label = cfg.dataset.num_classes, _typed(label)
+    k, typed_label = cfg.dataset.num_classes, _t(label.name)
     checks.append(
         (
-            typed_label.isNotNull() & ((typed_label < 0) | (typed_label >= k)),
+            (typed_label < 0) | (typed_label >= k),
             F.concat(F.lit(f"label out of range [0, {k}): {label.name}="), F.col(label.name)),
             "label_range",
         )
@@ -187,23 +196,30 @@ def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
 
 
 def validate(df: DataFrame, cfg: Config) -> DataFrame:
-    """Add `_reason` and `_reason_code` (null when the row is good)."""
-    checks = _checks(cfg)
-    reason = F.coalesce(*[F.when(cond, msg) for cond, msg, _ in checks])
-    code = F.coalesce(*[F.when(cond, F.lit(c)) for cond, _, c in checks])
-    return df.withColumn("_reason", reason).withColumn("_reason_code", code)
+    """Add typed columns `__t_<name>` and `_check`: the index of the first failed check, null if good.
+
+    Two projections on purpose: Spark does not merge them when that would repeat the casts, so each
+    value is parsed once per row instead of once per check.
+    """
+    typed = df.select("*", *[_typed(c).alias(f"__t_{c.name}") for c in cfg.dataset.columns])
+    check = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(_checks(cfg))])
+    return typed.withColumn("_check", check)
 
 
 def typed_clean(df: DataFrame, cfg: Config) -> DataFrame:
-    return df.where(F.col("_reason").isNull()).select(*[_typed(c).alias(c.name) for c in cfg.dataset.columns])
+    return df.where(F.col("_check").isNull()).select(*[_t(c.name).alias(c.name) for c in cfg.dataset.columns])
 
 
 def quarantine_rows(df: DataFrame, cfg: Config) -> DataFrame:
+    """One row per bad input row: its reason, reason code, the raw text and the file it came from."""
+    checks = _checks(cfg)
+    by_index = lambda part: F.coalesce(*[F.when(F.col("_check") == i, c[part]) for i, c in enumerate(checks)])  # noqa: E731
+    codes = [F.lit(c) for _, _, c in checks]
     text_cols = [c.name for c in cfg.dataset.columns if c.type != "image"]
     raw_line = F.coalesce(F.col(CORRUPT), F.concat_ws(",", *[F.coalesce(F.col(c), F.lit("")) for c in text_cols]))
-    return df.where(F.col("_reason").isNotNull()).select(
-        F.col("_reason").alias("reason"),
-        F.col("_reason_code").alias("reason_code"),
+    return df.where(F.col("_check").isNotNull()).select(
+        by_index(1).alias("reason"),
+        F.element_at(F.array(*codes), F.col("_check") + 1).alias("reason_code"),
         raw_line.alias("raw_line"),
         F.col("_source_file").alias("source_file"),
     )
@@ -253,8 +269,18 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
 
 def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, str]) -> dict:
     raw = read_raw(spark, cfg, paths.raw)
-    checked = validate(raw, cfg)
-    rows_in = raw.count()
+    # parsed and checked once, kept (spilling to local disk when large) for the count and both writes
+    checked = validate(raw, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return _write_outputs(spark, cfg, paths, checked, fp, inputs)
+    finally:
+        checked.unpersist()
+
+
+def _write_outputs(
+    spark: SparkSession, cfg: Config, paths, checked: DataFrame, fp: str, inputs: dict[str, str]
+) -> dict:
+    rows_in = checked.count()
     if rows_in == 0:
         raise ValueError(f"ingest: no rows in {paths.raw} (dataset.source.uri): the input is empty")
     log.info("ingest: %d rows in from %s", rows_in, paths.raw)

@@ -30,6 +30,23 @@ def encode_rows(arr: np.ndarray) -> list[bytes]:
     return [header + row.tobytes() for row in arr]
 
 
+def encode_arrow(arr: np.ndarray):
+    """Rows of arr (n, *shape) -> a pyarrow BinaryArray of NdarrayCodec cells, built from one buffer and
+    its offsets (no Python work per row)."""
+    import pyarrow as pa
+
+    arr = np.ascontiguousarray(arr)
+    n = len(arr)
+    header = np.frombuffer(npy_header(arr.dtype.str, tuple(arr.shape[1:])), dtype=np.uint8)
+    body = arr.reshape(n, -1).view(np.uint8)
+    cell = len(header) + body.shape[1]
+    data = np.empty((n, cell), dtype=np.uint8)
+    data[:, : len(header)] = header
+    data[:, len(header) :] = body
+    offsets = np.arange(0, (n + 1) * cell, cell, dtype=np.int32)
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 def decode_cells(cells: Sequence[bytes], dtype: str | np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """n NdarrayCodec cells of one dtype and shape -> an array (n, *shape), vectorized when possible."""
     dtype = np.dtype(dtype)

@@ -7,7 +7,7 @@ import pyarrow as pa
 from petastorm.codecs import NdarrayCodec
 from petastorm.unischema import UnischemaField
 
-from dlpipe.tensors import decode_arrow, decode_cells, encode_rows
+from dlpipe.tensors import decode_arrow, decode_cells, encode_arrow, encode_rows
 
 
 def test_encode_is_byte_identical_to_petastorm():
@@ -34,3 +34,10 @@ def test_decode_falls_back_for_other_layouts():
     cells = encode_rows(np.arange(6, dtype=np.float64).reshape(2, 3))  # float64 cells read as float32
     out = decode_cells(cells, np.float32, (3,))
     np.testing.assert_array_equal(out, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_encode_arrow_matches_petastorm_cells():
+    arr = np.random.default_rng(2).normal(size=(9, 2, 3)).astype(np.float32)
+    column = encode_arrow(arr)
+    assert column.to_pylist() == encode_rows(arr)
+    np.testing.assert_array_equal(decode_arrow(column, np.float32, (2, 3)), arr)
