@@ -17,7 +17,7 @@ export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
 setup: $(STAMP)
 
 # Re-runs only when the pinned inputs change; a second `make setup` does nothing.
-$(STAMP): pyproject.toml constraints.txt tools/setup.sh tools/build_horovod.sh
+$(STAMP): pyproject.toml constraints.txt tools/setup.sh tools/build_horovod.sh tools/provision_servers.sh
 	PYTHON=$(PYTHON) bash tools/setup.sh
 	@touch $@
 

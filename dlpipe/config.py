@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_ENV = "local"
 # Free-form mappings whose keys themselves contain dots (`spark.conf.spark.sql.shuffle.partitions=4`).
-_FREE_FORM = ("spark.conf",)
+_FREE_FORM = ("spark.conf", "storage.s3.hadoop")
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,9 @@ class S3Config(_Strict):
         description="git-ignored YAML {s3: {access_key, secret_key}}; AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY win.",
     )
     jars: list[str] | None = Field(None, description="hadoop-aws + AWS SDK jars; default: .cache/servers/jars/s3a")
+    hadoop: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="More fs.s3a.* settings for Spark, e.g. fs.s3a.retry.limit"
+    )
 
 
 class HdfsConfig(_Strict):

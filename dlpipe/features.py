@@ -20,7 +20,14 @@ from pyspark.sql import types as T
 from dlpipe import lineage
 from dlpipe.config import Config
 from dlpipe.ingest import AccountingError
-from dlpipe.storage import HadoopFS, atomic_output, dataset_paths
+from dlpipe.storage import (
+    FsspecFactory,
+    HadoopFS,
+    atomic_output,
+    dataset_paths,
+    register_s3a_paths_with_fsspec,
+    storage_settings,
+)
 from dlpipe.tensors import encode_arrow
 
 log = logging.getLogger(__name__)
@@ -215,7 +222,12 @@ def transform(clean: DataFrame, cfg: Config, stats: dict) -> DataFrame:
 def write_petastorm(spark: SparkSession, df: DataFrame, uri: str, cfg: Config, stats: dict) -> None:
     from petastorm.etl.dataset_metadata import materialize_dataset
 
-    with materialize_dataset(spark, uri, unischema(cfg, stats), cfg.preprocess.row_group_size_mb):
+    factory = None if uri.startswith("file:") else FsspecFactory(uri, storage_settings(cfg))
+    if uri.startswith("s3"):
+        register_s3a_paths_with_fsspec()
+    with materialize_dataset(
+        spark, uri, unischema(cfg, stats), cfg.preprocess.row_group_size_mb, filesystem_factory=factory
+    ):
         df.repartition(cfg.preprocess.num_files).write.mode("overwrite").option("compression", "snappy").parquet(uri)
 
 

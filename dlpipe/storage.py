@@ -86,6 +86,7 @@ class StorageSettings:
     session_token: str | None = field(default=None, repr=False)
     webhdfs_url: str | None = None
     hdfs_user: str | None = None
+    s3a_extra: tuple[tuple[str, str], ...] = ()
 
 
 def s3_credentials(cfg: Any) -> tuple[str | None, str | None, str | None]:
@@ -109,8 +110,9 @@ def s3_credentials(cfg: Any) -> tuple[str | None, str | None, str | None]:
 def storage_settings(cfg: Any) -> StorageSettings:
     key, secret, token = s3_credentials(cfg)
     s3, hdfs = cfg.storage.s3, cfg.storage.hdfs
+    extra = tuple((k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in sorted(s3.hadoop.items()))
     return StorageSettings(
-        s3.endpoint, s3.path_style_access, s3.region, key, secret, token, hdfs.webhdfs_url, hdfs.user
+        s3.endpoint, s3.path_style_access, s3.region, key, secret, token, hdfs.webhdfs_url, hdfs.user, extra
     )
 
 
@@ -138,6 +140,7 @@ def hadoop_s3a_conf(settings: StorageSettings) -> dict[str, str]:
         conf["fs.s3a.secret.key"] = settings.secret_key
         if settings.session_token:
             conf["fs.s3a.session.token"] = settings.session_token
+    conf.update(settings.s3a_extra)
     return conf
 
 
@@ -154,15 +157,44 @@ _S3A_KEYS = (
 
 
 def configure_spark_storage(spark: SparkSession, cfg: Any) -> None:
-    """Make a running session's s3a settings those of cfg (new FileSystem instances pick them up);
-    settings cfg does not give are removed, so one config's credentials never serve another's."""
+    """Make a running session's s3a settings those of cfg (new FileSystem instances pick them up).
+
+    Settings an earlier config made and this one does not are removed, so one config's credentials never
+    serve another's.
+    """
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     wanted = hadoop_s3a_conf(storage_settings(cfg))
-    for key in _S3A_KEYS:
-        if key not in wanted:
-            hconf.unset(key)
+    previous = (hconf.get("dlpipe.s3a.keys") or "").split(",")
+    for key in {*_S3A_KEYS, *previous} - set(wanted) - {""}:
+        hconf.unset(key)
     for key, value in wanted.items():
         hconf.set(key, value)
+    hconf.set("dlpipe.s3a.keys", ",".join(sorted(wanted)))
+
+
+class StorageError(OSError):
+    """A store refused or failed an operation; the message names the URI and, for auth, what to check."""
+
+
+_AUTH_MARKERS = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+
+
+@contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn a Java storage exception (a page of JVM stack) into one line naming the URI."""
+    from py4j.protocol import Py4JJavaError
+
+    try:
+        yield
+    except Py4JJavaError as exc:
+        text = str(exc.java_exception.toString())
+        hint = ""
+        if any(m in text for m in _AUTH_MARKERS):
+            hint = (
+                " (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.s3.credentials_file, "
+                "and storage.s3.endpoint)"
+            )
+        raise StorageError(f"cannot access {uri}: {text.splitlines()[0]}{hint}") from None
 
 
 class HadoopFS:
@@ -177,13 +209,15 @@ class HadoopFS:
         return path.getFileSystem(self._conf), path
 
     def exists(self, uri: str) -> bool:
-        fs, path = self._fs(uri)
-        return bool(fs.exists(path))
+        with storage_errors(uri):
+            fs, path = self._fs(uri)
+            return bool(fs.exists(path))
 
     def delete(self, uri: str) -> None:
-        fs, path = self._fs(uri)
-        if fs.exists(path):
-            fs.delete(path, True)
+        with storage_errors(uri):
+            fs, path = self._fs(uri)
+            if fs.exists(path):
+                fs.delete(path, True)
 
     def rename(self, src: str, dst: str) -> None:
         fs, src_path = self._fs(src)
@@ -246,6 +280,44 @@ def atomic_output(spark: SparkSession, final_uri: str) -> Iterator[str]:
     fs.rename(tmp, final_uri)
 
 
+@dataclass(frozen=True)
+class FsspecFactory:
+    """A picklable factory of a (legacy pyarrow over fsspec) view of `python_fs(uri)`: how Petastorm reaches s3a:// and hdfs://
+    here (its own resolver wants s3fs or libhdfs; we give it the filesystems everything else uses)."""
+
+    uri: str
+    settings: StorageSettings
+
+    def __call__(self):
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        from dlpipe.legacy_fs import FsspecLegacyFileSystem
+
+        return FsspecLegacyFileSystem(ArrowFSWrapper(python_fs(self.uri, self.settings)[0]))
+
+
+def register_s3a_paths_with_fsspec() -> None:
+    """Let fsspec turn s3a://bucket/key into bucket/key without s3fs.
+
+    Petastorm derives a dataset's path with `fsspec.core.strip_protocol`, which imports the protocol's
+    filesystem class; for s3/s3a that is s3fs (and botocore), which we do not need: the filesystem itself
+    comes from FsspecFactory. A real s3fs, if installed, is left in place.
+    """
+    import fsspec
+    from fsspec.spec import AbstractFileSystem
+
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+
+        class S3PathsOnly(AbstractFileSystem):
+            protocol = ("s3", "s3a")
+            root_marker = ""
+
+        for proto in ("s3", "s3a"):
+            fsspec.register_implementation(proto, S3PathsOnly, clobber=True)
+
+
 def python_fs(uri: str, settings: StorageSettings | None = None):
     """(pyarrow FileSystem, path) for Python-side reads and writes on a driver or an executor.
 
@@ -268,9 +340,8 @@ def python_fs(uri: str, settings: StorageSettings | None = None):
             kwargs.update(
                 access_key=settings.access_key, secret_key=settings.secret_key, session_token=settings.session_token
             )
+        # pyarrow 14 addresses buckets by path whenever an endpoint is given (s3_path_style is Spark's concern)
         kwargs["region"] = settings.s3_region or "us-east-1"
-        if settings.s3_path_style:
-            kwargs["force_virtual_addressing"] = False
         return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme == "hdfs":
         if not settings.webhdfs_url:

@@ -49,6 +49,10 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 wheel=$(bash tools/build_horovod.sh "$PY" "$CACHE")
 "${PIP[@]}" install -q --no-deps "$wheel"
 
+# Real S3 (SeaweedFS) and HDFS (Hadoop 2.7.3) servers for the tests, and the s3a jars: into $CACHE/servers,
+# never into the venv (tools/provision_servers.sh; about 30 s and 360 MB the first time).
+bash tools/provision_servers.sh "$CACHE" "$PY"
+
 # --- smoke check: the stack imports together -------------------------------------------------------------
 "$PY" - <<'PYEOF'
 import horovod, horovod.torch as hvd, mlflow, numpy, petastorm, pyarrow, pyspark, torch
