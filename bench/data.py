@@ -3,6 +3,8 @@
 Both read the same generated CSV files (BENCH_ROWS rows, default 1,000,000). The baseline only converts
 (no validation, no split, no statistics, no tensors), so it is the floor a user compares us to: what one
 Python process does with pyarrow alone. Spark's start-up is not counted; everything after it is.
+A second reference, Spark's own typed CSV -> Parquet on the same files (`ingest_vs_spark_csv`), shows
+how much of the gap is Spark itself and how much is our validation.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ def _pyarrow_baseline(raw: Path, out: Path) -> tuple[int, float]:
     return rows, time.perf_counter() - started
 
 
+def _spark_csv_to_parquet(spark, cfg, raw: str, out: str) -> float:
+    """Seconds for Spark's typed CSV reader to write the files as Parquet, nothing else."""
+    from pyspark.sql import types as T
+
+    kinds = {"long": T.LongType(), "int": T.IntegerType(), "double": T.DoubleType(), "string": T.StringType()}
+    schema = T.StructType([T.StructField(c.name, kinds[c.type]) for c in cfg.dataset.columns])
+    started = time.perf_counter()
+    spark.read.schema(schema).option("header", True).csv(raw).write.mode("overwrite").parquet(out)
+    return time.perf_counter() - started
+
+
 def run() -> dict[str, float]:
     from dlpipe import features, ingest
     from dlpipe.config import load_config
@@ -60,6 +73,7 @@ def run() -> dict[str, float]:
     spark = build_spark(cfg)
     try:
         spark.range(1).count()  # JVM and Python workers warm, outside the timings
+        spark_csv_s = _spark_csv_to_parquet(spark, cfg, paths.raw, str(ROOT / "spark-baseline"))
         t0 = time.perf_counter()
         ing = ingest.run(spark, cfg, force=True)
         ingest_s = time.perf_counter() - t0
@@ -76,5 +90,7 @@ def run() -> dict[str, float]:
         "preprocess_rows_per_s": pre["rows_in"] / preprocess_s,
         "ingest_plus_preprocess_rows_per_s": ours,
         "pyarrow_csv_to_parquet_rows_per_s": baseline,
+        "spark_csv_to_parquet_rows_per_s": ing["rows_in"] / spark_csv_s,
+        "ingest_vs_spark_csv": spark_csv_s / ingest_s,
         "preprocess_vs_pyarrow": ours / baseline,
     }
