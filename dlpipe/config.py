@@ -182,13 +182,40 @@ class PreprocessConfig(_Strict):
     num_files: int = Field(4, gt=0)
 
 
+class ModelConfig(_Strict):
+    factory: str = Field(
+        "auto", description="mlp | cnn | auto (cnn for images, else mlp) | package.module:function of yours"
+    )
+    hidden: list[int] = Field(default_factory=lambda: [64, 64], description="widths of the dense layers")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="cnn: channels of the conv layers")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    params: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for your factory")
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(3, ge=0, description="epochs without a better validation loss before stopping; 0 = off")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class FaultInjectionConfig(_Strict):
+    """For fault-tolerance tests: kill this rank's process at the end of this epoch, first attempt only."""
+
+    rank: int = Field(..., ge=0)
+    epoch: int = Field(..., ge=1)
+
+
 class TrainConfig(_Strict):
     launcher: Literal["horovod"] = "horovod"
     num_proc: int = Field(2, gt=0)
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=1)
-    lr: float = Field(0.003, gt=0)
-    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    lr: float = Field(0.003, gt=0, description="learning rate of one rank; scaled by the number of ranks")
+    warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warm-up from lr to lr x ranks")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint_dir: str | None = Field(None, description="default: <warehouse>/<dataset>/checkpoints")
+    resume: bool = Field(False, description="continue from the last checkpoint of the same data and config")
+    fault_injection: FaultInjectionConfig | None = None
     seed: int = 42
     threads_per_rank: int = Field(1, gt=0)
     gloo_iface: str | None = Field(

@@ -31,14 +31,14 @@ def test_overrides_are_typed_and_reach_free_form_spark_conf():
         "local",
         [
             "train.epochs=5",
-            "train.hidden=[32, 16]",
+            "train.model.hidden=[32, 16]",
             "spark.conf.spark.sql.shuffle.partitions=3",
             "infer.model_uri=models:/x@prod",
         ],
         conf_dir=REPO / "conf",
     )
     assert cfg.train.epochs == 5
-    assert cfg.train.hidden == [32, 16]
+    assert cfg.train.model.hidden == [32, 16]
     assert cfg.spark.conf["spark.sql.shuffle.partitions"] == 3
     assert cfg.infer.model_uri == "models:/x@prod"
 

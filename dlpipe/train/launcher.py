@@ -138,6 +138,9 @@ def run_horovod(
     check_slots(sc, num_proc)
     log.info("train: launching %d Horovod ranks in a barrier stage (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} Horovod ranks (barrier)")
-    rdd = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(_barrier_task(fn, args, gloo_iface))
-    results = sorted(rdd.collect(), key=lambda r: r[0])
-    return [r for _, r in results]
+    ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(_barrier_task(fn, args, gloo_iface))
+    # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
+    # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
+    # that dies then costs a retry of the stage (from the last checkpoint), not the job.
+    results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
+    return [r for _, r in sorted(results, key=lambda r: r[0])]

@@ -9,21 +9,43 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
+from dlpipe import lineage
 from dlpipe.config import Config
 from dlpipe.features import read_stats
-from dlpipe.storage import dataset_paths, storage_settings
+from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
+from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod
 from dlpipe.train.loader import ShardLoader
-from dlpipe.train.models import build_mlp, with_probabilities
+from dlpipe.train.models import build_model, resolve_factory, with_probabilities
 from dlpipe.train.worker import TrainSpec, train_worker
 
 log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 
 
-def make_spec(cfg: Config, stats: dict) -> TrainSpec:
+def checkpoint_uri(spark: SparkSession, cfg: Config) -> str:
+    """Checkpoints of one training setup: same data and the settings that shape the model's path (not
+    epochs, early stopping or the number of ranks, so `train.resume=true epochs=20` continues a run)."""
     paths = dataset_paths(cfg)
     t = cfg.train
+    key = lineage.digest(
+        {
+            "data": lineage.dataset_fingerprint(spark, paths.petastorm),
+            "train": t.model_dump(mode="json", include={"model", "lr", "batch_size", "seed", "warmup_epochs"}),
+        }
+    )
+    base = (
+        resolve_uri(cfg.root, t.checkpoint_dir)
+        if t.checkpoint_dir
+        else paths.petastorm.rsplit("/", 1)[0] + "/checkpoints"
+    )
+    return f"{base.rstrip('/')}/{key}"
+
+
+def make_spec(cfg: Config, stats: dict, checkpoints: str) -> TrainSpec:
+    paths = dataset_paths(cfg)
+    t = cfg.train
+    fault = (t.fault_injection.rank, t.fault_injection.epoch) if t.fault_injection else None
     return TrainSpec(
         train_uri=paths.split("train"),
         val_uri=paths.split("val"),
@@ -31,12 +53,17 @@ def make_spec(cfg: Config, stats: dict) -> TrainSpec:
         val_rows=stats["rows"]["val"],
         feature_shape=tuple(stats["feature_shape"]),
         num_classes=stats["num_classes"],
-        hidden=tuple(t.hidden),
+        model=t.model.model_dump(mode="json"),
         epochs=t.epochs,
         batch_size=t.batch_size,
         lr=t.lr,
         seed=t.seed,
         threads=t.threads_per_rank,
+        checkpoint_uri=checkpoints,
+        warmup_epochs=t.warmup_epochs,
+        patience=t.early_stopping.patience,
+        min_delta=t.early_stopping.min_delta,
+        fault=fault,
         storage=storage_settings(cfg),
     )
 
@@ -71,14 +98,22 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
 
     tracking.require_active_run("train")
     stats = read_stats(spark, cfg)
-    spec = make_spec(cfg, stats)
+    checkpoints = checkpoint_uri(spark, cfg)
+    if not cfg.train.resume:
+        CheckpointStore(checkpoints, storage_settings(cfg)).clear()  # a retried stage resumes this run only
+    spec = make_spec(cfg, stats, checkpoints)
+    # a wrong factory or size fails here, at once, not on every rank of every retried stage attempt
+    factory = resolve_factory(spec.model["factory"], spec.feature_shape)
+    build_model(spec.model, spec.feature_shape, spec.num_classes)
+    mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
+    mlflow.set_tag("dlpipe.checkpoints", checkpoints)
     result = run_horovod(spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface)[0]
     history = result["history"]
     for record in history:
         tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
     mlflow.log_figure(learning_curve(history), "learning_curve.png")
 
-    model = build_mlp(spec.feature_shape, spec.num_classes, list(spec.hidden))
+    model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
     served = with_probabilities(model).eval()
     example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
@@ -107,4 +142,8 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         "ranks": result["ranks"],
         "model_version": int(version),
         "samples_per_s_per_rank": float(np.mean([h["samples_per_s_per_rank"] for h in history])),
+        "epochs_run": len(history),
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "best_val_loss": result["best_val_loss"],
+        "resumed_from_epoch": result["resumed_from_epoch"],
     }

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from dlpipe.storage import StorageSettings
+from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.loader import ShardLoader, ShortEpochError
-from dlpipe.train.models import build_mlp
+from dlpipe.train.models import build_model
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,17 @@ class TrainSpec:
     val_rows: int
     feature_shape: tuple[int, ...]
     num_classes: int
-    hidden: tuple[int, ...]
+    model: dict[str, Any]
     epochs: int
     batch_size: int
     lr: float
     seed: int
     threads: int
+    checkpoint_uri: str
+    warmup_epochs: float = 1.0
+    patience: int = 3
+    min_delta: float = 0.0
+    fault: tuple[int, int] | None = None  # (rank, epoch): kill that rank after that epoch, in a fresh run only
     storage: StorageSettings = field(default_factory=StorageSettings)
 
 
@@ -53,7 +63,12 @@ def _allreduce_sum(hvd, values: list[float], name: str) -> list[float]:
 
 
 def train_worker(spec: TrainSpec) -> dict | None:
-    """Train with hvd (already initialized by the launcher). Rank 0 returns the weights and history."""
+    """Train with hvd (already initialized by the launcher). Rank 0 returns the weights and history.
+
+    Every epoch ends with a checkpoint (rank 0), and training starts from the newest checkpoint there
+    is: the driver clears them before a fresh run (not with `train.resume`), so a checkpoint found here
+    means Spark retried the barrier stage after a task died, or the user asked to resume.
+    """
     import horovod.torch as hvd
 
     rank, size = hvd.rank(), hvd.size()
@@ -61,9 +76,19 @@ def train_worker(spec: TrainSpec) -> dict | None:
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
 
-    model = build_mlp(spec.feature_shape, spec.num_classes, list(spec.hidden))
-    # Adam at lr x ranks: the effective batch is ranks x batch_size
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr * size)
+    model = build_model(spec.model, spec.feature_shape, spec.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    store = CheckpointStore(spec.checkpoint_uri, spec.storage)
+    state: dict[str, Any] = {"history": [], "best_loss": math.inf, "bad_epochs": 0, "best_state": None}
+    start_epoch, resumed_from = 1, 0
+    ckpt = store.latest()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {k: ckpt[k] for k in state}
+        start_epoch = int(ckpt["epoch"]) + 1
+        resumed_from = int(ckpt["epoch"])
+        log.info("resuming after epoch %d from %s", resumed_from, store.uri)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
@@ -93,14 +118,19 @@ def train_worker(spec: TrainSpec) -> dict | None:
     log.info(
         "%d train rows on this rank (%d in all), %d steps per epoch", train.local_rows, train.total_rows, train.steps
     )
+    warmup_steps = max(1, int(spec.warmup_epochs * train.steps))
 
-    history: list[dict] = []
+    history: list[dict] = state["history"]
     started = time.time()
-    for epoch in range(1, spec.epochs + 1):
+    for epoch in range(start_epoch, spec.epochs + 1):
         t0 = time.time()
         model.train()
         loss_sum, correct = 0.0, 0.0
         for step, (x, y) in enumerate(train.epoch(epoch), 1):
+            # lr x ranks for the ranks x larger effective batch, reached by a linear warm-up (Goyal et al.)
+            progress = min(1.0, ((epoch - 1) * train.steps + step) / warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr * (1 + (size - 1) * progress)
             optimizer.zero_grad()
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -115,7 +145,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
                     spec.epochs,
                     step,
                     train.steps,
-                    loss_sum / (step * len(y)),
+                    loss_sum / train.rows_last_epoch,
                 )
         seconds = time.time() - t0
         model.eval()
@@ -141,11 +171,18 @@ def train_worker(spec: TrainSpec) -> dict | None:
             "val_accuracy": v_correct / v_rows,
             "samples_per_s_per_rank": train.rows_last_epoch / max(seconds, 1e-9),
             "epoch_seconds": seconds,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
+        improved = record["val_loss"] < state["best_loss"] - spec.min_delta
+        if improved:
+            state["best_loss"], state["bad_epochs"] = record["val_loss"], 0
+            state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
         if rank == 0:
-            elapsed = time.time() - started
-            eta = elapsed / epoch * (spec.epochs - epoch)
+            store.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
+            eta = (time.time() - started) / (epoch - start_epoch + 1) * (spec.epochs - epoch)
             log.info(
                 "epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f %.0f samples/s/rank ETA %.0fs",
                 epoch,
@@ -156,8 +193,24 @@ def train_worker(spec: TrainSpec) -> dict | None:
                 record["samples_per_s_per_rank"],
                 eta,
             )
+        if spec.fault and resumed_from == 0 and epoch == spec.fault[1]:
+            _allreduce_sum(hvd, [0.0], f"fault{epoch}")  # the checkpoint of this epoch is on the store
+            if rank == spec.fault[0]:
+                log.warning("fault injection: killing rank %d (pid %d) after epoch %d", rank, os.getpid(), epoch)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if spec.patience and state["bad_epochs"] >= spec.patience:
+            log.info("early stopping after epoch %d: no better validation loss for %d epochs", epoch, spec.patience)
+            break
     if rank != 0:
         return None
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    return {"state_dict": buf.getvalue(), "history": history, "ranks": size}
+    return {
+        "state_dict": buf.getvalue(),
+        "history": history,
+        "ranks": size,
+        "resumed_from_epoch": resumed_from,
+        "best_val_loss": state["best_loss"],
+    }

@@ -1,0 +1,106 @@
+"""Training: a rank killed mid-training resumes from a checkpoint when Spark retries the barrier stage,
+`train.resume`, models by configuration (a CNN for images, your own factory), early stopping."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from dlpipe import features, ingest, tracking
+from dlpipe.generate import generate
+from dlpipe.pipeline import run_stage
+from dlpipe.storage import dataset_paths
+from tests.conftest import REPO, cfg_overrides, make_cfg
+
+
+def _prepared(spark, root, *overrides, rows, dataset=None):
+    cfg = make_cfg(root, *overrides, rows=rows, dataset=dataset)
+    generate(cfg, dataset_paths(cfg).raw)
+    ingest.run(spark, cfg)
+    features.run(spark, cfg)
+    return cfg
+
+
+def _train(spark, cfg) -> dict:
+    with tracking.pipeline_run(cfg, "test-train"):
+        return run_stage(spark, cfg, "train")
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint_when_spark_retries_the_stage(spark, tmp_path):
+    cfg = _prepared(spark, tmp_path, rows=6000)
+    # A Spark of its own with task retries (local[2,4]), as a user's spark-submit would have; rank 1 kills
+    # its own process (SIGKILL) right after the epoch-2 checkpoint, in the first attempt only.
+    job = cfg_overrides(
+        tmp_path,
+        "spark.master=local[2,4]",
+        "spark.conf.spark.ui.enabled=false",
+        "train.epochs=6",
+        "train.early_stopping.patience=0",
+        "train.fault_injection.rank=1",
+        "train.fault_injection.epoch=2",
+        rows=6000,
+    )
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", *job], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fault injection: killing rank 1" in proc.stderr
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    run = client.search_runs(
+        [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` = 'train'"
+    )[0]
+    m = run.data.metrics
+    assert m["resumed_from_epoch"] == 2, "the retried stage did not start from the saved epoch"
+    assert m["epochs_run"] == 6
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
+    assert m["final_val_accuracy"] > 0.85  # the quality of an uninterrupted run (Bayes rate 0.933)
+
+
+def test_resume_continues_from_the_last_checkpoint(spark, tmp_path):
+    cfg = _prepared(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", rows=3000)
+    first = _train(spark, cfg)
+    assert (first["resumed_from_epoch"], first["epochs_run"]) == (0, 2)
+    more = make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=4", "train.resume=true", rows=3000)
+    second = _train(spark, more)
+    assert (second["resumed_from_epoch"], second["epochs_run"]) == (2, 4)
+    assert second["final_val_loss"] < first["final_val_loss"]
+    fresh = _train(spark, make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=1", rows=3000))
+    assert fresh["resumed_from_epoch"] == 0  # without resume, old checkpoints are cleared, not used
+
+
+def test_the_image_dataset_trains_a_cnn(spark, tmp_path):
+    cfg = _prepared(
+        spark, tmp_path, "train.epochs=10", "train.batch_size=32", "train.lr=0.002", rows=1797, dataset="digits_images"
+    )
+    m = _train(spark, cfg)
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    run = client.get_run(client.get_model_version_by_alias(cfg.model_name, "candidate").run_id)
+    assert run.data.params["train.model.factory"] == "auto"
+    assert m["best_val_accuracy"] > 0.9, m  # 10 balanced classes: chance is 0.1
+    assert run.data.tags["dlpipe.model_factory"] == "dlpipe.train.models:build_cnn"
+    model = mlflow.pytorch.load_model(f"models:/{cfg.model_name}@candidate")
+    assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)
+
+
+def test_own_model_factory_by_dotted_path_and_early_stopping(spark, tmp_path):
+    cfg = _prepared(
+        spark,
+        tmp_path,
+        "train.model.factory=tests.model_factories:linear",
+        "train.epochs=40",
+        "train.early_stopping.patience=1",
+        "train.lr=0.05",
+        rows=1500,
+    )
+    m = _train(spark, cfg)
+    assert m["epochs_run"] < 40, "patience 1 with a large learning rate should stop early"
+    assert m["model_parameters"] == 12 * 3 + 3  # the linear model: 12 features x 3 classes + biases
+    assert m["best_val_loss"] <= m["final_val_loss"]
+    with pytest.raises(ValueError, match="cannot be imported"):
+        _train(spark, make_cfg(tmp_path, "train.model.factory=tests.nowhere:model", rows=1500))
