@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,3 +66,21 @@ def test_row_count_mismatch_is_an_error(tmp_path):
     uri, _ = _dataset(tmp_path, 30)
     with pytest.raises(ShortEpochError, match="holds 30 rows"):
         ShardLoader(uri, 0, 1, 8, (4,), shuffle=False, expected_rows=31)
+
+
+def test_rank_logs_stream_to_the_driver_as_json(monkeypatch, caplog):
+    from dlpipe.train.logstream import ENV, LogReceiver, rank_logger
+
+    caplog.set_level("INFO", logger="dlpipe.train")
+    with LogReceiver("127.0.0.1") as receiver:
+        monkeypatch.setenv(ENV, receiver.address)
+        log = rank_logger(3)
+        log.info("epoch %d/%d loss %.2f", 1, 5, 0.25)
+        for handler in log.handlers:
+            handler.close()
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(r.name == "dlpipe.train.rank3" for r in caplog.records):
+            time.sleep(0.05)
+    assert [(r.name, r.getMessage()) for r in caplog.records if r.name == "dlpipe.train.rank3"] == [
+        ("dlpipe.train.rank3", "epoch 1/5 loss 0.25")
+    ]

@@ -62,9 +62,14 @@ def test_a_killed_rank_resumes_from_its_checkpoint_when_spark_retries_the_stage(
     assert m["final_val_accuracy"] > 0.85  # the quality of an uninterrupted run (Bayes rate 0.933)
 
 
-def test_resume_continues_from_the_last_checkpoint(spark, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog):
     cfg = _prepared(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", rows=3000)
+    caplog.set_level("INFO", logger="dlpipe.train")
     first = _train(spark, cfg)
+    # the ranks' progress reached the driver's own logging, named by rank
+    streamed = {(r.name, r.getMessage().split(" train_loss")[0]) for r in caplog.records}
+    assert ("dlpipe.train.rank0", "epoch 2/2") in streamed
+    assert any(name == "dlpipe.train.rank1" for name, _ in streamed)
     assert (first["resumed_from_epoch"], first["epochs_run"]) == (0, 2)
     more = make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=4", "train.resume=true", rows=3000)
     second = _train(spark, more)

@@ -19,6 +19,9 @@ from typing import Any
 from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
+from dlpipe.train.logstream import ENV as LOG_ENV
+from dlpipe.train.logstream import LogReceiver
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +78,7 @@ def rank_plan(hosts: list[str]) -> list[Any]:
     return [by_host[h].pop(0) for h in hosts]
 
 
-def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
+def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None, log_address: str):
     def task(_: Any):
         import threading
 
@@ -83,6 +86,7 @@ def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
 
         ctx = BarrierTaskContext.get()
         pid = ctx.partitionId()
+        os.environ[LOG_ENV] = log_address  # this rank's log records stream to the driver
         hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
         plan = rank_plan(hosts)
         slot = plan[pid]
@@ -138,9 +142,12 @@ def run_horovod(
     check_slots(sc, num_proc)
     log.info("train: launching %d Horovod ranks in a barrier stage (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} Horovod ranks (barrier)")
-    ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(_barrier_task(fn, args, gloo_iface))
-    # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
-    # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
-    # that dies then costs a retry of the stage (from the last checkpoint), not the job.
-    results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
+    driver_host = sc.getConf().get("spark.driver.host", "127.0.0.1")
+    with LogReceiver(driver_host) as logs:
+        task = _barrier_task(fn, args, gloo_iface, logs.address)
+        ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(task)
+        # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
+        # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
+        # that dies then costs a retry of the stage (from the last checkpoint), not the job.
+        results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
     return [r for _, r in sorted(results, key=lambda r: r[0])]

@@ -6,11 +6,9 @@ Everything here must be picklable and importable on executors; nothing here touc
 from __future__ import annotations
 
 import io
-import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +19,7 @@ from torch import nn
 from dlpipe.storage import StorageSettings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.loader import ShardLoader, ShortEpochError
+from dlpipe.train.logstream import rank_logger
 from dlpipe.train.models import build_model
 
 
@@ -46,17 +45,6 @@ class TrainSpec:
     storage: StorageSettings = field(default_factory=StorageSettings)
 
 
-def _logger(rank: int) -> logging.Logger:
-    log = logging.getLogger(f"dlpipe.train.rank{rank}")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [train rank {rank}] %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
-
-
 def _allreduce_sum(hvd, values: list[float], name: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     return hvd.allreduce(t, op=hvd.Sum, name=name).tolist()
@@ -72,7 +60,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
     import horovod.torch as hvd
 
     rank, size = hvd.rank(), hvd.size()
-    log = _logger(rank)
+    log = rank_logger(rank)
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
 
