@@ -205,7 +205,10 @@ class FaultInjectionConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    launcher: Literal["horovod"] = "horovod"
+    launcher: Literal["horovod", "torch_distributor"] = "horovod"
+    max_attempts: int = Field(
+        3, ge=1, description="torch_distributor: runs of the job, each resuming from the last checkpoint"
+    )
     num_proc: int = Field(2, gt=0)
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=1)

@@ -68,13 +68,12 @@ def test_row_count_mismatch_is_an_error(tmp_path):
         ShardLoader(uri, 0, 1, 8, (4,), shuffle=False, expected_rows=31)
 
 
-def test_rank_logs_stream_to_the_driver_as_json(monkeypatch, caplog):
-    from dlpipe.train.logstream import ENV, LogReceiver, rank_logger
+def test_rank_logs_stream_to_the_driver_as_json(caplog):
+    from dlpipe.train.logstream import LogReceiver, rank_logger
 
     caplog.set_level("INFO", logger="dlpipe.train")
     with LogReceiver("127.0.0.1") as receiver:
-        monkeypatch.setenv(ENV, receiver.address)
-        log = rank_logger(3)
+        log = rank_logger(3, receiver.address)
         log.info("epoch %d/%d loss %.2f", 1, 5, 0.25)
         for handler in log.handlers:
             handler.close()

@@ -31,13 +31,17 @@ def _train(spark, cfg) -> dict:
         return run_stage(spark, cfg, "train")
 
 
-def test_a_killed_rank_resumes_from_its_checkpoint_when_spark_retries_the_stage(spark, tmp_path):
+# Horovod: Spark retries the barrier stage (local[2,4] allows task retries, as a cluster does);
+# TorchDistributor: its barrier stage cannot be retried, so the driver starts the job again.
+@pytest.mark.parametrize("launcher,master", [("horovod", "local[2,4]"), ("torch_distributor", "local[2]")])
+def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, launcher, master):
     cfg = _prepared(spark, tmp_path, rows=6000)
-    # A Spark of its own with task retries (local[2,4]), as a user's spark-submit would have; rank 1 kills
-    # its own process (SIGKILL) right after the epoch-2 checkpoint, in the first attempt only.
+    # A Spark of its own, as a user's spark-submit would have; rank 1 kills its own process (SIGKILL)
+    # right after the epoch-2 checkpoint, in the first attempt only.
     job = cfg_overrides(
         tmp_path,
-        "spark.master=local[2,4]",
+        f"spark.master={master}",
+        f"train.launcher={launcher}",
         "spark.conf.spark.ui.enabled=false",
         "train.epochs=6",
         "train.early_stopping.patience=0",
@@ -56,14 +60,16 @@ def test_a_killed_rank_resumes_from_its_checkpoint_when_spark_retries_the_stage(
         [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` = 'train'"
     )[0]
     m = run.data.metrics
-    assert m["resumed_from_epoch"] == 2, "the retried stage did not start from the saved epoch"
+    assert m["resumed_from_epoch"] == 2, "the retried run did not start from the saved epoch"
     assert m["epochs_run"] == 6
     assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
     assert m["final_val_accuracy"] > 0.85  # the quality of an uninterrupted run (Bayes rate 0.933)
 
 
-def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog):
-    cfg = _prepared(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", rows=3000)
+@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
+def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog, launcher):
+    use = f"train.launcher={launcher}"
+    cfg = _prepared(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", use, rows=3000)
     caplog.set_level("INFO", logger="dlpipe.train")
     first = _train(spark, cfg)
     # the ranks' progress reached the driver's own logging, named by rank
@@ -71,11 +77,11 @@ def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog):
     assert ("dlpipe.train.rank0", "epoch 2/2") in streamed
     assert any(name == "dlpipe.train.rank1" for name, _ in streamed)
     assert (first["resumed_from_epoch"], first["epochs_run"]) == (0, 2)
-    more = make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=4", "train.resume=true", rows=3000)
+    more = make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=4", "train.resume=true", use, rows=3000)
     second = _train(spark, more)
     assert (second["resumed_from_epoch"], second["epochs_run"]) == (2, 4)
     assert second["final_val_loss"] < first["final_val_loss"]
-    fresh = _train(spark, make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=1", rows=3000))
+    fresh = _train(spark, make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=1", use, rows=3000))
     assert fresh["resumed_from_epoch"] == 0  # without resume, old checkpoints are cleared, not used
 
 

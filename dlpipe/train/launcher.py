@@ -19,9 +19,6 @@ from typing import Any
 from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
-from dlpipe.train.logstream import ENV as LOG_ENV
-from dlpipe.train.logstream import LogReceiver
-
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +75,7 @@ def rank_plan(hosts: list[str]) -> list[Any]:
     return [by_host[h].pop(0) for h in hosts]
 
 
-def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None, log_address: str):
+def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
     def task(_: Any):
         import threading
 
@@ -86,7 +83,6 @@ def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None, l
 
         ctx = BarrierTaskContext.get()
         pid = ctx.partitionId()
-        os.environ[LOG_ENV] = log_address  # this rank's log records stream to the driver
         hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
         plan = rank_plan(hosts)
         slot = plan[pid]
@@ -142,12 +138,26 @@ def run_horovod(
     check_slots(sc, num_proc)
     log.info("train: launching %d Horovod ranks in a barrier stage (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} Horovod ranks (barrier)")
-    driver_host = sc.getConf().get("spark.driver.host", "127.0.0.1")
-    with LogReceiver(driver_host) as logs:
-        task = _barrier_task(fn, args, gloo_iface, logs.address)
-        ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(task)
-        # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
-        # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
-        # that dies then costs a retry of the stage (from the last checkpoint), not the job.
-        results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
+    ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(_barrier_task(fn, args, gloo_iface))
+    # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
+    # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
+    # that dies then costs a retry of the stage (from the last checkpoint), not the job.
+    results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
     return [r for _, r in sorted(results, key=lambda r: r[0])]
+
+
+def run_torch_distributor(spark: SparkSession, fn: Callable[..., Any], args: tuple, num_proc: int) -> list[Any]:
+    """Run fn(*args) as num_proc PyTorch DDP processes with Spark's TorchDistributor (also a barrier
+    stage, torchrun inside each task); return rank 0's result. A way off Horovod, which is no longer
+    released, with the same training function."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    sc = spark.sparkContext
+    check_slots(sc, num_proc)
+    use_gpu = float(sc.getConf().get("spark.task.resource.gpu.amount", "0")) > 0
+    log.info("train: launching %d PyTorch DDP processes with TorchDistributor (master %s)", num_proc, sc.master)
+    sc.setJobDescription(f"dlpipe train: {num_proc} DDP processes (TorchDistributor, barrier)")
+    return [TorchDistributor(num_processes=num_proc, local_mode=False, use_gpu=use_gpu).run(fn, *args)]
+
+
+LAUNCHERS = {"horovod": run_horovod, "torch_distributor": run_torch_distributor}

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import socketserver
 import sys
 import threading
-
-ENV = "DLPIPE_LOG_ADDR"
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -83,14 +80,13 @@ class JsonSocketHandler(logging.Handler):
         super().close()
 
 
-def rank_logger(rank: int) -> logging.Logger:
+def rank_logger(rank: int, address: str | None) -> logging.Logger:
     """The logger a rank writes progress to: streamed to the driver (which logs it as
     `dlpipe.train.rank<N>`) when the launcher set one up."""
     log = logging.getLogger(f"dlpipe.worker.rank{rank}")
     for old in list(log.handlers):  # a reused Python worker may have served another rank before
         log.removeHandler(old)
         old.close()
-    address = os.environ.get(ENV)
     if address:
         log.addHandler(JsonSocketHandler(address, rank))
     else:

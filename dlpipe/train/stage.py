@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -14,8 +15,9 @@ from dlpipe.config import Config
 from dlpipe.features import read_stats
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
-from dlpipe.train.launcher import run_horovod
+from dlpipe.train.launcher import run_horovod, run_torch_distributor
 from dlpipe.train.loader import ShardLoader
+from dlpipe.train.logstream import LogReceiver
 from dlpipe.train.models import build_model, resolve_factory, with_probabilities
 from dlpipe.train.worker import TrainSpec, train_worker
 
@@ -42,6 +44,36 @@ def checkpoint_uri(spark: SparkSession, cfg: Config) -> str:
     return f"{base.rstrip('/')}/{key}"
 
 
+def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
+    """Run the ranks with the configured launcher; their logs stream to this driver meanwhile.
+
+    Horovod's barrier stage is retried by Spark itself when a task dies. TorchDistributor's is not (a
+    barrier result stage cannot be), so a failed run is started again here, up to train.max_attempts,
+    and resumes from the last checkpoint like a retried stage.
+    """
+    host = spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+    with LogReceiver(host) as logs:
+        spec = dataclasses.replace(spec, log_address=logs.address)
+        if cfg.train.launcher == "horovod":
+            return run_horovod(spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface)[0]
+        for attempt in range(1, cfg.train.max_attempts + 1):
+            try:
+                return run_torch_distributor(spark, train_worker, (spec,), cfg.train.num_proc)[0]
+            except Exception as exc:  # a failed Spark job: a rank died, a task was lost
+                if (
+                    attempt == cfg.train.max_attempts
+                    or CheckpointStore(spec.checkpoint_uri, spec.storage).latest() is None
+                ):
+                    raise
+                log.warning(
+                    "train: attempt %d of %d failed (%s); resuming from the last checkpoint",
+                    attempt,
+                    cfg.train.max_attempts,
+                    str(exc).splitlines()[0][:200],
+                )
+    raise AssertionError("unreachable")
+
+
 def make_spec(cfg: Config, stats: dict, checkpoints: str) -> TrainSpec:
     paths = dataset_paths(cfg)
     t = cfg.train
@@ -64,6 +96,7 @@ def make_spec(cfg: Config, stats: dict, checkpoints: str) -> TrainSpec:
         patience=t.early_stopping.patience,
         min_delta=t.early_stopping.min_delta,
         fault=fault,
+        launcher=t.launcher,
         storage=storage_settings(cfg),
     )
 
@@ -107,7 +140,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     build_model(spec.model, spec.feature_shape, spec.num_classes)
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
-    result = run_horovod(spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface)[0]
+    result = launch(spark, cfg, spec)
     history = result["history"]
     for record in history:
         tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])

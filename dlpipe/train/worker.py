@@ -18,6 +18,7 @@ from torch import nn
 
 from dlpipe.storage import StorageSettings
 from dlpipe.train.checkpoints import CheckpointStore
+from dlpipe.train.comm import open_comm
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 from dlpipe.train.logstream import rank_logger
 from dlpipe.train.models import build_model
@@ -42,25 +43,28 @@ class TrainSpec:
     patience: int = 3
     min_delta: float = 0.0
     fault: tuple[int, int] | None = None  # (rank, epoch): kill that rank after that epoch, in a fresh run only
+    launcher: str = "horovod"
+    log_address: str | None = None  # the driver's LogReceiver
     storage: StorageSettings = field(default_factory=StorageSettings)
 
 
-def _allreduce_sum(hvd, values: list[float], name: str) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return hvd.allreduce(t, op=hvd.Sum, name=name).tolist()
-
-
 def train_worker(spec: TrainSpec) -> dict | None:
-    """Train with hvd (already initialized by the launcher). Rank 0 returns the weights and history.
+    """Train as one rank of spec.launcher's job. Rank 0 returns the weights and history.
 
     Every epoch ends with a checkpoint (rank 0), and training starts from the newest checkpoint there
     is: the driver clears them before a fresh run (not with `train.resume`), so a checkpoint found here
     means Spark retried the barrier stage after a task died, or the user asked to resume.
     """
-    import horovod.torch as hvd
+    comm = open_comm(spec.launcher)
+    try:
+        return _train(spec, comm)
+    finally:
+        comm.close()
 
-    rank, size = hvd.rank(), hvd.size()
-    log = rank_logger(rank)
+
+def _train(spec: TrainSpec, comm) -> dict | None:
+    rank, size = comm.rank, comm.size
+    log = rank_logger(rank, spec.log_address)
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
 
@@ -77,9 +81,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
         start_epoch = int(ckpt["epoch"]) + 1
         resumed_from = int(ckpt["epoch"])
         log.info("resuming after epoch %d from %s", resumed_from, store.uri)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    forward, optimizer = comm.prepare(model, optimizer)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
 
     train = ShardLoader(
@@ -120,7 +122,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
             for group in optimizer.param_groups:
                 group["lr"] = spec.lr * (1 + (size - 1) * progress)
             optimizer.zero_grad()
-            logits = model(x)
+            logits = forward(x)
             loss = loss_fn(logits, y)
             (loss / len(y)).backward()
             optimizer.step()
@@ -143,8 +145,8 @@ def train_worker(spec: TrainSpec) -> dict | None:
                 logits = model(x)
                 v_loss += float(loss_fn(logits, y))
                 v_correct += float((logits.argmax(1) == y).sum())
-        rows, loss_sum, correct, v_rows, v_loss, v_correct = _allreduce_sum(
-            hvd, [train.rows_last_epoch, loss_sum, correct, val.rows_last_epoch, v_loss, v_correct], f"epoch{epoch}"
+        rows, loss_sum, correct, v_rows, v_loss, v_correct = comm.allreduce_sum(
+            [train.rows_last_epoch, loss_sum, correct, val.rows_last_epoch, v_loss, v_correct], f"epoch{epoch}"
         )
         if int(rows) != spec.train_rows or int(v_rows) != spec.val_rows:
             raise ShortEpochError(
@@ -182,7 +184,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
                 eta,
             )
         if spec.fault and resumed_from == 0 and epoch == spec.fault[1]:
-            _allreduce_sum(hvd, [0.0], f"fault{epoch}")  # the checkpoint of this epoch is on the store
+            comm.allreduce_sum([0.0], f"fault{epoch}")  # the checkpoint of this epoch is on the store
             if rank == spec.fault[0]:
                 log.warning("fault injection: killing rank %d (pid %d) after epoch %d", rank, os.getpid(), epoch)
                 os.kill(os.getpid(), signal.SIGKILL)
