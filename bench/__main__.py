@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("data",)
+GROUPS = ("data", "training")
 OUT = Path("data/bench")
 
 
