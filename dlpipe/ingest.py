@@ -44,9 +44,9 @@ class SchemaMismatchError(ValueError):
 
 # --- reading -------------------------------------------------------------------------------------------
 def read_raw(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
-    """Declared columns as strings (images as NdarrayCodec cells), plus the malformed record and source file."""
-    if not HadoopFS(spark).exists(uri):
-        raise FileNotFoundError(f"ingest: input path {uri} does not exist (dataset.source.uri)")
+    """Declared columns as strings (images as NdarrayCodec cells), plus the malformed record and source file.
+
+    `run` has checked that uri exists (it must, to fingerprint it first)."""
     fmt = cfg.dataset.source.format
     if fmt == "image":
         return _read_images(spark, cfg, uri)
