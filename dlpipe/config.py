@@ -173,6 +173,11 @@ class DatasetConfig(_Strict):
         return [c for c in self.columns if c.role == "feature"]
 
     @property
+    def image_column(self) -> ColumnSpec:
+        """The image column of an image dataset (validation guarantees exactly one)."""
+        return next(c for c in self.columns if c.type == "image")
+
+    @property
     def split_keys(self) -> list[str]:
         return self.split.keys or [self.column("key").name]
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -28,7 +26,7 @@ from dlpipe.storage import (
     register_s3a_paths_with_fsspec,
     storage_settings,
 )
-from dlpipe.tensors import encode_arrow
+from dlpipe.tensors import decode_arrow, encode_arrow
 
 log = logging.getLogger(__name__)
 # Petastorm 0.13.1 reads its metadata through pyarrow's legacy dataset API on purpose (the reason pyarrow is
@@ -48,21 +46,18 @@ def split_column(cfg: Config) -> Column:
 
 
 def _image_moments(shape: tuple[int, ...], image: str):
-    def moments(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from dlpipe.tensors import decode_cells
+    """Pixel sum, sum of squares and count per partition, decoded like `_scale_images` decodes them."""
+
+    def moments(batches):
+        import pyarrow as pa
 
         total, total_sq, n = 0.0, 0.0, 0
-        for pdf in batches:
-            x = decode_cells(pdf[image].tolist(), np.uint8, shape).astype(np.float64) / 255.0
+        for batch in batches:
+            x = decode_arrow(batch.column(image), np.uint8, shape).astype(np.float64) / 255.0
             total, total_sq, n = total + x.sum(), total_sq + (x * x).sum(), n + x.size
-        yield pd.DataFrame({"s": [total], "sq": [total_sq], "n": [n]})
+        yield pa.RecordBatch.from_pydict({"s": [total], "sq": [total_sq], "n": [n]})
 
     return moments
-
-
-def image_shape(cfg: Config) -> tuple[int, ...]:
-    """The declared (H, W[, C]) of the image column."""
-    return tuple(next(c for c in cfg.dataset.columns if c.type == "image").shape or ())
 
 
 def fit_stats(train: DataFrame, cfg: Config) -> dict:
@@ -85,9 +80,9 @@ def fit_stats(train: DataFrame, cfg: Config) -> dict:
 
 
 def _fit_image_stats(train: DataFrame, cfg: Config) -> dict:
-    col = cfg.dataset.features[0]
-    shape = image_shape(cfg)
-    parts = train.select(col.name).mapInPandas(_image_moments(shape, col.name), "s double, sq double, n long").collect()
+    col = cfg.dataset.image_column
+    shape = tuple(col.shape or ())
+    parts = train.select(col.name).mapInArrow(_image_moments(shape, col.name), "s double, sq double, n long").collect()
     total, total_sq, n = (sum(r[i] for r in parts) for i in range(3))
     mean = total / max(n, 1)
     std = max(float(np.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0))), 1e-6)
@@ -169,19 +164,21 @@ def unischema(cfg: Config, stats: dict):
     )
 
 
+def _petastorm_batch(batch, key: str, cells):
+    """The Petastorm row layout of one Arrow batch: key, the features' NdarrayCodec cells, label."""
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_arrays([batch.column(key), cells, batch.column("label")], [key, "features", "label"])
+
+
 def _encode_batches(key: str, shape: tuple[int, ...]):
     """array<float> features -> NdarrayCodec cells, an Arrow batch at a time (no pandas, no loop per row)."""
 
     def encode(batches):
-        import pyarrow as pa
-
         for batch in batches:
             feats = batch.column("features")
             x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            cells = encode_arrow(x.reshape(len(batch), *shape))
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(key), cells, batch.column("label")], [key, "features", "label"]
-            )
+            yield _petastorm_batch(batch, key, encode_arrow(x.reshape(len(batch), *shape)))
 
     return encode
 
@@ -190,19 +187,12 @@ def _scale_images(key: str, image: str, shape: tuple[int, ...], mean: float, std
     """uint8 image cells -> float32 (C, H, W) cells scaled with the train split's pixel mean and std."""
 
     def scale(batches):
-        import pyarrow as pa
-
-        from dlpipe.tensors import decode_arrow
-
         for batch in batches:
             x = decode_arrow(batch.column(image), np.uint8, shape).astype(np.float32) / 255.0
             x = (x - mean) / std
             if len(shape) == 3:  # H, W, C -> C, H, W
                 x = np.moveaxis(x, -1, 1)
-            cells = encode_arrow(np.ascontiguousarray(x).reshape(len(batch), *out_shape))
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(key), cells, batch.column("label")], [key, "features", "label"]
-            )
+            yield _petastorm_batch(batch, key, encode_arrow(np.ascontiguousarray(x).reshape(len(batch), *out_shape)))
 
     return scale
 

@@ -74,10 +74,6 @@ def read_raw(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
     return df.withColumn("_source_file", F.input_file_name()).withColumn(PRE_REASON, F.lit(None).cast("string"))
 
 
-def _image_column(cfg: Config) -> ColumnSpec:
-    return next(c for c in cfg.dataset.columns if c.type == "image")
-
-
 def _decode_images(shape: tuple[int, ...], image: str):
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import io
@@ -114,7 +110,7 @@ def _read_images(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
     src = cfg.dataset.source
     opts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in src.options.items()}
     files = spark.read.format("binaryFile").options(**opts).load(uri)
-    col = _image_column(cfg)
+    col = cfg.dataset.image_column
     key, label = cfg.dataset.column("key").name, cfg.dataset.column("label").name
     out_schema = f"path string, {col.name} binary, {PRE_REASON} string"
     decoded = files.select("path", "content").mapInPandas(_decode_images(tuple(col.shape), col.name), schema=out_schema)
