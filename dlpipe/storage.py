@@ -282,8 +282,11 @@ def atomic_output(spark: SparkSession, final_uri: str) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class FsspecFactory:
-    """A picklable factory of a (legacy pyarrow over fsspec) view of `python_fs(uri)`: how Petastorm reaches s3a:// and hdfs://
-    here (its own resolver wants s3fs or libhdfs; we give it the filesystems everything else uses)."""
+    """A picklable factory of a legacy-pyarrow-over-fsspec view of `python_fs(uri)`.
+
+    It is how Petastorm reaches s3a:// and hdfs:// here: its own resolver wants s3fs or libhdfs; we give
+    it the filesystems everything else uses.
+    """
 
     uri: str
     settings: StorageSettings

@@ -158,6 +158,3 @@ def run_torch_distributor(spark: SparkSession, fn: Callable[..., Any], args: tup
     log.info("train: launching %d PyTorch DDP processes with TorchDistributor (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} DDP processes (TorchDistributor, barrier)")
     return [TorchDistributor(num_processes=num_proc, local_mode=False, use_gpu=use_gpu).run(fn, *args)]
-
-
-LAUNCHERS = {"horovod": run_horovod, "torch_distributor": run_torch_distributor}

@@ -135,9 +135,10 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     if not cfg.train.resume:
         CheckpointStore(checkpoints, storage_settings(cfg)).clear()  # a retried stage resumes this run only
     spec = make_spec(cfg, stats, checkpoints)
-    # a wrong factory or size fails here, at once, not on every rank of every retried stage attempt
+    # a wrong factory or size fails here, at once, not on every rank of every retried stage attempt; the
+    # same model then receives the trained weights
     factory = resolve_factory(spec.model["factory"], spec.feature_shape)
-    build_model(spec.model, spec.feature_shape, spec.num_classes)
+    model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
     result = launch(spark, cfg, spec)
@@ -146,7 +147,6 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
     mlflow.log_figure(learning_curve(history), "learning_curve.png")
 
-    model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
     served = with_probabilities(model).eval()
     example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
