@@ -63,13 +63,19 @@ def decode_cells(cells: Sequence[bytes], dtype: str | np.dtype, shape: tuple[int
     return np.stack([np.load(io.BytesIO(bytes(c))) for c in cells]).astype(dtype).reshape(n, *shape)
 
 
-def decode_arrow(column, dtype: str | np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A pyarrow binary column (Array or ChunkedArray) of NdarrayCodec cells -> an array (n, *shape)."""
+def decode_arrow(column, dtype: str | np.dtype, shape: tuple[int, ...], take: np.ndarray | None = None) -> np.ndarray:
+    """A pyarrow binary column (Array or ChunkedArray) of NdarrayCodec cells -> an array (n, *shape).
+
+    With `take` (row indices), returns those rows in that order, gathered in the same single copy that
+    decoding makes anyway (a shuffling loader pays nothing extra for its permutation)."""
     import pyarrow as pa
 
     if isinstance(column, pa.ChunkedArray):
-        parts = [decode_arrow(chunk, dtype, shape) for chunk in column.chunks]
-        return np.concatenate(parts) if parts else np.empty((0, *shape), dtype=np.dtype(dtype))
+        if take is not None or column.num_chunks == 1:
+            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        else:
+            parts = [decode_arrow(chunk, dtype, shape) for chunk in column.chunks]
+            return np.concatenate(parts) if parts else np.empty((0, *shape), dtype=np.dtype(dtype))
     dtype = np.dtype(dtype)
     n = len(column)
     header = npy_header(dtype.str, tuple(shape))
@@ -80,5 +86,7 @@ def decode_arrow(column, dtype: str | np.dtype, shape: tuple[int, ...]) -> np.nd
             data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
             table = data.reshape(n, cell_len)
             if bytes(table[0, : len(header)]) == header:
-                return np.ascontiguousarray(table[:, len(header) :]).view(dtype).reshape(n, *shape)
-    return decode_cells(column.to_pylist(), dtype, shape)
+                body = table[take, len(header) :] if take is not None else np.ascontiguousarray(table[:, len(header) :])
+                return body.view(dtype).reshape(len(body), *shape)
+    out = decode_cells(column.to_pylist(), dtype, shape)
+    return out[take] if take is not None else out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,47 +83,76 @@ class ShardLoader:
                 self.pieces.append(Piece(path, g, lo - offset, hi - offset))
             offset += n
         self.rows_last_epoch = 0
+        self._files: dict[str, pq.ParquetFile] = {}
 
     def batch_sizes(self) -> list[int]:
         base, rem = divmod(self.local_rows, self.steps)
         return [base + 1 if i < rem else base for i in range(self.steps)]
 
-    def _read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+    def _file(self, path: str) -> pq.ParquetFile:
+        if path not in self._files:
+            self._files[path] = pq.ParquetFile(self._fs.open_input_file(path))
+        return self._files[path]
+
+    def _read(self, piece: Piece, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One piece's rows (in `order`, if given) as contiguous arrays: decoding and shuffling are one copy."""
         table = (
-            pq.ParquetFile(self._fs.open_input_file(piece.path))
+            self._file(piece.path)
             .read_row_group(piece.row_group, columns=["features", "label"])
             .slice(piece.lo, piece.hi - piece.lo)
         )
-        x = decode_arrow(table.column("features"), np.float32, self.feature_shape)
+        x = decode_arrow(table.column("features"), np.float32, self.feature_shape, take=order)
         y = table.column("label").to_numpy().astype(np.int64)
-        return x, y
+        return x, (y[order] if order is not None else y)
+
+    def _pieces(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The shard's pieces, decoded, in this epoch's order; the next one is read by a background thread
+        while the caller trains on this one (Parquet decoding releases the GIL)."""
+        rng = np.random.default_rng(self.seed * 100_003 + epoch * 7919 + self.rank)
+        order = rng.permutation(len(self.pieces)) if self.shuffle else np.arange(len(self.pieces))
+        perms = [rng.permutation(self.pieces[i].hi - self.pieces[i].lo) if self.shuffle else None for i in order]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlpipe-loader") as pool:
+            ahead = None
+            for i, perm in zip(order, perms, strict=True):
+                job = pool.submit(self._read, self.pieces[i], perm)
+                if ahead is not None:
+                    yield ahead.result()
+                ahead = job
+            if ahead is not None:
+                yield ahead.result()
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield exactly `self.steps` (features, labels) batches covering this rank's rows once."""
-        rng = np.random.default_rng(self.seed * 100_003 + epoch * 7919 + self.rank)
-        order = rng.permutation(len(self.pieces)) if self.shuffle else range(len(self.pieces))
+        """Yield exactly `self.steps` (features, labels) batches covering this rank's rows once.
+
+        A batch inside one piece is a view of it (no copy); only a batch that spans two pieces is joined."""
         sizes = iter(self.batch_sizes())
         want = next(sizes)
-        buf_x: list[np.ndarray] = []
-        buf_y: list[np.ndarray] = []
-        buffered = 0
+        parts_x: list[np.ndarray] = []
+        parts_y: list[np.ndarray] = []
+        pending = extra = 0
         self.rows_last_epoch = 0
-        for i in order:
-            x, y = self._read(self.pieces[i])
-            if self.shuffle:
-                p = rng.permutation(len(y))
-                x, y = x[p], y[p]
-            buf_x.append(x)
-            buf_y.append(y)
-            buffered += len(y)
-            while want is not None and buffered >= want:
-                bx, by = np.concatenate(buf_x), np.concatenate(buf_y)
+        for x, y in self._pieces(epoch):
+            pos, n = 0, len(y)
+            while pos < n and want is not None:
+                take = min(want - pending, n - pos)
+                if pending == 0 and take == want:
+                    bx, by = x[pos : pos + take], y[pos : pos + take]
+                    pos += take
+                else:
+                    parts_x.append(x[pos : pos + take])
+                    parts_y.append(y[pos : pos + take])
+                    pending += take
+                    pos += take
+                    if pending < want:
+                        continue
+                    bx, by = np.concatenate(parts_x), np.concatenate(parts_y)
+                    parts_x, parts_y, pending = [], [], 0
                 self.rows_last_epoch += want
-                yield torch.from_numpy(bx[:want]), torch.from_numpy(by[:want])
-                buf_x, buf_y = [bx[want:]], [by[want:]]
-                buffered -= want
+                yield torch.from_numpy(bx), torch.from_numpy(by)
                 want = next(sizes, None)
-        if want is not None or buffered:
+            extra += n - pos
+        if want is not None or extra:
             raise ShortEpochError(
-                f"rank {self.rank}: read {self.rows_last_epoch + buffered} of {self.local_rows} rows from {self.uri}"
+                f"rank {self.rank}: read {self.rows_last_epoch + pending + extra} of {self.local_rows} rows "
+                f"from {self.uri}"
             )
