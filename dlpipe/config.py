@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_ENV = "local"
 # Free-form mappings whose keys themselves contain dots (`spark.conf.spark.sql.shuffle.partitions=4`).
@@ -229,6 +229,22 @@ class TrainConfig(_Strict):
     gloo_iface: str | None = Field(
         None, description="Network interface for Gloo; default: the one of the task's address."
     )
+    slot_wait_seconds: float = Field(
+        60.0, ge=0, description="how long to wait for executors to register before failing for lack of slots"
+    )
+    mixed_precision: Literal["off", "bf16", "fp16"] = Field(
+        "off", description="autocast dtype: bf16 on CPU or GPU; fp16 on GPU only (with loss scaling)"
+    )
+    allreduce: Literal["auto", "framework", "host"] = Field(
+        "auto",
+        description="gradient averaging: the framework's own (NCCL/Gloo), or on host copies (host), which a GPU "
+        "needs when Horovod was built without GPU operations; auto picks",
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
 
 class InferConfig(_Strict):

@@ -39,6 +39,19 @@ def make_cfg(root: Path, *overrides: str, rows: int = 1500, dataset: str | None 
     return load_config("local", cfg_overrides(root, *overrides, rows=rows, dataset=dataset), conf_dir=REPO / "conf")
 
 
+def prepare(spark, root: Path, *overrides: str, rows: int, dataset: str | None = None):
+    """A config rooted in root whose dataset is generated, ingested and preprocessed: ready to train."""
+    from dlpipe import features, ingest
+    from dlpipe.generate import generate
+    from dlpipe.storage import dataset_paths
+
+    cfg = make_cfg(root, *overrides, rows=rows, dataset=dataset)
+    generate(cfg, dataset_paths(cfg).raw)
+    ingest.run(spark, cfg)
+    features.run(spark, cfg)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     """A real Spark in local mode (2 cores), UI off, warehouse and scratch in temp folders."""
@@ -135,3 +148,30 @@ def hdfs_cluster(servers_cache, tmp_path_factory) -> Iterator[HdfsCluster]:
         cluster.stop()
     alive = [pid for pid in cluster.pids if pid_exists(pid)]
     assert not alive, f"HDFS daemons {alive} still running after stop()"
+
+
+# --- a real Spark standalone cluster on 127.0.0.1 (dlpipe/cluster.py, what `make cluster-up` runs) -----------------
+@pytest.fixture(scope="session")
+def standalone_cluster(tmp_path_factory):
+    """A master and two 1-core workers, started with the `make cluster-up` command and stopped by process id
+    with `make cluster-down`'s. Two slots in all: exactly the 2 ranks the training tests ask for."""
+    import subprocess
+
+    from dlpipe.cluster import StandaloneCluster, pid_alive
+
+    directory = tmp_path_factory.mktemp("cluster")
+    cli = [sys.executable, "-m", "dlpipe.cluster"]
+    up = subprocess.run(
+        [*cli, "up", "--dir", str(directory), "--workers", "2", "--cores", "1", "--memory", "2g"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    cluster = StandaloneCluster.load(directory)
+    try:
+        yield cluster
+    finally:
+        down = subprocess.run([*cli, "down", "--dir", str(directory)], capture_output=True, text=True, timeout=120)
+        alive = [pid for pid in cluster.pids if pid_alive(pid)]
+        assert down.returncode == 0 and not alive, f"cluster daemons {alive} still running: {down.stdout}{down.stderr}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from dlpipe.tensors import encode_rows
 from dlpipe.train.launcher import SlotShortageError, check_slots, rank_plan, run_horovod
+from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 
 
@@ -83,3 +85,27 @@ def test_rank_logs_stream_to_the_driver_as_json(caplog):
     assert [(r.name, r.getMessage()) for r in caplog.records if r.name == "dlpipe.train.rank3"] == [
         ("dlpipe.train.rank3", "epoch 1/5 loss 0.25")
     ]
+
+
+def test_live_tracking_that_cannot_reach_its_store_says_so_and_steps_aside(tmp_path):
+    """Rank 0 on an executor that cannot open the driver's store: one warning, no failure, and False so
+    the driver logs the epoch itself."""
+    records: list[logging.LogRecord] = []
+    log = logging.getLogger("test.live")
+    log.addHandler(_ListHandler(records))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's folder should be")
+    tracker = LiveTracker(f"sqlite:///{blocker}/mlflow.db", "0" * 32, log)
+    record = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}
+    assert tracker.log_epoch(record, [record]) is False
+    assert not tracker.active
+    assert [r.getMessage().split(" (")[0] for r in records] == ["live MLflow logging off"]
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list):
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

@@ -11,19 +11,9 @@ import mlflow
 import pytest
 import torch
 
-from dlpipe import features, ingest, tracking
-from dlpipe.generate import generate
+from dlpipe import tracking
 from dlpipe.pipeline import run_stage
-from dlpipe.storage import dataset_paths
-from tests.conftest import REPO, cfg_overrides, make_cfg
-
-
-def _prepared(spark, root, *overrides, rows, dataset=None):
-    cfg = make_cfg(root, *overrides, rows=rows, dataset=dataset)
-    generate(cfg, dataset_paths(cfg).raw)
-    ingest.run(spark, cfg)
-    features.run(spark, cfg)
-    return cfg
+from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
 
 
 def _train(spark, cfg) -> dict:
@@ -35,7 +25,7 @@ def _train(spark, cfg) -> dict:
 # TorchDistributor: its barrier stage cannot be retried, so the driver starts the job again.
 @pytest.mark.parametrize("launcher,master", [("horovod", "local[2,4]"), ("torch_distributor", "local[2]")])
 def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, launcher, master):
-    cfg = _prepared(spark, tmp_path, rows=6000)
+    cfg = prepare(spark, tmp_path, rows=6000)
     # A Spark of its own, as a user's spark-submit would have; rank 1 kills its own process (SIGKILL)
     # right after the epoch-2 checkpoint, in the first attempt only.
     job = cfg_overrides(
@@ -69,25 +59,39 @@ def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, launcher, ma
 @pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
 def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog, launcher):
     use = f"train.launcher={launcher}"
-    cfg = _prepared(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", use, rows=3000)
+    cfg = prepare(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", use, rows=3000)
     caplog.set_level("INFO", logger="dlpipe.train")
     first = _train(spark, cfg)
     # the ranks' progress reached the driver's own logging, named by rank
     streamed = {(r.name, r.getMessage().split(" train_loss")[0]) for r in caplog.records}
     assert ("dlpipe.train.rank0", "epoch 2/2") in streamed
     assert any(name == "dlpipe.train.rank1" for name, _ in streamed)
-    assert (first["resumed_from_epoch"], first["epochs_run"]) == (0, 2)
+    assert (first["resumed_from_epoch"], first["epochs_run"], first["epochs_logged_live"]) == (0, 2, 2)
     more = make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=4", "train.resume=true", use, rows=3000)
     second = _train(spark, more)
     assert (second["resumed_from_epoch"], second["epochs_run"]) == (2, 4)
+    # a new MLflow run: rank 0 logged epochs 3 and 4 as they ended, the driver 1 and 2 from the history
+    assert second["epochs_logged_live"] == 2
+    client = mlflow.MlflowClient(tracking.tracking_uri(more))
+    run_id = client.get_model_version_by_alias(more.model_name, "candidate").run_id
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [1, 2, 3, 4]
+    assert "learning_curve.png" in {a.path for a in client.list_artifacts(run_id)}
     assert second["final_val_loss"] < first["final_val_loss"]
     fresh = _train(spark, make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=1", use, rows=3000))
     assert fresh["resumed_from_epoch"] == 0  # without resume, old checkpoints are cleared, not used
 
 
-def test_the_image_dataset_trains_a_cnn(spark, tmp_path):
-    cfg = _prepared(
-        spark, tmp_path, "train.epochs=10", "train.batch_size=32", "train.lr=0.002", rows=1797, dataset="digits_images"
+@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
+def test_the_image_dataset_trains_a_cnn(spark, tmp_path, launcher):
+    cfg = prepare(
+        spark,
+        tmp_path,
+        "train.epochs=10",
+        "train.batch_size=32",
+        "train.lr=0.002",
+        f"train.launcher={launcher}",
+        rows=1797,
+        dataset="digits_images",
     )
     m = _train(spark, cfg)
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
@@ -100,7 +104,7 @@ def test_the_image_dataset_trains_a_cnn(spark, tmp_path):
 
 
 def test_own_model_factory_by_dotted_path_and_early_stopping(spark, tmp_path):
-    cfg = _prepared(
+    cfg = prepare(
         spark,
         tmp_path,
         "train.model.factory=tests.model_factories:linear",
@@ -115,3 +119,26 @@ def test_own_model_factory_by_dotted_path_and_early_stopping(spark, tmp_path):
     assert m["best_val_loss"] <= m["final_val_loss"]
     with pytest.raises(ValueError, match="cannot be imported"):
         _train(spark, make_cfg(tmp_path, "train.model.factory=tests.nowhere:model", rows=1500))
+
+
+@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
+def test_gradients_averaged_on_host_copies_match_the_frameworks_own(spark, tmp_path, caplog, launcher):
+    """`train.allreduce=host` is what a GPU rank uses when Horovod has no GPU operations; on CPU it must
+    give the same training as Horovod's DistributedOptimizer or DDP (same seed, same data)."""
+    same = ("train.early_stopping.patience=0", "train.epochs=2", f"train.launcher={launcher}")
+    caplog.set_level("INFO", logger="dlpipe.train")
+    framework = _train(spark, prepare(spark, tmp_path, *same, rows=3000))
+    host = _train(spark, make_cfg(tmp_path, *same, "train.allreduce=host", rows=3000))
+    assert any("gradients averaged on host copies" in r.getMessage() for r in caplog.records)
+    assert host["final_train_loss"] == pytest.approx(framework["final_train_loss"], rel=1e-4)
+    assert host["final_val_loss"] == pytest.approx(framework["final_val_loss"], rel=1e-4)
+
+
+def test_bf16_mixed_precision_trains_and_fp16_asks_for_a_gpu(spark, tmp_path, caplog):
+    caplog.set_level("INFO", logger="dlpipe.train")
+    cfg = prepare(spark, tmp_path, "train.mixed_precision=bf16", "train.epochs=4", rows=3000)
+    m = _train(spark, cfg)
+    assert any("mixed precision bf16" in r.getMessage() for r in caplog.records)
+    assert m["best_val_accuracy"] > 0.8  # bf16 autocast still learns (Bayes rate 0.933)
+    with pytest.raises(ValueError, match="fp16 needs GPUs"):
+        _train(spark, make_cfg(tmp_path, "train.mixed_precision=fp16", rows=3000))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +20,7 @@ from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
+GPU_ENV = "DLPIPE_GPU"  # read by dlpipe.train.worker.pick_device
 
 
 class SlotShortageError(RuntimeError):
@@ -27,25 +28,39 @@ class SlotShortageError(RuntimeError):
 
 
 def available_slots(sc: SparkContext) -> int:
-    """Tasks the cluster can run at the same time now (what a barrier stage needs for all its ranks)."""
-    master = sc.master
-    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:\s*,\s*\d+)?\])?", master)
-    if m:
-        n = m.group(1)
-        if n is None:
-            return 1
-        return (os.cpu_count() or 1) if n == "*" else int(n)
+    """Tasks the cluster can run at the same time now (what a barrier stage needs for all its ranks):
+    the registered executors' cores over spark.task.cpus, as Spark's own barrier check counts them."""
     jsc = sc._jsc.sc()
     return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
 
 
-def check_slots(sc: SparkContext, num_proc: int) -> None:
+def check_slots(sc: SparkContext, num_proc: int, wait_s: float = 60.0, settle_s: float = 5.0) -> None:
+    """Fail at once, with both numbers, when the cluster cannot run num_proc tasks together.
+
+    A barrier stage with too few slots is not refused by Spark: it waits and retries for minutes. On a
+    cluster, executors register a few seconds after the application starts, so this waits until there are
+    enough slots, or until the count has not grown for settle_s (the cluster has given what it has), or
+    wait_s without any executor at all.
+    """
+    started = last_change = time.monotonic()
     have = available_slots(sc)
+    local = sc.master.startswith("local")
+    while have < num_proc and not local:
+        now = time.monotonic()
+        if (have > 0 and now - last_change >= settle_s) or now - started >= wait_s:
+            break
+        time.sleep(0.5)
+        now_have = available_slots(sc)
+        if now_have != have:
+            have, last_change = now_have, time.monotonic()
     if have < num_proc:
+        task_cpus = sc.getConf().get("spark.task.cpus", "1")
         raise SlotShortageError(
-            f"training needs {num_proc} task slots at once (train.num_proc), the cluster has {have} "
-            f"(master {sc.master}): lower train.num_proc or add executors/cores"
+            f"training needs {num_proc} task slots at once (train.num_proc={num_proc}), the cluster has {have} "
+            f"(master {sc.master}, spark.task.cpus={task_cpus}, waited {time.monotonic() - started:.0f} s for "
+            "executors): lower train.num_proc, or give the application more executors or cores"
         )
+    log.info("train: %d task slots available for %d ranks", have, num_proc)
 
 
 def interface_for(host: str) -> str | None:
@@ -116,6 +131,12 @@ def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
             os.environ["HOROVOD_GLOO_IFACE"] = iface
         import horovod.torch as hvd
 
+        gpus = ctx.resources().get("gpu")
+        os.environ.pop(GPU_ENV, None)  # a reused Python worker may have run a GPU task before
+        if gpus is not None and gpus.addresses:
+            os.environ[GPU_ENV] = gpus.addresses[0]  # the worker pins this one (torch.cuda.set_device)
+            if hvd.nccl_built():
+                os.environ["HOROVOD_GPU_OPERATIONS"] = "NCCL"
         hvd.init()
         try:
             result = fn(*args)
@@ -131,11 +152,16 @@ def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
 
 
 def run_horovod(
-    spark: SparkSession, fn: Callable[..., Any], args: tuple, num_proc: int, gloo_iface: str | None = None
+    spark: SparkSession,
+    fn: Callable[..., Any],
+    args: tuple,
+    num_proc: int,
+    gloo_iface: str | None = None,
+    slot_wait_s: float = 60.0,
 ) -> list[Any]:
     """Run fn(*args) on num_proc Horovod ranks in one barrier stage; return the results ordered by rank."""
     sc = spark.sparkContext
-    check_slots(sc, num_proc)
+    check_slots(sc, num_proc, slot_wait_s)
     log.info("train: launching %d Horovod ranks in a barrier stage (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} Horovod ranks (barrier)")
     ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(_barrier_task(fn, args, gloo_iface))
@@ -146,14 +172,16 @@ def run_horovod(
     return [r for _, r in sorted(results, key=lambda r: r[0])]
 
 
-def run_torch_distributor(spark: SparkSession, fn: Callable[..., Any], args: tuple, num_proc: int) -> list[Any]:
+def run_torch_distributor(
+    spark: SparkSession, fn: Callable[..., Any], args: tuple, num_proc: int, slot_wait_s: float = 60.0
+) -> list[Any]:
     """Run fn(*args) as num_proc PyTorch DDP processes with Spark's TorchDistributor (also a barrier
     stage, torchrun inside each task); return rank 0's result. A way off Horovod, which is no longer
     released, with the same training function."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     sc = spark.sparkContext
-    check_slots(sc, num_proc)
+    check_slots(sc, num_proc, slot_wait_s)
     use_gpu = float(sc.getConf().get("spark.task.resource.gpu.amount", "0")) > 0
     log.info("train: launching %d PyTorch DDP processes with TorchDistributor (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} DDP processes (TorchDistributor, barrier)")

@@ -16,6 +16,7 @@ from dlpipe.features import read_stats
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor
+from dlpipe.train.live import epoch_metrics, learning_curve, logged_epochs
 from dlpipe.train.loader import ShardLoader
 from dlpipe.train.logstream import LogReceiver
 from dlpipe.train.models import build_model, resolve_factory, with_probabilities
@@ -55,10 +56,14 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
     with LogReceiver(host) as logs:
         spec = dataclasses.replace(spec, log_address=logs.address)
         if cfg.train.launcher == "horovod":
-            return run_horovod(spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface)[0]
+            return run_horovod(
+                spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface, cfg.train.slot_wait_seconds
+            )[0]
         for attempt in range(1, cfg.train.max_attempts + 1):
             try:
-                return run_torch_distributor(spark, train_worker, (spec,), cfg.train.num_proc)[0]
+                return run_torch_distributor(
+                    spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.slot_wait_seconds
+                )[0]
             except Exception as exc:  # a failed Spark job: a rank died, a task was lost
                 if (
                     attempt == cfg.train.max_attempts
@@ -74,7 +79,16 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
     raise AssertionError("unreachable")
 
 
-def make_spec(cfg: Config, stats: dict, checkpoints: str) -> TrainSpec:
+def tasks_have_gpus(spark: SparkSession) -> bool:
+    return float(spark.sparkContext.getConf().get("spark.task.resource.gpu.amount", "0")) > 0
+
+
+def make_spec(
+    cfg: Config, stats: dict, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
+) -> TrainSpec:
+    """What every rank needs, picklable; rank 0 logs live to run_id on this process's tracking URI."""
+    import mlflow
+
     paths = dataset_paths(cfg)
     t = cfg.train
     fault = (t.fault_injection.rank, t.fault_injection.epoch) if t.fault_injection else None
@@ -98,28 +112,12 @@ def make_spec(cfg: Config, stats: dict, checkpoints: str) -> TrainSpec:
         fault=fault,
         launcher=t.launcher,
         storage=storage_settings(cfg),
+        use_gpu=use_gpu,
+        mixed_precision=t.mixed_precision,
+        allreduce=t.allreduce,
+        tracking_uri=mlflow.get_tracking_uri() if run_id else None,
+        run_id=run_id,
     )
-
-
-def learning_curve(history: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.plot(epochs, [h["train_accuracy"] for h in history], label="train")
-    ax2.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
@@ -134,7 +132,13 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     checkpoints = checkpoint_uri(spark, cfg)
     if not cfg.train.resume:
         CheckpointStore(checkpoints, storage_settings(cfg)).clear()  # a retried stage resumes this run only
-    spec = make_spec(cfg, stats, checkpoints)
+    use_gpu = tasks_have_gpus(spark)
+    if cfg.train.mixed_precision == "fp16" and not use_gpu:
+        raise ValueError(
+            "train.mixed_precision=fp16 needs GPUs (spark.task.resource.gpu.amount); on CPU use "
+            "train.mixed_precision=bf16 or off"
+        )
+    spec = make_spec(cfg, stats, checkpoints, use_gpu, mlflow.active_run().info.run_id)
     # a wrong factory or size fails here, at once, not on every rank of every retried stage attempt; the
     # same model then receives the trained weights
     factory = resolve_factory(spec.model["factory"], spec.feature_shape)
@@ -143,9 +147,13 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
     result = launch(spark, cfg, spec)
     history = result["history"]
-    for record in history:
-        tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+    live = set(result["live_epochs"])
+    logged = logged_epochs(mlflow.MlflowClient(), mlflow.active_run().info.run_id)
+    for record in history:  # what rank 0 could not log as it went
+        if record["epoch"] not in logged:
+            tracking.log_metrics(epoch_metrics(record), step=record["epoch"])
     mlflow.log_figure(learning_curve(history), "learning_curve.png")
+    mlflow.set_tag("dlpipe.train_device", result["device"])
 
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
     served = with_probabilities(model).eval()
@@ -179,4 +187,5 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "best_val_loss": result["best_val_loss"],
         "resumed_from_epoch": result["resumed_from_epoch"],
+        "epochs_logged_live": len(live),
     }

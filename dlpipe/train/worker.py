@@ -5,6 +5,7 @@ Everything here must be picklable and importable on executors; nothing here touc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -18,7 +19,9 @@ from torch import nn
 
 from dlpipe.storage import StorageSettings
 from dlpipe.train.checkpoints import CheckpointStore
-from dlpipe.train.comm import open_comm
+from dlpipe.train.comm import open_comm, optimizer_step
+from dlpipe.train.launcher import GPU_ENV
+from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 from dlpipe.train.logstream import rank_logger
 from dlpipe.train.models import build_model
@@ -46,6 +49,41 @@ class TrainSpec:
     launcher: str = "horovod"
     log_address: str | None = None  # the driver's LogReceiver
     storage: StorageSettings = field(default_factory=StorageSettings)
+    use_gpu: bool = False  # tasks were given GPUs (spark.task.resource.gpu.amount)
+    mixed_precision: str = "off"  # off | bf16 | fp16
+    allreduce: str = "auto"  # auto | framework | host
+    tracking_uri: str | None = None  # rank 0 logs each epoch to this MLflow run
+    run_id: str | None = None
+
+
+def pick_device(spec: TrainSpec) -> torch.device:
+    """The GPU Spark assigned this task, or the CPU when tasks were given none.
+
+    Horovod ranks get the address from the barrier task's resources (DLPIPE_GPU); TorchDistributor sets
+    CUDA_VISIBLE_DEVICES to the task's GPUs itself, so there it is the process's local rank.
+    """
+    if not spec.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "Spark gave this task a GPU (spark.task.resource.gpu.amount) but torch sees no CUDA device: install a "
+            "CUDA build of torch on the executors, or unset the GPU resource settings to train on CPU"
+        )
+    index = int(os.environ.get(GPU_ENV) or os.environ.get("LOCAL_RANK") or 0)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "off":
+        return None
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (or off)")
+    return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def train_worker(spec: TrainSpec) -> dict | None:
@@ -55,7 +93,8 @@ def train_worker(spec: TrainSpec) -> dict | None:
     is: the driver clears them before a fresh run (not with `train.resume`), so a checkpoint found here
     means Spark retried the barrier stage after a task died, or the user asked to resume.
     """
-    comm = open_comm(spec.launcher)
+    device = pick_device(spec)
+    comm = open_comm(spec.launcher, device)
     try:
         return _train(spec, comm)
     finally:
@@ -63,26 +102,43 @@ def train_worker(spec: TrainSpec) -> dict | None:
 
 
 def _train(spec: TrainSpec, comm) -> dict | None:
-    rank, size = comm.rank, comm.size
+    rank, size, device = comm.rank, comm.size, comm.device
     log = rank_logger(rank, spec.log_address)
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
+    amp = autocast_dtype(spec.mixed_precision, device)
 
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     store = CheckpointStore(spec.checkpoint_uri, spec.storage)
-    state: dict[str, Any] = {"history": [], "best_loss": math.inf, "bad_epochs": 0, "best_state": None}
+    state: dict[str, Any] = {
+        "history": [],
+        "best_loss": math.inf,
+        "bad_epochs": 0,
+        "best_state": None,
+    }
     start_epoch, resumed_from = 1, 0
     ckpt = store.latest()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        state = {k: ckpt[k] for k in state}
+        state = {k: ckpt.get(k, v) for k, v in state.items()}
         start_epoch = int(ckpt["epoch"]) + 1
         resumed_from = int(ckpt["epoch"])
         log.info("resuming after epoch %d from %s", resumed_from, store.uri)
-    forward, optimizer = comm.prepare(model, optimizer)
+    host = spec.allreduce == "host" or (spec.allreduce == "auto" and comm.host_needed())
+    forward, optimizer = comm.prepare(model, optimizer, host)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log) if rank == 0 else None
+    if rank == 0:
+        log.info(
+            "device %s, mixed precision %s, gradients averaged %s, %d ranks",
+            device,
+            spec.mixed_precision,
+            "on host copies" if host else f"by {spec.launcher}",
+            size,
+        )
 
     train = ShardLoader(
         spec.train_uri,
@@ -121,29 +177,35 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             progress = min(1.0, ((epoch - 1) * train.steps + step) / warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = spec.lr * (1 + (size - 1) * progress)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad()
-            logits = forward(x)
-            loss = loss_fn(logits, y)
-            (loss / len(y)).backward()
-            optimizer.step()
+            with autocast(device, amp):
+                logits = forward(x)
+                loss = loss_fn(logits.float(), y)
+            scaled = loss / len(y)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            optimizer_step(optimizer, scaler)
             loss_sum += float(loss.detach())
             correct += float((logits.argmax(1) == y).sum())
             if rank == 0 and step % 200 == 0:
+                done = (step / train.steps + epoch - start_epoch) / (spec.epochs - start_epoch + 1)
                 log.info(
-                    "epoch %d/%d batch %d/%d loss %.4f",
+                    "epoch %d/%d batch %d/%d loss %.4f ETA %.0fs",
                     epoch,
                     spec.epochs,
                     step,
                     train.steps,
                     loss_sum / train.rows_last_epoch,
+                    (time.time() - started) * (1 - done) / max(done, 1e-9),
                 )
         seconds = time.time() - t0
         model.eval()
         v_loss, v_correct = 0.0, 0.0
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             for x, y in val.epoch(epoch):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
-                v_loss += float(loss_fn(logits, y))
+                v_loss += float(loss_fn(logits.float(), y))
                 v_correct += float((logits.argmax(1) == y).sum())
         rows, loss_sum, correct, v_rows, v_loss, v_correct = comm.allreduce_sum(
             [train.rows_last_epoch, loss_sum, correct, val.rows_last_epoch, v_loss, v_correct], f"epoch{epoch}"
@@ -167,10 +229,12 @@ def _train(spec: TrainSpec, comm) -> dict | None:
         improved = record["val_loss"] < state["best_loss"] - spec.min_delta
         if improved:
             state["best_loss"], state["bad_epochs"] = record["val_loss"], 0
-            state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
         if rank == 0:
+            if tracker is not None:
+                tracker.log_epoch(record, history)
             store.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
             eta = (time.time() - started) / (epoch - start_epoch + 1) * (spec.epochs - epoch)
             log.info(
@@ -193,6 +257,7 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             break
     if rank != 0:
         return None
+    model.cpu()
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     buf = io.BytesIO()
@@ -203,4 +268,6 @@ def _train(spec: TrainSpec, comm) -> dict | None:
         "ranks": size,
         "resumed_from_epoch": resumed_from,
         "best_val_loss": state["best_loss"],
+        "live_epochs": sorted(tracker.logged) if tracker is not None else [],
+        "device": str(device),
     }
