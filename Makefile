@@ -6,13 +6,16 @@ STAMP  := $(VENV)/.dlpipe-setup
 ARGS   ?=
 PYTEST_ARGS ?=
 ONLY   ?=
+WORKERS ?= 2
+CORES  ?= 1
+CLUSTER_DIR ?= .cache/cluster
 
 # Spark (and Gloo) bind loopback unless told otherwise: the first non-loopback address may be unreachable.
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
 
-.PHONY: setup run test lint ui bench clean clean-data
+.PHONY: setup run test lint ui bench clean clean-data cluster-up cluster-down
 
 setup: $(STAMP)
 
@@ -30,6 +33,13 @@ test: $(STAMP)
 # Benchmarks print `name: value` lines (and data/bench/<group>.json); ONLY=data runs one group.
 bench: $(STAMP)
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
+
+# A Spark standalone master + workers on 127.0.0.1, for `make run ARGS="spark.master=spark://..."`.
+cluster-up: $(STAMP)
+	$(PY) -m dlpipe.cluster up --dir $(CLUSTER_DIR) --workers $(WORKERS) --cores $(CORES)
+
+cluster-down:
+	$(PY) -m dlpipe.cluster down --dir $(CLUSTER_DIR)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from pyspark.sql import SparkSession
@@ -16,17 +17,23 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def on_loopback(master: str) -> bool:
+    """Local mode, or a cluster whose master is on this machine's loopback (`make cluster-up`): the driver
+    must then be reachable on 127.0.0.1 too."""
+    return master.startswith("local") or bool(re.match(r"spark://(127\.0\.0\.1|localhost)[:/]", master))
+
+
 def build_spark(cfg: Config) -> SparkSession:
     """Create (or get) the session for cfg: master, app name and every `spark.*` setting from conf/.
 
-    In local mode everything binds 127.0.0.1: on many machines the first non-loopback address is one
-    that nothing can reach, and Spark (and Gloo later) would hang on it.
+    In local mode (or against a cluster on loopback) everything binds 127.0.0.1: on many machines the
+    first non-loopback address is one that nothing can reach, and Spark (and Gloo later) would hang on it.
     """
     master = cfg.spark.master
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if not under_spark_submit():
         builder = builder.master(master)
-    if master.startswith("local"):
+    if on_loopback(master):
         # Python workers run this interpreter (the project's venv), not whatever python3 is on PATH.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

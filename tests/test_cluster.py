@@ -1,0 +1,100 @@
+"""Training on a real Spark standalone cluster: a master and two 1-core workers on 127.0.0.1 (the
+`standalone_cluster` fixture, i.e. `make cluster-up`). Jobs run as their own driver processes, as a user's
+would: the whole pipeline with 2 Horovod ranks, the same data trained by TorchDistributor, the tabular and
+the image dataset, and a slot shortage that fails fast with both numbers instead of waiting for slots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from dlpipe import tracking
+from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
+
+
+def _job(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _on_cluster(cluster, root: Path, app: str, *more: str, rows: int, dataset: str | None = None) -> list[str]:
+    return cfg_overrides(
+        root,
+        f"spark.master={cluster.master_url}",
+        f"spark.app_name={app}",
+        "spark.conf.spark.ui.enabled=false",
+        *more,
+        rows=rows,
+        dataset=dataset,
+    )
+
+
+def _last_train(root: Path, dataset: str | None = None):
+    cfg = make_cfg(root, dataset=dataset)
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    return client.search_runs(
+        [client.get_experiment_by_name("dlpipe").experiment_id],
+        filter_string="tags.`dlpipe.stage` = 'train'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
+
+
+def _ran_on_the_cluster(cluster, app: str) -> None:
+    """The master lists the application as finished, with both workers' cores granted to it."""
+    apps = [a for a in cluster.status()["completedapps"] if a["name"] == app]
+    assert apps, f"{app} never ran on {cluster.master_url}"
+    assert apps[-1]["cores"] == 2, apps[-1]
+
+
+def _train_on_both_launchers(cluster, root: Path, rows: int, dataset: str | None, min_accuracy: float, *more: str):
+    """The whole pipeline with Horovod, then the train job again with TorchDistributor on the same data."""
+    app = f"dlpipe-test-{dataset or 'tabular'}"
+    proc = _job("-m", "pipelines.run", *_on_cluster(cluster, root, app, *more, rows=rows, dataset=dataset))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _ran_on_the_cluster(cluster, app)
+    horovod = _last_train(root, dataset)
+    assert horovod.data.params["train.launcher"] == "horovod"
+    assert horovod.data.metrics["ranks"] == 2
+    assert horovod.data.metrics["best_val_accuracy"] > min_accuracy
+    assert horovod.data.metrics["epochs_logged_live"] == horovod.data.metrics["epochs_run"]
+    assert "dlpipe.train.rank1" in proc.stderr  # rank 1's log reached the driver from its executor
+
+    app_td = f"{app}-td"
+    td_args = _on_cluster(cluster, root, app_td, *more, "train.launcher=torch_distributor", rows=rows, dataset=dataset)
+    proc = _job("jobs/train.py", *td_args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _ran_on_the_cluster(cluster, app_td)
+    td = _last_train(root, dataset)
+    assert td.info.run_id != horovod.info.run_id
+    assert td.data.params["train.launcher"] == "torch_distributor"
+    assert td.data.metrics["ranks"] == 2
+    assert td.data.metrics["best_val_accuracy"] > min_accuracy
+
+
+def test_tabular_trains_on_the_cluster_with_both_launchers(standalone_cluster, tmp_path):
+    # Bayes accuracy 0.933 on this generator; the local tests reach 0.9
+    _train_on_both_launchers(standalone_cluster, tmp_path, 6000, None, 0.85, "train.epochs=8")
+
+
+def test_images_train_a_cnn_on_the_cluster_with_both_launchers(standalone_cluster, tmp_path):
+    more = ("train.epochs=10", "train.batch_size=32", "train.lr=0.002")
+    _train_on_both_launchers(standalone_cluster, tmp_path, 1797, "digits_images", 0.9, *more)  # chance: 0.1
+
+
+@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
+def test_a_slot_shortage_on_the_cluster_fails_fast(standalone_cluster, spark, tmp_path, launcher):
+    # 3 ranks on a cluster of 2 one-core workers: Spark alone would keep the barrier stage waiting.
+    # The data is prepared by the local session (file:// is shared); only the train job meets the cluster.
+    prepare(spark, tmp_path, rows=1500)
+    args = _on_cluster(
+        standalone_cluster, tmp_path, "dlpipe-test-short", f"train.launcher={launcher}", "train.num_proc=3", rows=1500
+    )
+    proc = _job("jobs/train.py", *args, timeout=300)  # the timeout is the hang guard
+    assert proc.returncode != 0
+    assert "SlotShortageError: training needs 3 task slots at once (train.num_proc=3), the cluster has 2" in proc.stderr
+    assert "train: launching" not in proc.stderr  # refused before launching anything
