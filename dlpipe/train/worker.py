@@ -171,7 +171,9 @@ def _train(spec: TrainSpec, comm) -> dict | None:
     for epoch in range(start_epoch, spec.epochs + 1):
         t0 = time.time()
         model.train()
-        loss_sum, correct = 0.0, 0.0
+        # summed on the device: a float() per step would wait for the GPU every step
+        loss_t = torch.zeros((), device=device)
+        correct_t = torch.zeros((), device=device)
         for step, (x, y) in enumerate(train.epoch(epoch), 1):
             # lr x ranks for the ranks x larger effective batch, reached by a linear warm-up (Goyal et al.)
             progress = min(1.0, ((epoch - 1) * train.steps + step) / warmup_steps)
@@ -185,8 +187,8 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             scaled = loss / len(y)
             (scaler.scale(scaled) if scaler else scaled).backward()
             optimizer_step(optimizer, scaler)
-            loss_sum += float(loss.detach())
-            correct += float((logits.argmax(1) == y).sum())
+            loss_t += loss.detach()
+            correct_t += (logits.argmax(1) == y).sum()
             if rank == 0 and step % 200 == 0:
                 done = (step / train.steps + epoch - start_epoch) / (spec.epochs - start_epoch + 1)
                 log.info(
@@ -195,9 +197,10 @@ def _train(spec: TrainSpec, comm) -> dict | None:
                     spec.epochs,
                     step,
                     train.steps,
-                    loss_sum / train.rows_last_epoch,
+                    float(loss_t) / train.rows_last_epoch,
                     (time.time() - started) * (1 - done) / max(done, 1e-9),
                 )
+        loss_sum, correct = float(loss_t), float(correct_t)  # waits for the epoch's last GPU work
         seconds = time.time() - t0
         model.eval()
         v_loss, v_correct = 0.0, 0.0
