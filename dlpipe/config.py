@@ -252,6 +252,18 @@ class InferConfig(_Strict):
     batch_size: int = Field(4096, gt=0)
 
 
+class EvaluateConfig(_Strict):
+    """The quality gate between the `candidate` alias and `production`."""
+
+    promote: bool = Field(True, description="false: evaluate only, never move the production alias")
+    promote_metric: Literal["accuracy", "macro_f1", "auc", "log_loss"] = Field(
+        "accuracy", description="compared on the same test rows (log_loss: lower is better)"
+    )
+    promote_margin: float = Field(
+        0.0, ge=0, description="how much better the candidate must be than production to replace it"
+    )
+
+
 class Config(_Strict):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
@@ -261,6 +273,7 @@ class Config(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @property
     def root(self) -> Path:

@@ -50,8 +50,72 @@ def plot_confusion(cm: np.ndarray):
     return fig
 
 
+def macro_auc(preds, k: int, bins: int = 1000) -> float:
+    """One-vs-rest AUC averaged over classes, from per-class histograms of the predicted probability
+    (one Spark aggregation, any number of rows; ties within a 1/bins bucket count half, as ties do)."""
+    exploded = preds.select("label", F.posexplode("probabilities").alias("c", "p"))
+    rows = (
+        exploded.select(
+            "c",
+            (F.col("label") == F.col("c")).cast("long").alias("pos"),
+            F.least(F.floor(F.col("p") * bins), F.lit(bins - 1)).cast("int").alias("b"),
+        )
+        .groupBy("c", "b")
+        .agg(F.sum("pos").alias("pos"), F.count("*").alias("n"))
+        .collect()
+    )
+    pos = np.zeros((k, bins))
+    neg = np.zeros((k, bins))
+    for r in rows:
+        pos[r["c"], r["b"]] += r["pos"]
+        neg[r["c"], r["b"]] += r["n"] - r["pos"]
+    aucs = []
+    for c in range(k):
+        p_total, n_total = pos[c].sum(), neg[c].sum()
+        if p_total == 0 or n_total == 0:
+            continue  # a class absent from the test rows has no AUC
+        higher_pos = np.cumsum(pos[c][::-1])[::-1] - pos[c]  # positives in strictly higher buckets
+        aucs.append(float((neg[c] * (higher_pos + 0.5 * pos[c])).sum() / (p_total * n_total)))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def classification_metrics(preds, k: int) -> tuple[dict, np.ndarray]:
+    """Accuracy, macro F1, log-loss and macro AUC of scored rows (label, prediction, probabilities)."""
+    cm = confusion_matrix(preds, k)
+    metrics = scores(cm)
+    p_true = F.element_at("probabilities", F.col("label") + 1)
+    metrics["log_loss"] = preds.agg(F.avg(-F.log(F.greatest(p_true, F.lit(1e-7))))).first()[0]
+    metrics["auc"] = macro_auc(preds, k)
+    return metrics, cm
+
+
+def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict:
+    """Compare the candidate with @production on the same test rows; promote it if it passes."""
+    from dlpipe import promotion, tracking
+    from dlpipe.infer import model_uri, score_rows
+
+    mv = tracking.model_version_for(model_uri(cfg))
+    if mv["name"] is None:
+        log.info("evaluate: %s is not a registered model version; no promotion", model_uri(cfg))
+        return {}
+    metric = cfg.evaluate.promote_metric
+    prod = promotion.production_version(mv["name"])
+    if prod is not None and str(prod.version) == str(mv["version"]):
+        log.info("evaluate: %s version %s is @production already", mv["name"], mv["version"])
+        return {"promoted": 0.0}
+    prod_score = None
+    if prod is not None:
+        prod_mv = tracking.model_version_for(f"models:/{mv['name']}/{prod.version}")
+        test = spark.read.parquet(dataset_paths(cfg).split("test"))
+        prod_metrics, _ = classification_metrics(score_rows(spark, cfg, test, stats, prod_mv), stats["num_classes"])
+        prod_score = prod_metrics[metric]
+    decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin)
+    return promotion.record(mv["name"], str(mv["version"]), decision, str(prod.version) if prod is not None else None)
+
+
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
-    """The evaluate stage (always runs: it is cheap and its figures belong to this run)."""
+    """The evaluate stage (always runs: it is cheap and its figures belong to this run), then the
+    promotion gate (evaluate.promote)."""
     import mlflow
 
     from dlpipe.tracking import require_active_run
@@ -63,10 +127,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     preds = spark.read.parquet(paths.predictions)
     test = spark.read.parquet(paths.split("test")).select(key, "label")
     missing = test.join(preds.select(key), key, "left_anti").count()
-    cm = confusion_matrix(preds, k)
-    metrics = scores(cm)
-    p_true = F.element_at("probabilities", F.col("label") + 1)
-    metrics["log_loss"] = preds.agg(F.avg(-F.log(F.greatest(p_true, F.lit(1e-7))))).first()[0]
+    metrics, cm = classification_metrics(preds, k)
     metrics["majority_baseline_accuracy"] = float(cm[stats["majority_class"]].sum() / cm.sum())
     metrics["accuracy_over_baseline"] = metrics["accuracy"] - metrics["majority_baseline_accuracy"]
     metrics["test_rows"] = test.count()
@@ -78,11 +139,15 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     mlflow.log_figure(plot_confusion(cm), "confusion_matrix.png")
     mlflow.log_dict({"labels": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
     log.info(
-        "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, %d rows without prediction",
+        "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f, "
+        "%d rows without prediction",
         metrics["accuracy"],
         metrics["majority_baseline_accuracy"],
         metrics["macro_f1"],
         metrics["log_loss"],
+        metrics["auc"],
         missing,
     )
+    if cfg.evaluate.promote:
+        metrics.update(gate(spark, cfg, stats, metrics))
     return metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dlpipe import lineage, tracking
@@ -20,11 +20,30 @@ def model_uri(cfg: Config) -> str:
     return cfg.infer.model_uri or f"models:/{cfg.model_name}@candidate"
 
 
+def score_rows(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict) -> DataFrame:
+    """rows (key, label, features cells) -> key, label, prediction, probabilities and the model's identity,
+    scored by the iterator pandas UDF in Arrow batches of infer.batch_size."""
+    from udfs.score import score_column
+
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
+    key = stats["key"]
+    score = score_column(
+        F.col("features"), mv["download_uri"], tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
+    )
+    return rows.select(key, "label", score.alias("_score")).select(
+        key,
+        "label",
+        "_score.prediction",
+        "_score.probabilities",
+        F.lit(mv["name"]).alias("model_name"),
+        F.lit(mv["version"]).alias("model_version"),
+        F.lit(mv["run_id"]).alias("model_run_id"),
+    )
+
+
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The infer stage; skipped when the same model already scored the same test split."""
     import mlflow
-
-    from udfs.score import score_column
 
     paths = dataset_paths(cfg)
     stats = read_stats(spark, cfg)
@@ -44,21 +63,8 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         lineage.log_lineage("infer", fp, inputs, [paths.predictions], skipped=True)
         return {**done["metrics"], "skipped": 1}
     log.info("infer: scoring %s with %s (version %s, run %s)", test_uri, uri, mv["version"], mv["run_id"])
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
-    key = stats["key"]
     rows = spark.read.parquet(test_uri)
-    score = score_column(
-        F.col("features"), mv["download_uri"], tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
-    )
-    scored = rows.select(key, "label", score.alias("_score")).select(
-        key,
-        "label",
-        "_score.prediction",
-        "_score.probabilities",
-        F.lit(mv["name"]).alias("model_name"),
-        F.lit(mv["version"]).alias("model_version"),
-        F.lit(mv["run_id"]).alias("model_run_id"),
-    )
+    scored = score_rows(spark, cfg, rows, stats, mv)
     rows_in = rows.count()
     with atomic_output(spark, paths.predictions) as tmp:
         scored.write.mode("overwrite").parquet(tmp)

@@ -21,7 +21,7 @@ PARAM_PREFIXES = {
     "preprocess": ("preprocess.",),
     "train": ("train.",),
     "infer": ("infer.",),
-    "evaluate": (),
+    "evaluate": ("evaluate.",),
 }
 
 

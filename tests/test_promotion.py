@@ -1,0 +1,64 @@
+"""The evaluation gate: AUC computed in Spark, and the candidate -> production decision on the same rows."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from dlpipe import tracking
+from dlpipe.evaluate import macro_auc
+from dlpipe.pipeline import run_pipeline
+from dlpipe.promotion import decide
+from tests.conftest import make_cfg
+
+
+def test_macro_auc_matches_scikit_learn(spark):
+    rng = np.random.default_rng(0)
+    n, k = 3000, 3
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    df = spark.createDataFrame(
+        [(int(y), [float(p) for p in row]) for y, row in zip(labels, probs, strict=True)],
+        "label int, probabilities array<double>",
+    )
+    expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert 0.7 < expected < 0.95
+    assert macro_auc(df, k) == pytest.approx(expected, abs=2e-3)  # 1/1000 buckets
+
+
+def test_the_decision_rule():
+    assert decide("accuracy", 0.8, None, 0.1).promote  # the first model
+    assert decide("accuracy", 0.85, 0.80, 0.02).promote
+    assert not decide("accuracy", 0.81, 0.80, 0.02).promote  # better, not by the margin
+    assert decide("log_loss", 0.30, 0.40, 0.05).promote  # lower is better
+    assert not decide("log_loss", 0.40, 0.30, 0.0).promote
+    assert "worse by 0.1000" in decide("log_loss", 0.40, 0.30, 0.0).reason
+
+
+def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spark, tmp_path):
+    first = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=3", rows=3000))
+    client = mlflow.MlflowClient(first.tracking_uri)
+    cfg = make_cfg(tmp_path, "train.epochs=3", "evaluate.promote_margin=0.5", rows=3000)
+    assert first.metrics["evaluate"]["promoted"] == 1.0
+    assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == "1"
+
+    second = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=4", "evaluate.promote_margin=0.5", rows=3000))
+    ev = second.metrics["evaluate"]
+    assert ev["promoted"] == 0.0
+    assert str(client.get_model_version_by_alias(cfg.model_name, "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == "1"
+    # both scores are from the same test rows: production's is what the first run measured
+    assert ev["production_accuracy"] == pytest.approx(first.metrics["evaluate"]["accuracy"])
+    assert ev["candidate_accuracy"] == pytest.approx(ev["accuracy"])
+    run = client.search_runs(
+        [client.get_experiment_by_name("dlpipe").experiment_id],
+        filter_string="tags.`dlpipe.stage` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
+    assert run.data.tags["dlpipe.promotion"] == "kept production"
+    assert "margin 0.5" in run.data.tags["dlpipe.promotion_reason"]
+    assert client.get_model_version(cfg.model_name, "2").tags["dlpipe.promotion"].endswith("margin 0.5")
+    assert tracking.tracking_uri(cfg) == first.tracking_uri
