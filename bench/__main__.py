@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("data", "training")
+GROUPS = ("data", "training", "inference")
 OUT = Path("data/bench")
 
 

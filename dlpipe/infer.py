@@ -22,19 +22,19 @@ def model_uri(cfg: Config) -> str:
 
 def score_rows(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict) -> DataFrame:
     """rows (key, label, features cells) -> key, label, prediction, probabilities and the model's identity,
-    scored by the iterator pandas UDF in Arrow batches of infer.batch_size."""
-    from udfs.score import score_column
+    scored in Arrow batches of infer.batch_size (udfs/score.py)."""
+    from udfs.score import score_frame
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
     key = stats["key"]
-    score = score_column(
-        F.col("features"), mv["download_uri"], tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
+    scored = score_frame(
+        rows, mv["download_uri"], tuple(stats["feature_shape"]), [key, "label"], tracking.tracking_uri(cfg)
     )
-    return rows.select(key, "label", score.alias("_score")).select(
+    return scored.select(
         key,
         "label",
-        "_score.prediction",
-        "_score.probabilities",
+        "prediction",
+        "probabilities",
         F.lit(mv["name"]).alias("model_name"),
         F.lit(mv["version"]).alias("model_version"),
         F.lit(mv["run_id"]).alias("model_run_id"),

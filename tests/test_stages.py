@@ -160,3 +160,27 @@ def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):
     assert m["predictions"] == m["test_rows"] == inferred["rows_in"]
     assert 0 <= m["majority_baseline_accuracy"] <= 1 and m["accuracy"] > m["majority_baseline_accuracy"]
     assert m["log_loss"] > 0
+
+
+def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, preprocessed, inferred):
+    from udfs.score import score_column
+
+    stats = features.read_stats(spark, cfg)
+    mv = tracking.model_version_for(infer.model_uri(cfg))
+    test = spark.read.parquet(dataset_paths(cfg).split("test"))
+    key = stats["key"]
+    via_udf = test.select(
+        key,
+        score_column(
+            test["features"], mv["download_uri"], tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
+        ).alias("s"),
+    )
+    a = {r[key]: (r["s"]["prediction"], r["s"]["probabilities"]) for r in via_udf.collect()}
+    b = {
+        r[key]: (r["prediction"], r["probabilities"])
+        for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()
+    }
+    assert a.keys() == b.keys() and len(a) > 0
+    for k, (pred, probs) in a.items():
+        assert pred == b[k][0]
+        np.testing.assert_allclose(probs, b[k][1], rtol=1e-6)

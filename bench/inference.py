@@ -1,0 +1,193 @@
+"""Inference group: batch scoring throughput of our UDF against the other ways to score in Spark.
+
+One MLflow-registered MLP (64 features -> 128 -> 128 -> 4 classes, probabilities out) scores the same
+BENCH_INFER_ROWS rows (default 1,000,000) with each method, in one Spark session (local[2]); every
+method's output (the row key and the scores) is fully computed (`noop` sink) and every rate is the best
+of two runs (the first warms the Python workers):
+- udf: dlpipe's scorer (udfs/score.py `score_frame`: mapInArrow, model cached per worker, key carried
+  through) over the dataset's NdarrayCodec cells; `pandas_udf` is its iterator pandas UDF form;
+- map_in_arrow: a plain `mapInArrow` scorer over the same cells (model loaded per task, Arrow decode);
+- predict_batch_udf: Spark's `pyspark.ml.functions.predict_batch_udf` over an array<float> column;
+- spark_udf: MLflow's `mlflow.pyfunc.spark_udf` over the same array column;
+- torch: single-process PyTorch over the same rows already in memory (the ceiling, no Spark at all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dlpipe.tensors import decode_arrow, encode_arrow
+
+ROOT = Path("data/bench/inference-root").resolve()
+DIM, CLASSES, BATCH = 64, 4, 4096
+
+
+def _write_rows(path: Path, rows: int, files: int = 8) -> np.ndarray:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, DIM)).astype(np.float32)
+    for i, idx in enumerate(np.array_split(np.arange(rows), files)):
+        table = pa.table(
+            {
+                "id": pa.array(idx.astype(np.int64)),
+                "features": encode_arrow(x[idx]),
+                "features_arr": pa.FixedSizeListArray.from_arrays(pa.array(x[idx].reshape(-1)), DIM).cast(
+                    pa.list_(pa.float32())
+                ),
+            }
+        )
+        pq.write_table(table, path / f"part-{i:05d}.parquet", row_group_size=65536)
+    return x
+
+
+def _register_model(tracking_uri: str) -> str:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from dlpipe.train.models import build_mlp, with_probabilities
+
+    torch.manual_seed(0)
+    model = with_probabilities(build_mlp((DIM,), CLASSES, [128, 128])).eval()
+    example = np.random.default_rng(1).normal(size=(5, DIM)).astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("bench-inference")
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(example, out), input_example=example
+        )
+    return info.model_uri
+
+
+def _rate(df, rows: int) -> float:
+    best = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        df.write.format("noop").mode("overwrite").save()
+        best = max(best, rows / (time.perf_counter() - started))
+    return best
+
+
+def _map_in_arrow(df, model_uri: str, tracking_uri: str):
+    def score(batches):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        torch.set_num_threads(1)
+        for batch in batches:
+            x = decode_arrow(batch.column(1), np.float32, (DIM,))
+            with torch.inference_mode():
+                p = model(torch.from_numpy(x)).numpy()
+            offsets = pa.array(np.arange(0, p.size + 1, CLASSES, dtype=np.int32))
+            yield pa.RecordBatch.from_arrays(
+                [
+                    batch.column(0),
+                    pa.array(p.argmax(1).astype(np.int32)),
+                    pa.ListArray.from_arrays(offsets, pa.array(p.reshape(-1))),
+                ],
+                names=["id", "prediction", "probabilities"],
+            )
+
+    return df.select("id", "features").mapInArrow(score, "id long, prediction int, probabilities array<float>")
+
+
+def _predict_batch_udf(df, model_uri: str, tracking_uri: str):
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import ArrayType, FloatType
+
+    def make_predict_fn():
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        torch.set_num_threads(1)
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x.astype(np.float32, copy=False))).numpy()
+
+        return predict
+
+    udf = predict_batch_udf(
+        make_predict_fn, return_type=ArrayType(FloatType()), batch_size=BATCH, input_tensor_shapes=[[DIM]]
+    )
+    return df.select("id", udf(F.col("features_arr")).alias("probabilities"))
+
+
+def _spark_udf(spark, df, model_uri: str):
+    import mlflow
+    from pyspark.sql import functions as F
+
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="array<float>", env_manager="local")
+    return df.select("id", udf(F.col("features_arr")).alias("probabilities"))
+
+
+def _torch(x: np.ndarray, model_uri: str) -> float:
+    from dlpipe.scoring import load_model
+
+    model = load_model(model_uri)
+    torch.set_num_threads(2)  # the two cores Spark gets
+    best = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(x), BATCH):
+                model(torch.from_numpy(x[i : i + BATCH]))
+        best = max(best, len(x) / (time.perf_counter() - started))
+    return best
+
+
+def run() -> dict[str, float]:
+    from pyspark.sql import functions as F
+
+    from dlpipe.config import load_config
+    from dlpipe.session import build_spark
+    from udfs.score import score_column, score_frame
+
+    rows = int(os.environ.get("BENCH_INFER_ROWS", "1000000"))
+    data = ROOT / "rows"
+    x = _write_rows(data, rows)
+    shutil.rmtree(ROOT / "mlruns", ignore_errors=True)
+    tracking_uri = f"sqlite:///{ROOT}/mlruns/mlflow.db"
+    (ROOT / "mlruns").mkdir(parents=True, exist_ok=True)
+    model_uri = _register_model(tracking_uri)
+    torch_rate = _torch(x, model_uri)
+
+    cfg = load_config("local", [f"project.root={ROOT}", "spark.conf.spark.ui.enabled=false"])
+    spark = build_spark(cfg)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(BATCH))
+    try:
+        df = spark.read.parquet(data.as_uri())
+        ours = _rate(score_frame(df, model_uri, (DIM,), ["id"], tracking_uri), rows)
+        pandas_udf = _rate(df.select("id", score_column(F.col("features"), model_uri, (DIM,), tracking_uri)), rows)
+        arrow = _rate(_map_in_arrow(df, model_uri, tracking_uri), rows)
+        pbu = _rate(_predict_batch_udf(df, model_uri, tracking_uri), rows)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # spark_udf's workers resolve the URI with it
+        sudf = _rate(_spark_udf(spark, df, model_uri), rows)
+    finally:
+        spark.stop()
+    return {
+        "rows": rows,
+        "udf_rows_per_s": ours,
+        "pandas_udf_rows_per_s": pandas_udf,
+        "map_in_arrow_rows_per_s": arrow,
+        "predict_batch_udf_rows_per_s": pbu,
+        "spark_udf_rows_per_s": sudf,
+        "torch_rows_per_s": torch_rate,
+        "udf_vs_map_in_arrow": ours / arrow,
+        "udf_vs_predict_batch_udf": ours / pbu,
+        "udf_vs_spark_udf": ours / sudf,
+        "udf_vs_torch": ours / torch_rate,
+    }
