@@ -248,8 +248,18 @@ class TrainConfig(_Strict):
 
 
 class InferConfig(_Strict):
-    model_uri: str | None = Field(None, description="Default: models:/<tracking.registered_model>@candidate")
+    model_uri: str | None = Field(
+        None, description="Default: models:/<model name>@candidate (variant int8: @candidate-int8)"
+    )
+    variant: Literal["fp32", "int8"] = Field("fp32", description="int8: the dynamically quantized version")
     batch_size: int = Field(4096, gt=0)
+
+
+class QuantizeConfig(_Strict):
+    enabled: bool = Field(True, description="build, measure and register an int8 variant after training")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, description="the int8 variant is registered only if it loses at most this much accuracy"
+    )
 
 
 class EvaluateConfig(_Strict):
@@ -273,6 +283,7 @@ class Config(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @property

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def model_uri(cfg: Config) -> str:
-    return cfg.infer.model_uri or f"models:/{cfg.model_name}@candidate"
+    alias = "candidate-int8" if cfg.infer.variant == "int8" else "candidate"
+    return cfg.infer.model_uri or f"models:/{cfg.model_name}@{alias}"
 
 
 def score_rows(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict) -> DataFrame:

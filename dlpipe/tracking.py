@@ -19,7 +19,7 @@ PARAM_PREFIXES = {
     "generate": ("dataset.",),
     "ingest": ("dataset.",),
     "preprocess": ("preprocess.",),
-    "train": ("train.",),
+    "train": ("train.", "quantize."),
     "infer": ("infer.",),
     "evaluate": ("evaluate.",),
 }

@@ -48,7 +48,8 @@ def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spar
     second = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=4", "evaluate.promote_margin=0.5", rows=3000))
     ev = second.metrics["evaluate"]
     assert ev["promoted"] == 0.0
-    assert str(client.get_model_version_by_alias(cfg.model_name, "candidate").version) == "2"
+    candidate = str(second.metrics["train"]["model_version"])  # v2 is the first run's int8 variant
+    assert str(client.get_model_version_by_alias(cfg.model_name, "candidate").version) == candidate
     assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == "1"
     # both scores are from the same test rows: production's is what the first run measured
     assert ev["production_accuracy"] == pytest.approx(first.metrics["evaluate"]["accuracy"])
@@ -60,5 +61,5 @@ def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spar
     )[0]
     assert run.data.tags["dlpipe.promotion"] == "kept production"
     assert "margin 0.5" in run.data.tags["dlpipe.promotion_reason"]
-    assert client.get_model_version(cfg.model_name, "2").tags["dlpipe.promotion"].endswith("margin 0.5")
+    assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.promotion"].endswith("margin 0.5")
     assert tracking.tracking_uri(cfg) == first.tracking_uri

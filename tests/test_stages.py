@@ -184,3 +184,24 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
     for k, (pred, probs) in a.items():
         assert pred == b[k][0]
         np.testing.assert_allclose(probs, b[k][1], rtol=1e-6)
+
+
+def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
+    """quantize.enabled (default): the dynamically quantized model, its accuracy delta and speed, its own
+    version under @candidate-int8, and infer.variant=int8 scoring every test row with it."""
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    assert trained["int8_registered"] == 1.0
+    assert abs(trained["int8_accuracy_delta"]) <= 0.01  # the default max_accuracy_drop, both ways here
+    assert trained["int8_rows_per_s"] > 0 and trained["fp32_rows_per_s"] > 0
+    mv = client.get_model_version_by_alias(cfg.model_name, "candidate-int8")
+    assert int(mv.version) == trained["int8_model_version"] != trained["model_version"]
+    assert mv.tags["dlpipe.variant"] == "int8"
+    key = features.read_stats(spark, cfg)["key"]
+    fp32 = {r[key]: r.prediction for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
+    # (this replaces the fp32 predictions on disk: the module's last test)
+    m = _in_run(make_cfg(cfg.root, "infer.variant=int8"), "infer", infer.run, spark)
+    assert m["rows_scored"] == m["rows_in"] == inferred["rows_in"]
+    preds = spark.read.parquet(dataset_paths(cfg).predictions).collect()
+    assert {r.model_version for r in preds} == {str(mv.version)}
+    agree = np.mean([fp32[r[key]] == r.prediction for r in preds])
+    assert agree > 0.97, f"int8 and fp32 agree on only {agree:.3f} of the test rows"

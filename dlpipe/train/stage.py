@@ -173,6 +173,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     version = str(info.registered_model_version)
     mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     mlflow.set_tags({"dlpipe.model_name": name, "dlpipe.model_version": version})
+    quantized = register_int8(cfg, spec, served, example, example_out) if cfg.quantize.enabled else {}
     log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
     last = history[-1]
     return {
@@ -188,4 +189,45 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         "best_val_loss": result["best_val_loss"],
         "resumed_from_epoch": result["resumed_from_epoch"],
         "epochs_logged_live": len(live),
+        **quantized,
     }
+
+
+def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example, example_out) -> dict:
+    """The int8 variant: compared with fp32 on the validation rows, registered (alias candidate-int8)
+    when its accuracy drop is within quantize.max_accuracy_drop."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from dlpipe import quantize, tracking
+
+    int8 = quantize.quantize_dynamic(served)
+    loader = ShardLoader(spec.val_uri, 0, 1, 4096, spec.feature_shape, shuffle=False, storage=spec.storage)
+    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in loader.epoch(0)), strict=True)
+    m = quantize.compare(served, int8, np.concatenate(xs), np.concatenate(ys))
+    passed = -m["int8_accuracy_delta"] <= cfg.quantize.max_accuracy_drop
+    m["int8_registered"] = float(passed)
+    log.info(
+        "train: int8 variant: accuracy %+.4f vs fp32, %.2fx the rows/s (%s)",
+        m["int8_accuracy_delta"],
+        m["int8_speedup"],
+        "registered" if passed else f"not registered: drop above {cfg.quantize.max_accuracy_drop}",
+    )
+    if passed:
+        name = cfg.model_name
+        info = mlflow.pytorch.log_model(
+            int8,
+            name="model_int8",
+            signature=infer_signature(example, example_out),
+            input_example=example,
+            pip_requirements=tracking.pip_requirements(),
+            registered_model_name=name,
+            serialization_format="pickle",  # TorchScript: torch.export cannot trace quantized kernels
+        )
+        version = str(info.registered_model_version)
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(name, version, "dlpipe.variant", "int8")
+        client.set_registered_model_alias(name, quantize.INT8_ALIAS, version)
+        mlflow.set_tag("dlpipe.int8_model_version", version)
+        m["int8_model_version"] = float(version)
+    return m

@@ -1,0 +1,67 @@
+"""A dynamically quantized (int8) variant of the trained model: measured against the fp32 model on the
+validation rows (accuracy delta, single-thread rows/s), and registered as its own model version, under
+the alias `candidate-int8`, when it loses no more than quantize.max_accuracy_drop. `infer.variant: int8`
+scores with it.
+
+Dynamic quantization stores nn.Linear weights as int8 and quantizes activations on the fly: no
+calibration data, CPU only (fbgemm/qnnpack kernels). The variant is saved as TorchScript, so loading it
+needs torch and nothing of dlpipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+INT8_ALIAS = "candidate-int8"
+
+
+def quantize_dynamic(model: nn.Module) -> torch.jit.ScriptModule:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that eager quantization moves to torchao
+        q = torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+    return torch.jit.script(q)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.inference_mode():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def rows_per_second(model: nn.Module, x: np.ndarray, batch: int = 4096, min_rows: int = 200_000) -> float:
+    """Single-thread scoring rate (what one Spark task gets), best of three passes over >= min_rows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reps = max(1, -(-min_rows // len(x)))
+    best = 0.0
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                started = time.perf_counter()
+                for _ in range(reps):
+                    for i in range(0, len(x), batch):
+                        model(torch.from_numpy(x[i : i + batch]))
+                best = max(best, reps * len(x) / (time.perf_counter() - started))
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def compare(fp32: nn.Module, int8: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    a32, a8 = accuracy(fp32, x, y), accuracy(int8, x, y)
+    r32, r8 = rows_per_second(fp32, x), rows_per_second(int8, x)
+    return {
+        "int8_val_accuracy": a8,
+        "fp32_val_accuracy": a32,
+        "int8_accuracy_delta": a8 - a32,
+        "int8_rows_per_s": r8,
+        "fp32_rows_per_s": r32,
+        "int8_speedup": r8 / r32,
+    }
