@@ -186,6 +186,27 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
         np.testing.assert_allclose(probs, b[k][1], rtol=1e-6)
 
 
+def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, inferred, tmp_path):
+    """`mlflow models serve` on 127.0.0.1 (started here, stopped by pid) for the candidate version, fed the
+    same test rows: the same probabilities as the batch predictions."""
+    from dlpipe.cluster import pid_alive
+    from dlpipe.serving import ModelServer
+    from dlpipe.tensors import decode_cells
+
+    stats = features.read_stats(spark, cfg)
+    key = stats["key"]
+    test = spark.read.parquet(dataset_paths(cfg).split("test")).select(key, "features").limit(50).toPandas()
+    x = decode_cells(test["features"].tolist(), np.float32, tuple(stats["feature_shape"]))
+    batch = {r[key]: r.probabilities for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
+    server = ModelServer(infer.model_uri(cfg), tracking.tracking_uri(cfg), tmp_path / "serve.log")
+    with server:
+        served = server.predict(x)
+    assert not pid_alive(server.proc.pid)
+    expected = np.array([batch[k] for k in test[key]], dtype=np.float32)
+    assert served.shape == expected.shape == (len(x), stats["num_classes"])
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
     """quantize.enabled (default): the dynamically quantized model, its accuracy delta and speed, its own
     version under @candidate-int8, and infer.variant=int8 scoring every test row with it."""
