@@ -9,7 +9,8 @@ of two runs (the first warms the Python workers):
 - map_in_arrow: a plain `mapInArrow` scorer over the same cells (model loaded per task, Arrow decode);
 - predict_batch_udf: Spark's `pyspark.ml.functions.predict_batch_udf` over an array<float> column;
 - spark_udf: MLflow's `mlflow.pyfunc.spark_udf` over the same array column;
-- torch: single-process PyTorch over the same rows already in memory (the ceiling, no Spark at all).
+- torch: single-process PyTorch over the same rows already in memory (the ceiling, no Spark at all);
+- quantized_speedup: our scorer with the dynamically quantized (int8) model over the fp32 one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def _write_rows(path: Path, rows: int, files: int = 8) -> np.ndarray:
         )
         pq.write_table(table, path / f"part-{i:05d}.parquet", row_group_size=65536)
     return x
+
+
+def _register_int8(model_uri: str) -> str:
+    import mlflow
+
+    from dlpipe.quantize import quantize_dynamic
+    from dlpipe.scoring import load_model
+
+    int8 = quantize_dynamic(load_model(model_uri))
+    with mlflow.start_run():
+        return mlflow.pytorch.log_model(int8, name="model_int8", serialization_format="pickle").model_uri
 
 
 def _register_model(tracking_uri: str) -> str:
@@ -163,6 +175,7 @@ def run() -> dict[str, float]:
     tracking_uri = f"sqlite:///{ROOT}/mlruns/mlflow.db"
     (ROOT / "mlruns").mkdir(parents=True, exist_ok=True)
     model_uri = _register_model(tracking_uri)
+    int8_uri = _register_int8(model_uri)
     torch_rate = _torch(x, model_uri)
 
     cfg = load_config("local", [f"project.root={ROOT}", "spark.conf.spark.ui.enabled=false"])
@@ -171,6 +184,7 @@ def run() -> dict[str, float]:
     try:
         df = spark.read.parquet(data.as_uri())
         ours = _rate(score_frame(df, model_uri, (DIM,), ["id"], tracking_uri), rows)
+        int8 = _rate(score_frame(df, int8_uri, (DIM,), ["id"], tracking_uri), rows)
         pandas_udf = _rate(df.select("id", score_column(F.col("features"), model_uri, (DIM,), tracking_uri)), rows)
         arrow = _rate(_map_in_arrow(df, model_uri, tracking_uri), rows)
         pbu = _rate(_predict_batch_udf(df, model_uri, tracking_uri), rows)
@@ -190,4 +204,6 @@ def run() -> dict[str, float]:
         "udf_vs_predict_batch_udf": ours / pbu,
         "udf_vs_spark_udf": ours / sudf,
         "udf_vs_torch": ours / torch_rate,
+        "udf_int8_rows_per_s": int8,
+        "quantized_speedup": int8 / ours,
     }

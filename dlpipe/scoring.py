@@ -12,15 +12,28 @@ import threading
 import numpy as np
 import torch
 
-_MODELS: dict[str, torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None) -> torch.nn.Module:
+def task_device() -> torch.device:
+    """The GPU Spark assigned the running task (spark.task.resource.gpu.amount), else the CPU."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    if gpus is not None and gpus.addresses and torch.cuda.is_available():
+        return torch.device("cuda", int(gpus.addresses[0]))
+    return torch.device("cpu")
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None, device: torch.device | None = None) -> torch.nn.Module:
+    """The model at model_uri on device (default CPU), loaded once per process and device."""
     global _LOADS
+    device = device or torch.device("cpu")
     with _LOCK:
-        model = _MODELS.get(model_uri)
+        model = _MODELS.get((model_uri, str(device)))
         if model is None:
             import mlflow
 
@@ -31,7 +44,9 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> torch.nn.Modu
             # already in inference form and refuse .eval(). Pickled nn.Modules need it.
             if not isinstance(model, torch.fx.GraphModule):
                 model.eval()
-            _MODELS[model_uri] = model
+            if device.type != "cpu":
+                model = model.to(device)
+            _MODELS[(model_uri, str(device))] = model
             _LOADS += 1
         return model
 
@@ -50,5 +65,7 @@ def predict_proba(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     threads = int(os.environ.get("DLPIPE_SCORING_THREADS", "1"))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    device = next(iter(model.parameters()), x_t).device if hasattr(model, "parameters") else x_t.device
     with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        return model(x_t.to(device)).cpu().numpy()

@@ -17,7 +17,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
-from dlpipe.scoring import load_model, predict_proba
+from dlpipe.scoring import load_model, predict_proba, task_device
 from dlpipe.tensors import decode_arrow, decode_cells
 
 RESULT_TYPE = "prediction int, probabilities array<float>"
@@ -33,7 +33,7 @@ def arrow_scorer(model_uri: str, feature_shape: tuple[int, ...], keep: Sequence[
     keep = list(keep)
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model = load_model(model_uri, tracking_uri)
+        model = load_model(model_uri, tracking_uri, task_device())  # the task's GPU when it has one
         for batch in batches:
             x = decode_arrow(batch.column(len(keep)), np.float32, feature_shape)
             probs = predict_proba(model, x).astype(np.float32, copy=False)
