@@ -107,7 +107,8 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
     if prod is not None:
         prod_mv = tracking.model_version_for(f"models:/{mv['name']}/{prod.version}")
         test = spark.read.parquet(dataset_paths(cfg).split("test"))
-        prod_metrics, _ = classification_metrics(score_rows(spark, cfg, test, stats, prod_mv), stats["num_classes"])
+        prod_scored = score_rows(spark, cfg, test, stats, prod_mv).where(F.col("quarantine_reason").isNull())
+        prod_metrics, _ = classification_metrics(prod_scored, stats["num_classes"])
         prod_score = prod_metrics[metric]
     decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin)
     return promotion.record(mv["name"], str(mv["version"]), decision, str(prod.version) if prod is not None else None)

@@ -90,3 +90,40 @@ def decode_arrow(column, dtype: str | np.dtype, shape: tuple[int, ...], take: np
                 return body.view(dtype).reshape(len(body), *shape)
     out = decode_cells(column.to_pylist(), dtype, shape)
     return out[take] if take is not None else out
+
+
+def decode_arrow_checked(column, dtype: str | np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Like decode_arrow, for data not yet trusted (scoring new rows): every cell is checked, and a bad one
+    does not fail the batch. Returns (x, reasons): x (n, *shape) with zeros where a cell is bad, and reasons
+    (n,) object array, None for good rows, else why the row cannot be scored."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dtype = np.dtype(dtype)
+    n = len(column)
+    header = npy_header(dtype.str, tuple(shape))
+    cell_len = len(header) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    reasons = np.full(n, None, dtype=object)
+    x = np.zeros((n, *shape), dtype=dtype)
+    if n == 0:
+        return x, reasons
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=n + 1, offset=column.offset * 4)
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    sized = (np.diff(offsets) == cell_len) & ~null
+    reasons[null] = "features missing"
+    reasons[~sized & ~null] = f"features cell of the wrong size (not a {dtype} tensor of shape {tuple(shape)})"
+    if sized.any():
+        data = np.frombuffer(column.buffers()[2], dtype=np.uint8)
+        cells = data[offsets[:-1][sized, None] + np.arange(cell_len)]
+        headed = (cells[:, : len(header)] == np.frombuffer(header, dtype=np.uint8)).all(axis=1)
+        idx = np.flatnonzero(sized)
+        reasons[idx[~headed]] = f"features cell is not a {dtype} tensor of shape {tuple(shape)}"
+        good = idx[headed]
+        x[good] = np.ascontiguousarray(cells[headed, len(header) :]).view(dtype).reshape(len(good), *shape)
+        finite = (
+            np.isfinite(x[good].reshape(len(good), -1)).all(axis=1) if dtype.kind == "f" else np.ones(len(good), bool)
+        )
+        reasons[good[~finite]] = "features not finite (NaN or inf)"
+        x[good[~finite]] = 0
+    return x, reasons

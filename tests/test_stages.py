@@ -207,6 +207,29 @@ def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, infer
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg, trained):
+    from dlpipe.tensors import encode_rows
+    from udfs.score import score_frame
+
+    stats = features.read_stats(spark, cfg)
+    shape = tuple(stats["feature_shape"])
+    good = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)
+    nan = good[:1].copy()
+    nan[0, 0] = np.nan
+    cells = [*encode_rows(good), encode_rows(nan)[0], None, b"not a tensor", encode_rows(good.astype(np.float64))[0]]
+    df = spark.createDataFrame([(i, c) for i, c in enumerate(cells)], "id long, features binary")
+    mv = tracking.model_version_for(infer.model_uri(cfg))
+    rows = {r.id: r for r in score_frame(df, mv["download_uri"], shape, ["id"], tracking.tracking_uri(cfg)).collect()}
+    assert len(rows) == len(cells)  # rows in = scored + quarantined
+    assert [rows[i].quarantine_reason for i in range(4)] == [None] * 4
+    assert all(rows[i].prediction is not None and len(rows[i].probabilities) == 3 for i in range(4))
+    assert rows[4].quarantine_reason == "features not finite (NaN or inf)"
+    assert rows[5].quarantine_reason == "features missing"
+    assert rows[6].quarantine_reason.startswith("features cell of the wrong size")
+    assert rows[7].quarantine_reason.startswith("features cell of the wrong size")  # float64: twice the bytes
+    assert all(rows[i].prediction is None and rows[i].probabilities is None for i in range(4, 8))
+
+
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
     """quantize.enabled (default): the dynamically quantized model, its accuracy delta and speed, its own
     version under @candidate-int8, and infer.variant=int8 scoring every test row with it."""
@@ -221,7 +244,7 @@ def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg,
     fp32 = {r[key]: r.prediction for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
     # (this replaces the fp32 predictions on disk: the module's last test)
     m = _in_run(make_cfg(cfg.root, "infer.variant=int8"), "infer", infer.run, spark)
-    assert m["rows_scored"] == m["rows_in"] == inferred["rows_in"]
+    assert m["rows_scored"] == m["rows_in"] == inferred["rows_in"] and m["rows_quarantined"] == 0
     preds = spark.read.parquet(dataset_paths(cfg).predictions).collect()
     assert {r.model_version for r in preds} == {str(mv.version)}
     agree = np.mean([fp32[r[key]] == r.prediction for r in preds])

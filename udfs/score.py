@@ -18,32 +18,37 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from dlpipe.scoring import load_model, predict_proba, task_device
-from dlpipe.tensors import decode_arrow, decode_cells
+from dlpipe.tensors import decode_arrow_checked, decode_cells
 
 RESULT_TYPE = "prediction int, probabilities array<float>"
 
 
-def _probability_lists(probs: np.ndarray) -> pa.ListArray:
+def _probability_lists(probs: np.ndarray, bad: np.ndarray | None = None) -> pa.ListArray:
     offsets = pa.array(np.arange(0, probs.size + 1, probs.shape[1], dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1)))
+    mask = pa.array(bad) if bad is not None and bad.any() else None
+    return pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1)), mask=mask)
 
 
 def arrow_scorer(model_uri: str, feature_shape: tuple[int, ...], keep: Sequence[str], tracking_uri: str | None = None):
-    """The function mapInArrow runs: Arrow batches (keep..., features) -> (keep..., prediction, probabilities)."""
+    """The function mapInArrow runs: Arrow batches (keep..., features) -> (keep..., prediction,
+    probabilities, quarantine_reason). A row whose features cannot be scored (missing, not a tensor of the
+    model's shape and dtype, NaN/inf) gets null scores and its reason; the others are scored."""
     keep = list(keep)
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = load_model(model_uri, tracking_uri, task_device())  # the task's GPU when it has one
         for batch in batches:
-            x = decode_arrow(batch.column(len(keep)), np.float32, feature_shape)
+            x, reasons = decode_arrow_checked(batch.column(len(keep)), np.float32, feature_shape)
+            bad = np.array([r is not None for r in reasons], dtype=bool)
             probs = predict_proba(model, x).astype(np.float32, copy=False)
             yield pa.RecordBatch.from_arrays(
                 [
                     *(batch.column(i) for i in range(len(keep))),
-                    pa.array(probs.argmax(1).astype(np.int32)),
-                    _probability_lists(probs),
+                    pa.array(probs.argmax(1).astype(np.int32), mask=bad if bad.any() else None),
+                    _probability_lists(probs, bad),
+                    pa.array(reasons, pa.string()),
                 ],
-                names=[*keep, "prediction", "probabilities"],
+                names=[*keep, "prediction", "probabilities", "quarantine_reason"],
             )
 
     return score
@@ -57,10 +62,15 @@ def score_frame(
     tracking_uri: str | None = None,
     features: str = "features",
 ) -> DataFrame:
-    """df (keep..., features cells) -> keep..., prediction, probabilities."""
+    """df (keep..., features cells) -> keep..., prediction, probabilities, quarantine_reason (null when
+    the row was scored)."""
     schema = T.StructType(
         [df.schema[c] for c in keep]
-        + [T.StructField("prediction", T.IntegerType()), T.StructField("probabilities", T.ArrayType(T.FloatType()))]
+        + [
+            T.StructField("prediction", T.IntegerType()),
+            T.StructField("probabilities", T.ArrayType(T.FloatType())),
+            T.StructField("quarantine_reason", T.StringType()),
+        ]
     )
     return df.select(*keep, features).mapInArrow(arrow_scorer(model_uri, feature_shape, keep, tracking_uri), schema)
 
