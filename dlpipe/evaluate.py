@@ -117,6 +117,7 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The evaluate stage (always runs: it is cheap and its figures belong to this run), then the
     promotion gate (evaluate.promote)."""
+    import matplotlib.pyplot as plt
     import mlflow
 
     from dlpipe.tracking import require_active_run
@@ -137,7 +138,9 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
     if manifest and manifest.get("bayes_accuracy") is not None:
         metrics["bayes_accuracy"] = manifest["bayes_accuracy"]
-    mlflow.log_figure(plot_confusion(cm), "confusion_matrix.png")
+    fig = plot_confusion(cm)
+    mlflow.log_figure(fig, "confusion_matrix.png")
+    plt.close(fig)
     mlflow.log_dict({"labels": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
     log.info(
         "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f, "

@@ -122,6 +122,7 @@ def make_spec(
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The train stage (always trains: a new model version per pipeline run)."""
+    import matplotlib.pyplot as plt
     import mlflow
     from mlflow.models import infer_signature
 
@@ -152,7 +153,9 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     for record in history:  # what rank 0 could not log as it went
         if record["epoch"] not in logged:
             tracking.log_metrics(epoch_metrics(record), step=record["epoch"])
-    mlflow.log_figure(learning_curve(history), "learning_curve.png")
+    fig = learning_curve(history)
+    mlflow.log_figure(fig, "learning_curve.png")
+    plt.close(fig)
     mlflow.set_tag("dlpipe.train_device", result["device"])
 
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
