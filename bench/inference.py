@@ -50,18 +50,17 @@ def _write_rows(path: Path, rows: int, files: int = 8) -> np.ndarray:
     return x
 
 
-def _register_int8(model_uri: str) -> str:
+def _register_int8(model: torch.nn.Module) -> str:
     import mlflow
 
     from dlpipe.quantize import quantize_dynamic
-    from dlpipe.scoring import load_model
 
-    int8 = quantize_dynamic(load_model(model_uri))
+    int8 = quantize_dynamic(model)
     with mlflow.start_run():
         return mlflow.pytorch.log_model(int8, name="model_int8", serialization_format="pickle").model_uri
 
 
-def _register_model(tracking_uri: str) -> str:
+def _register_model(tracking_uri: str) -> tuple[str, torch.nn.Module]:
     import mlflow
     from mlflow.models import infer_signature
 
@@ -78,7 +77,7 @@ def _register_model(tracking_uri: str) -> str:
         info = mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(example, out), input_example=example
         )
-    return info.model_uri
+    return info.model_uri, model
 
 
 def _rate(df, rows: int) -> float:
@@ -174,8 +173,8 @@ def run() -> dict[str, float]:
     shutil.rmtree(ROOT / "mlruns", ignore_errors=True)
     tracking_uri = f"sqlite:///{ROOT}/mlruns/mlflow.db"
     (ROOT / "mlruns").mkdir(parents=True, exist_ok=True)
-    model_uri = _register_model(tracking_uri)
-    int8_uri = _register_int8(model_uri)
+    model_uri, model = _register_model(tracking_uri)
+    int8_uri = _register_int8(model)
     torch_rate = _torch(x, model_uri)
 
     cfg = load_config("local", [f"project.root={ROOT}", "spark.conf.spark.ui.enabled=false"])

@@ -92,38 +92,48 @@ def decode_arrow(column, dtype: str | np.dtype, shape: tuple[int, ...], take: np
     return out[take] if take is not None else out
 
 
-def decode_arrow_checked(column, dtype: str | np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def decode_arrow_checked(column, dtype: str | np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
     """Like decode_arrow, for data not yet trusted (scoring new rows): every cell is checked, and a bad one
-    does not fail the batch. Returns (x, reasons): x (n, *shape) with zeros where a cell is bad, and reasons
-    (n,) object array, None for good rows, else why the row cannot be scored."""
+    does not fail the batch. Returns (x, reasons): x (n, *shape) with zeros where a cell is bad, and
+    reasons None when every row is good, else an (n,) object array, None for good rows, else why the row
+    cannot be scored. All checks are vectorized; Python objects are made only for bad rows."""
     import pyarrow as pa
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dtype = np.dtype(dtype)
     n = len(column)
-    header = npy_header(dtype.str, tuple(shape))
-    cell_len = len(header) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    reasons = np.full(n, None, dtype=object)
+    header = np.frombuffer(npy_header(dtype.str, tuple(shape)), dtype=np.uint8)
+    hlen = len(header)
+    cell_len = hlen + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     x = np.zeros((n, *shape), dtype=dtype)
     if n == 0:
-        return x, reasons
+        return x, None
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=n + 1, offset=column.offset * 4)
-    null = column.is_null().to_numpy(zero_copy_only=False)
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)
+    null = column.is_null().to_numpy(zero_copy_only=False) if column.null_count else np.zeros(n, bool)
     sized = (np.diff(offsets) == cell_len) & ~null
+    if sized.all():  # the usual case: one reshape of the buffer, no gather
+        cells = data[offsets[0] : offsets[-1]].reshape(n, cell_len)
+        idx = np.arange(n)
+    else:
+        idx = np.flatnonzero(sized)
+        cells = data[offsets[:-1][idx, None] + np.arange(cell_len)]
+    headed = (cells[:, :hlen] == header).all(axis=1)
+    good = idx[headed]
+    x[good] = np.ascontiguousarray(cells[headed, hlen:]).view(dtype).reshape(len(good), *shape)
+    finite = np.isfinite(x.reshape(n, -1)).all(axis=1) if dtype.kind == "f" else np.ones(n, bool)
+    ok = np.zeros(n, bool)
+    ok[good] = True
+    ok &= finite
+    if ok.all():
+        return x, None
+    reasons = np.full(n, None, dtype=object)
     reasons[null] = "features missing"
     reasons[~sized & ~null] = f"features cell of the wrong size (not a {dtype} tensor of shape {tuple(shape)})"
-    if sized.any():
-        data = np.frombuffer(column.buffers()[2], dtype=np.uint8)
-        cells = data[offsets[:-1][sized, None] + np.arange(cell_len)]
-        headed = (cells[:, : len(header)] == np.frombuffer(header, dtype=np.uint8)).all(axis=1)
-        idx = np.flatnonzero(sized)
-        reasons[idx[~headed]] = f"features cell is not a {dtype} tensor of shape {tuple(shape)}"
-        good = idx[headed]
-        x[good] = np.ascontiguousarray(cells[headed, len(header) :]).view(dtype).reshape(len(good), *shape)
-        finite = (
-            np.isfinite(x[good].reshape(len(good), -1)).all(axis=1) if dtype.kind == "f" else np.ones(len(good), bool)
-        )
-        reasons[good[~finite]] = "features not finite (NaN or inf)"
-        x[good[~finite]] = 0
+    reasons[idx[~headed]] = f"features cell is not a {dtype} tensor of shape {tuple(shape)}"
+    nonfinite = np.zeros(n, bool)
+    nonfinite[good] = ~finite[good]
+    reasons[nonfinite] = "features not finite (NaN or inf)"
+    x[~ok] = 0
     return x, reasons

@@ -41,3 +41,27 @@ def test_encode_arrow_matches_petastorm_cells():
     column = encode_arrow(arr)
     assert column.to_pylist() == encode_rows(arr)
     np.testing.assert_array_equal(decode_arrow(column, np.float32, (2, 3)), arr)
+
+
+def test_checked_decoding_names_each_bad_cell_and_keeps_the_good_ones():
+    from dlpipe.tensors import decode_arrow_checked
+
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    cells = encode_rows(x)
+    nan = encode_rows(np.array([[1, np.nan, 2, 3]], dtype=np.float32))[0]
+    int32 = encode_rows(np.arange(4, dtype=np.int32).reshape(1, 4))[0]  # same size, another dtype
+    column = pa.array([cells[0], None, b"junk", nan, int32, cells[4]], pa.binary())
+    out, reasons = decode_arrow_checked(column, np.float32, (4,))
+    assert list(reasons) == [
+        None,
+        "features missing",
+        "features cell of the wrong size (not a float32 tensor of shape (4,))",
+        "features not finite (NaN or inf)",
+        "features cell is not a float32 tensor of shape (4,)",
+        None,
+    ]
+    np.testing.assert_array_equal(out[[0, 5]], x[[0, 4]])
+    assert not out[1:5].any()
+    good, none = decode_arrow_checked(pa.array(cells, pa.binary()).slice(1), np.float32, (4,))
+    assert none is None
+    np.testing.assert_array_equal(good, x[1:])

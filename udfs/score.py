@@ -39,14 +39,14 @@ def arrow_scorer(model_uri: str, feature_shape: tuple[int, ...], keep: Sequence[
         model = load_model(model_uri, tracking_uri, task_device())  # the task's GPU when it has one
         for batch in batches:
             x, reasons = decode_arrow_checked(batch.column(len(keep)), np.float32, feature_shape)
-            bad = np.array([r is not None for r in reasons], dtype=bool)
+            bad = None if reasons is None else np.array([r is not None for r in reasons], dtype=bool)
             probs = predict_proba(model, x).astype(np.float32, copy=False)
             yield pa.RecordBatch.from_arrays(
                 [
                     *(batch.column(i) for i in range(len(keep))),
-                    pa.array(probs.argmax(1).astype(np.int32), mask=bad if bad.any() else None),
+                    pa.array(probs.argmax(1).astype(np.int32), mask=bad),
                     _probability_lists(probs, bad),
-                    pa.array(reasons, pa.string()),
+                    pa.nulls(len(x), pa.string()) if reasons is None else pa.array(reasons, pa.string()),
                 ],
                 names=[*keep, "prediction", "probabilities", "quarantine_reason"],
             )
