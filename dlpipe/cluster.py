@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,40 +26,13 @@ from pathlib import Path
 
 import pyspark
 
-LOOPBACK = "127.0.0.1"
+from dlpipe.processes import LOOPBACK, free_ports, pid_alive
+
 STATE_FILE = "cluster.json"
 
 
 class ClusterError(RuntimeError):
     """The cluster did not come up (the message holds the daemon's log tail) or is not there."""
-
-
-def _free_ports(count: int, host: str) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def pid_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # not Linux: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -143,7 +115,7 @@ class StandaloneCluster:
     def start(self, timeout: float = 90.0) -> StandaloneCluster:
         self.directory = Path(self.directory).resolve()
         (self.directory / "logs").mkdir(parents=True, exist_ok=True)
-        ports = _free_ports(2 + 2 * self.workers, self.host)
+        ports = free_ports(2 + 2 * self.workers, self.host)
         self.master_port, self.master_ui_port = ports[0], ports[1]
         self._spawn(
             "master",

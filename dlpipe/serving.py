@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,21 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from dlpipe.processes import free_ports
+
 
 class ServingError(RuntimeError):
     """The scoring server did not come up (the message holds its log tail)."""
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class ModelServer:
     def __init__(self, model_uri: str, tracking_uri: str, log_path: Path, host: str = "127.0.0.1", port: int = 0):
         self.model_uri, self.tracking_uri, self.log_path = model_uri, tracking_uri, Path(log_path)
-        self.host, self.port = host, port or _free_port(host)
+        self.host, self.port = host, port or free_ports(1, host)[0]
         self.proc: subprocess.Popen | None = None
 
     @property

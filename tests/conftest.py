@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import HdfsCluster, S3Server, missing_components, pid_exists, spark_jars
+from dlpipe.processes import pid_alive
+from tests.servers import HdfsCluster, S3Server, missing_components, spark_jars
 
 REPO = Path(__file__).resolve().parent.parent
 # What tools/provision_servers.sh fills (`make setup`): the S3 and HDFS servers and the s3a jars.
@@ -134,7 +135,7 @@ def s3_server(servers_cache, tmp_path_factory) -> Iterator[S3Endpoint]:
         yield S3Endpoint(server.endpoint, server.access_key, server.secret_key, "dlpipe-test", server.pid)
     finally:
         server.stop()
-    assert not pid_exists(server.pid), f"S3 server (pid {server.pid}) still running after stop()"
+    assert not pid_alive(server.pid), f"S3 server (pid {server.pid}) still running after stop()"
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +147,7 @@ def hdfs_cluster(servers_cache, tmp_path_factory) -> Iterator[HdfsCluster]:
         yield cluster
     finally:
         cluster.stop()
-    alive = [pid for pid in cluster.pids if pid_exists(pid)]
+    alive = [pid for pid in cluster.pids if pid_alive(pid)]
     assert not alive, f"HDFS daemons {alive} still running after stop()"
 
 
@@ -157,7 +158,7 @@ def standalone_cluster(tmp_path_factory):
     with `make cluster-down`'s. Two slots in all: exactly the 2 ranks the training tests ask for."""
     import subprocess
 
-    from dlpipe.cluster import StandaloneCluster, pid_alive
+    from dlpipe.cluster import StandaloneCluster
 
     directory = tmp_path_factory.mktemp("cluster")
     cli = [sys.executable, "-m", "dlpipe.cluster"]

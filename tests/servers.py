@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-LOOPBACK = "127.0.0.1"
+from dlpipe.processes import LOOPBACK, free_ports
+
 S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
 # Each component directory that tools/provision_servers.sh completes carries this marker.
 _COMPONENTS = ("seaweedfs", "jars/s3a", "hadoop2", "jersey1")
@@ -69,20 +70,6 @@ def s3a_hadoop_conf(endpoint: str, access_key: str, secret_key: str) -> dict[str
     }
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (all held open together, so none repeats)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((LOOPBACK, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _free_port_pair(offset: int, exclude: Sequence[int]) -> tuple[int, int]:
     """Free ports P and P + offset (for a client in weed that ignores the configured port and dials P + 10000)."""
     for _ in range(100):
@@ -98,15 +85,6 @@ def _free_port_pair(offset: int, exclude: Sequence[int]) -> tuple[int, int]:
                     continue
                 return port, port + offset
     raise ServerError(f"no pair of free ports {offset} apart on {LOOPBACK}")
-
-
-def pid_exists(pid: int) -> bool:
-    """True while a process with this id exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # Looked up in the parent: nothing but the call itself may run in the forked child before exec.

@@ -17,8 +17,9 @@ import pytest
 from hdfs import InsecureClient
 from pyarrow import fs
 
+from dlpipe.processes import pid_alive
 from dlpipe.webhdfs import webhdfs_filesystem
-from tests.servers import HdfsCluster, S3Server, ServerError, pid_exists, s3a_hadoop_conf
+from tests.servers import HdfsCluster, S3Server, ServerError, s3a_hadoop_conf
 
 TABLE = pa.table({"id": pa.array(range(100), pa.int64()), "x": pa.array([i * 0.5 for i in range(100)], pa.float64())})
 
@@ -207,10 +208,10 @@ def test_a_stopped_server_leaves_no_process(servers_cache, tmp_path):
     server = S3Server(servers_cache, tmp_path / "s3", "lifecycle-key", "lifecycle-secret-0123")
     server.start()
     pid = server.pid
-    assert pid is not None and pid_exists(pid)
+    assert pid is not None and pid_alive(pid)
     assert _s3(server).get_file_info(fs.FileSelector("/")) == []  # a fresh server: signed listing, no buckets
     server.stop()
-    assert not pid_exists(pid)
+    assert not pid_alive(pid)
 
 
 def test_an_unprovisioned_cache_fails_with_a_clear_message(tmp_path):
@@ -226,4 +227,4 @@ def test_a_server_that_does_not_come_up_raises_with_its_log_and_is_stopped(serve
     server = S3Server(servers_cache, tmp_path / "s3", "k", "s", startup_timeout=0)
     with pytest.raises(ServerError, match=r"(?s)not ready after 0 s.*weed\.log"):
         server.start()
-    assert server.pid is not None and not pid_exists(server.pid)
+    assert server.pid is not None and not pid_alive(server.pid)

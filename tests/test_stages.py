@@ -189,7 +189,7 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
 def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, inferred, tmp_path):
     """`mlflow models serve` on 127.0.0.1 (started here, stopped by pid) for the candidate version, fed the
     same test rows: the same probabilities as the batch predictions."""
-    from dlpipe.cluster import pid_alive
+    from dlpipe.processes import pid_alive
     from dlpipe.serving import ModelServer
     from dlpipe.tensors import decode_cells
 
