@@ -34,6 +34,11 @@ def available_slots(sc: SparkContext) -> int:
     return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
 
 
+def tasks_have_gpus(sc: SparkContext) -> bool:
+    """Spark gives each task GPUs (spark.task.resource.gpu.amount): ranks then train on them."""
+    return float(sc.getConf().get("spark.task.resource.gpu.amount", "0")) > 0
+
+
 def check_slots(sc: SparkContext, num_proc: int, wait_s: float = 60.0, settle_s: float = 5.0) -> None:
     """Fail at once, with both numbers, when the cluster cannot run num_proc tasks together.
 
@@ -182,7 +187,7 @@ def run_torch_distributor(
 
     sc = spark.sparkContext
     check_slots(sc, num_proc, slot_wait_s)
-    use_gpu = float(sc.getConf().get("spark.task.resource.gpu.amount", "0")) > 0
+    use_gpu = tasks_have_gpus(sc)
     log.info("train: launching %d PyTorch DDP processes with TorchDistributor (master %s)", num_proc, sc.master)
     sc.setJobDescription(f"dlpipe train: {num_proc} DDP processes (TorchDistributor, barrier)")
     return [TorchDistributor(num_processes=num_proc, local_mode=False, use_gpu=use_gpu).run(fn, *args)]

@@ -15,7 +15,7 @@ from dlpipe.config import Config
 from dlpipe.features import read_stats
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
-from dlpipe.train.launcher import run_horovod, run_torch_distributor
+from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
 from dlpipe.train.live import epoch_metrics, learning_curve, logged_epochs
 from dlpipe.train.loader import ShardLoader
 from dlpipe.train.logstream import LogReceiver
@@ -79,10 +79,6 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
     raise AssertionError("unreachable")
 
 
-def tasks_have_gpus(spark: SparkSession) -> bool:
-    return float(spark.sparkContext.getConf().get("spark.task.resource.gpu.amount", "0")) > 0
-
-
 def make_spec(
     cfg: Config, stats: dict, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
 ) -> TrainSpec:
@@ -124,7 +120,6 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The train stage (always trains: a new model version per pipeline run)."""
     import matplotlib.pyplot as plt
     import mlflow
-    from mlflow.models import infer_signature
 
     from dlpipe import tracking
 
@@ -133,7 +128,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     checkpoints = checkpoint_uri(spark, cfg)
     if not cfg.train.resume:
         CheckpointStore(checkpoints, storage_settings(cfg)).clear()  # a retried stage resumes this run only
-    use_gpu = tasks_have_gpus(spark)
+    use_gpu = tasks_have_gpus(spark.sparkContext)
     if cfg.train.mixed_precision == "fp16" and not use_gpu:
         raise ValueError(
             "train.mixed_precision=fp16 needs GPUs (spark.task.resource.gpu.amount); on CPU use "
@@ -165,15 +160,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     with torch.no_grad():
         example_out = served(torch.from_numpy(example)).numpy()
     name = cfg.model_name
-    info = mlflow.pytorch.log_model(
-        served,
-        name="model",
-        signature=infer_signature(example, example_out),
-        input_example=example,
-        pip_requirements=tracking.pip_requirements(),
-        registered_model_name=name,
-    )
-    version = str(info.registered_model_version)
+    version = log_registered(served, "model", name, example, example_out)
     mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     mlflow.set_tags({"dlpipe.model_name": name, "dlpipe.model_version": version})
     quantized = register_int8(cfg, spec, served, example, example_out) if cfg.quantize.enabled else {}
@@ -196,13 +183,32 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     }
 
 
+def log_registered(model: torch.nn.Module, artifact: str, name: str, example, example_out, **kwargs) -> str:
+    """Log model to the active run (signature, input example, honest pip requirements) as a new version
+    of the registered model `name`; returns the version."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from dlpipe import tracking
+
+    info = mlflow.pytorch.log_model(
+        model,
+        name=artifact,
+        signature=infer_signature(example, example_out),
+        input_example=example,
+        pip_requirements=tracking.pip_requirements(),
+        registered_model_name=name,
+        **kwargs,
+    )
+    return str(info.registered_model_version)
+
+
 def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example, example_out) -> dict:
     """The int8 variant: compared with fp32 on the validation rows, registered (alias candidate-int8)
     when its accuracy drop is within quantize.max_accuracy_drop."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    from dlpipe import quantize, tracking
+    from dlpipe import quantize
 
     int8 = quantize.quantize_dynamic(served)
     loader = ShardLoader(spec.val_uri, 0, 1, 4096, spec.feature_shape, shuffle=False, storage=spec.storage)
@@ -218,16 +224,8 @@ def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example
     )
     if passed:
         name = cfg.model_name
-        info = mlflow.pytorch.log_model(
-            int8,
-            name="model_int8",
-            signature=infer_signature(example, example_out),
-            input_example=example,
-            pip_requirements=tracking.pip_requirements(),
-            registered_model_name=name,
-            serialization_format="pickle",  # TorchScript: torch.export cannot trace quantized kernels
-        )
-        version = str(info.registered_model_version)
+        # TorchScript (pickle format): torch.export cannot trace the quantized kernels
+        version = log_registered(int8, "model_int8", name, example, example_out, serialization_format="pickle")
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "dlpipe.variant", "int8")
         client.set_registered_model_alias(name, quantize.INT8_ALIAS, version)
