@@ -23,6 +23,12 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     return raw[: len(raw) - np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))]
 
 
+def cell_layout(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, int]:
+    """The npy header every cell of this dtype and shape starts with, and the whole cell's length."""
+    header = npy_header(dtype.str, tuple(shape))
+    return header, len(header) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+
+
 def encode_rows(arr: np.ndarray) -> list[bytes]:
     """Rows of arr (n, *shape) -> n NdarrayCodec cells, byte-identical to NdarrayCodec.encode."""
     arr = np.ascontiguousarray(arr)
@@ -53,8 +59,7 @@ def decode_cells(cells: Sequence[bytes], dtype: str | np.dtype, shape: tuple[int
     n = len(cells)
     if n == 0:
         return np.empty((0, *shape), dtype=dtype)
-    header = npy_header(dtype.str, tuple(shape))
-    cell_len = len(header) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    header, cell_len = cell_layout(dtype, shape)
     joined = b"".join(cells)
     if len(joined) == n * cell_len and all(bytes(c[: len(header)]) == header for c in (cells[0], cells[-1])):
         table = np.frombuffer(joined, dtype=np.uint8).reshape(n, cell_len)[:, len(header) :]
@@ -78,8 +83,7 @@ def decode_arrow(column, dtype: str | np.dtype, shape: tuple[int, ...], take: np
             return np.concatenate(parts) if parts else np.empty((0, *shape), dtype=np.dtype(dtype))
     dtype = np.dtype(dtype)
     n = len(column)
-    header = npy_header(dtype.str, tuple(shape))
-    cell_len = len(header) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    header, cell_len = cell_layout(dtype, shape)
     if n and column.null_count == 0:
         offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=n + 1, offset=column.offset * 4)
         if np.all(np.diff(offsets) == cell_len):
@@ -103,9 +107,9 @@ def decode_arrow_checked(column, dtype: str | np.dtype, shape: tuple[int, ...]) 
         column = column.combine_chunks()
     dtype = np.dtype(dtype)
     n = len(column)
-    header = np.frombuffer(npy_header(dtype.str, tuple(shape)), dtype=np.uint8)
+    raw_header, cell_len = cell_layout(dtype, shape)
+    header = np.frombuffer(raw_header, dtype=np.uint8)
     hlen = len(header)
-    cell_len = hlen + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     x = np.zeros((n, *shape), dtype=dtype)
     if n == 0:
         return x, None
