@@ -247,12 +247,35 @@ class TrainConfig(_Strict):
         return "off" if value is False else value  # YAML reads a bare `off` as false
 
 
+PARTITION_COLUMNS = ("model_version", "prediction")
+
+
 class InferConfig(_Strict):
     model_uri: str | None = Field(
         None, description="Default: models:/<model name>@candidate (variant int8: @candidate-int8)"
     )
     variant: Literal["fp32", "int8"] = Field("fp32", description="int8: the dynamically quantized version")
     batch_size: int = Field(4096, gt=0)
+    source: str | None = Field(
+        None,
+        description="null: score the test split. A URI of new raw data (dataset.source's format and columns, "
+        "the label optional) to validate, transform with the model's training statistics and score",
+    )
+    output: str | None = Field(
+        None, description="Default: <warehouse>/<dataset>/predictions (test split) or .../scored (infer.source)"
+    )
+    partition_by: list[str] = Field(
+        default_factory=lambda: ["model_version"],
+        description="Parquet partition columns of the output, from: model_version, prediction (empty: none)",
+    )
+
+    @field_validator("partition_by")
+    @classmethod
+    def _known_columns(cls, value: list[str]) -> list[str]:
+        bad = [c for c in value if c not in PARTITION_COLUMNS]
+        if bad:
+            raise ValueError(f"cannot partition predictions by {bad}; choose from {list(PARTITION_COLUMNS)} or []")
+        return value
 
 
 class QuantizeConfig(_Strict):

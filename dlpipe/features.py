@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -197,10 +198,14 @@ def _scale_images(key: str, image: str, shape: tuple[int, ...], mean: float, std
     return scale
 
 
-def transform(clean: DataFrame, cfg: Config, stats: dict) -> DataFrame:
-    """Clean typed rows -> (key, features NdarrayCodec float32 tensor, label int32), the Petastorm layout."""
+def transform(clean: DataFrame, cfg: Config, stats: dict, label_optional: bool = False) -> DataFrame:
+    """Clean typed rows -> (key, features NdarrayCodec float32 tensor, label int32), the Petastorm layout.
+
+    label_optional: new rows to score, whose label may be null (the schema then allows it)."""
     key, label = stats["key"], stats["label"]
     schema = unischema(cfg, stats).as_spark_schema()
+    if label_optional:
+        schema = T.StructType([T.StructField(f.name, f.dataType, f.name == "label" or f.nullable) for f in schema])
     if cfg.dataset.source.format == "image":
         f = stats["features"][0]
         fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
@@ -279,3 +284,27 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
 
 def read_stats(spark: SparkSession, cfg: Config) -> dict:
     return HadoopFS(spark).read_json(dataset_paths(cfg).stats)
+
+
+STATS_ARTIFACT = "preprocessing/stats.json"  # in the training run: the statistics its model was trained with
+
+
+def model_stats(mv: dict, fallback: Callable[[], dict]) -> dict:
+    """The statistics logged with the training run of model version mv (train logs them), so new rows are
+    transformed exactly as its training rows were; fallback() for a model trained elsewhere, with a warning."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if mv.get("run_id"):
+        try:
+            return mlflow.artifacts.load_dict(f"runs:/{mv['run_id']}/{STATS_ARTIFACT}")
+        except (MlflowException, OSError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    else:
+        reason = "the model URI names no run"
+    log.warning(
+        "no %s in the model's training run (%s); transforming with the dataset's current statistics instead",
+        STATS_ARTIFACT,
+        reason,
+    )
+    return fallback()

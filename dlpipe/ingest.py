@@ -10,7 +10,7 @@ and commits nothing. More bad rows than `dataset.max_bad_fraction` also fail it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pandas as pd
 from pyspark import StorageLevel
@@ -43,14 +43,18 @@ class SchemaMismatchError(ValueError):
 
 
 # --- reading -------------------------------------------------------------------------------------------
-def read_raw(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
+def read_raw(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = False) -> DataFrame:
     """Declared columns as strings (images as NdarrayCodec cells), plus the malformed record and source file.
 
-    `run` has checked that uri exists (it must, to fingerprint it first)."""
+    label_optional (scoring new data): files may lack the label column; it then reads as null.
+    The caller has checked that uri exists (it must, to fingerprint it first)."""
     fmt = cfg.dataset.source.format
     if fmt == "image":
         return _read_images(spark, cfg, uri)
+    label = cfg.dataset.column("label").name
     columns = cfg.dataset.columns
+    if label_optional and not _has_column(spark, cfg, uri, label):
+        columns = [c for c in columns if c.name != label]
     schema = T.StructType(
         [T.StructField(c.name, T.StringType()) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
     )
@@ -71,7 +75,21 @@ def read_raw(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
         df = df.select(
             *[F.col(c.name).cast("string").alias(c.name) for c in columns], F.lit(None).cast("string").alias(CORRUPT)
         )
+    if len(columns) < len(cfg.dataset.columns):
+        df = df.withColumn(label, F.lit(None).cast("string"))
     return df.withColumn("_source_file", F.input_file_name()).withColumn(PRE_REASON, F.lit(None).cast("string"))
+
+
+def _has_column(spark: SparkSession, cfg: Config, uri: str, name: str) -> bool:
+    """Whether the files at uri have column `name`: the CSV header or the Parquet schema (JSON lines
+    need no answer: a field absent from a line reads as null)."""
+    fmt = cfg.dataset.source.format
+    opts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
+    if fmt == "csv":
+        return name in spark.read.options(**{"header": "true", **opts}).csv(uri).columns
+    if fmt == "parquet":
+        return name in spark.read.options(**opts).parquet(uri).columns
+    return True
 
 
 def _decode_images(shape: tuple[int, ...], image: str):
@@ -149,16 +167,20 @@ def _t(name: str) -> Column:
     return F.col(f"__t_{name}")
 
 
-def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
+def _checks(cfg: Config, scoring: bool = False) -> list[tuple[Column, Column, str]]:
     """(condition, reason, code) in the order they are tried; a row gets the first that applies.
 
     Conditions read the typed columns `validate` computed once; reasons are only built for bad rows.
+    scoring: rows to be scored, not learned from; the label is not checked (new data has none).
     """
     checks: list[tuple[Column, Column, str]] = [
         (F.col(CORRUPT).isNotNull(), F.lit("malformed line: wrong number of fields or bad syntax"), "malformed"),
         (F.col(PRE_REASON).isNotNull(), F.col(PRE_REASON), "image"),
     ]
+    label = cfg.dataset.column("label")
     for col in cfg.dataset.columns:
+        if scoring and col.name == label.name:
+            continue
         raw, typed = F.col(col.name), _t(col.name)
         empty = raw.isNull() if col.type == "image" else (raw.isNull() | (F.trim(raw) == ""))
         if col.required or col.role in ("key", "label"):
@@ -179,7 +201,8 @@ def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
         if col.type == "string" and col.values is not None:
             bad = ~empty & ~raw.isin(col.values)
             checks.append((bad, F.concat(F.lit(f"not an allowed value of {col.name}: "), raw), "value"))
-    label = cfg.dataset.column("label")
+    if scoring:
+        return checks
     k, typed_label = cfg.dataset.num_classes, _t(label.name)
     checks.append(
         (
@@ -191,14 +214,14 @@ def _checks(cfg: Config) -> list[tuple[Column, Column, str]]:
     return checks
 
 
-def validate(df: DataFrame, cfg: Config) -> DataFrame:
+def validate(df: DataFrame, cfg: Config, scoring: bool = False) -> DataFrame:
     """Add typed columns `__t_<name>` and `_check`: the index of the first failed check, null if good.
 
     Two projections on purpose: Spark does not merge them when that would repeat the casts, so each
     value is parsed once per row instead of once per check.
     """
     typed = df.select("*", *[_typed(c).alias(f"__t_{c.name}") for c in cfg.dataset.columns])
-    check = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(_checks(cfg))])
+    check = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(_checks(cfg, scoring))])
     return typed.withColumn("_check", check)
 
 
@@ -206,14 +229,16 @@ def typed_clean(df: DataFrame, cfg: Config) -> DataFrame:
     return df.where(F.col("_check").isNull()).select(*[_t(c.name).alias(c.name) for c in cfg.dataset.columns])
 
 
-def quarantine_rows(df: DataFrame, cfg: Config) -> DataFrame:
-    """One row per bad input row: its reason, reason code, the raw text and the file it came from."""
-    checks = _checks(cfg)
+def quarantine_rows(df: DataFrame, cfg: Config, scoring: bool = False, keep: Sequence[str] = ()) -> DataFrame:
+    """One row per bad input row: the raw text of the keep columns, its reason, reason code, the raw text
+    and the file it came from."""
+    checks = _checks(cfg, scoring)
     by_index = lambda part: F.coalesce(*[F.when(F.col("_check") == i, c[part]) for i, c in enumerate(checks)])  # noqa: E731
     codes = [F.lit(c) for _, _, c in checks]
     text_cols = [c.name for c in cfg.dataset.columns if c.type != "image"]
     raw_line = F.coalesce(F.col(CORRUPT), F.concat_ws(",", *[F.coalesce(F.col(c), F.lit("")) for c in text_cols]))
     return df.where(F.col("_check").isNotNull()).select(
+        *keep,
         by_index(1).alias("reason"),
         F.element_at(F.array(*codes), F.col("_check") + 1).alias("reason_code"),
         raw_line.alias("raw_line"),

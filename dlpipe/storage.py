@@ -51,6 +51,7 @@ class DatasetPaths:
     quarantine: str
     petastorm: str
     predictions: str
+    scored: str
 
     def split(self, name: str) -> str:
         return f"{self.petastorm}/{name}"
@@ -68,6 +69,7 @@ def dataset_paths(cfg: Any) -> DatasetPaths:
         quarantine=f"{base}/quarantine",
         petastorm=f"{base}/petastorm",
         predictions=f"{base}/predictions",
+        scored=f"{base}/scored",
     )
 
 

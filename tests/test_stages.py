@@ -151,15 +151,20 @@ def test_infer_scores_every_test_row(spark, cfg, preprocessed, inferred):
     row = preds.first()
     assert len(row.probabilities) == 3 and abs(sum(row.probabilities) - 1) < 1e-4
     assert row.prediction == int(np.argmax(row.probabilities))
-    assert row.model_name == cfg.model_name and row.model_version == "1"
+    assert row.model_name == cfg.model_name and row.model_version == 1
+    out = local_path(dataset_paths(cfg).predictions)
+    assert [p.name for p in out.glob("model_version=*")] == ["model_version=1"]  # infer.partition_by
 
 
 def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):
-    m = _in_run(cfg, "evaluate", evaluate.run, spark)
+    with tracking.pipeline_run(cfg, "test-evaluate"), tracking.stage_run(cfg, "evaluate") as run:
+        m = evaluate.run(spark, cfg)
     assert m["test_rows_without_prediction"] == 0
     assert m["predictions"] == m["test_rows"] == inferred["rows_in"]
     assert 0 <= m["majority_baseline_accuracy"] <= 1 and m["accuracy"] > m["majority_baseline_accuracy"]
     assert m["log_loss"] > 0
+    artifacts = {a.path for a in mlflow.MlflowClient(tracking.tracking_uri(cfg)).list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "roc.png"} <= artifacts
 
 
 def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, preprocessed, inferred):
@@ -230,6 +235,46 @@ def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg
     assert all(rows[i].prediction is None and rows[i].probabilities is None for i in range(4, 8))
 
 
+def test_new_raw_data_is_validated_transformed_with_the_models_statistics_and_scored(spark, cfg, inferred, tmp_path):
+    """infer.source: raw CSV without a label column, some lines bad. Every line is scored or quarantined
+    with its reason, and rows equal to test rows get exactly the test split's predictions (the same
+    training statistics were applied, read from the model's own run)."""
+    stats = features.read_stats(spark, cfg)
+    key = stats["key"]
+    mv = tracking.model_version_for(infer.model_uri(cfg))
+    assert features.model_stats(mv, fallback=lambda: pytest.fail("no statistics logged with the model")) == stats
+    test_keys = spark.read.parquet(dataset_paths(cfg).split("test")).select(key)
+    clean = spark.read.parquet(dataset_paths(cfg).clean).join(test_keys, key).drop("label").orderBy(key).toPandas()
+    header = ",".join(clean.columns)
+    lines = [",".join(str(v) for v in row) for row in clean.itertuples(index=False)]
+    bad = [
+        "999001,1.0,abc,0,0,0,0,0,0,a",  # not a double
+        "999002,1.0,2.0,0,0,0,0,0,0,z",  # not an allowed category
+        "999003,1.0,2.0,3.0",  # wrong number of fields
+        "999004,1.0,2.0,0,0,0,0,0,500,b",  # out of range
+    ]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "part-0.csv").write_text("\n".join([header, *lines, *bad]) + "\n")
+    out = tmp_path / "scored"
+    ncfg = make_cfg(cfg.root, f"infer.source={new.as_uri()}", f"infer.output={out.as_uri()}", "infer.partition_by=[]")
+    m = _in_run(ncfg, "infer", infer.run, spark)
+    assert m["rows_in"] == len(lines) + len(bad) == m["rows_scored"] + m["rows_quarantined"]
+    assert m["rows_scored"] == len(lines) and m["quarantined_type"] == m["quarantined_value"] == 1
+    assert m["quarantined_malformed"] == m["quarantined_range"] == 1
+    q = {r[key]: r for r in spark.read.parquet(infer.quarantine_path(out.as_uri())).collect()}
+    assert q["999001"].reason == "not a double: x1=abc" and q["999001"].model_version == int(mv["version"])
+    assert q["999002"].reason == "not an allowed value of segment: z"
+    scored = {r[key]: r for r in spark.read.parquet(out.as_uri()).collect()}
+    expected = {r[key]: r for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
+    assert scored.keys() == expected.keys()
+    for k, r in scored.items():
+        assert r.label is None and r.prediction == expected[k].prediction
+        np.testing.assert_allclose(r.probabilities, expected[k].probabilities, rtol=1e-5, atol=1e-6)
+    again = _in_run(ncfg, "infer", infer.run, spark)
+    assert again["skipped"] == 1 and again["rows_scored"] == m["rows_scored"]
+
+
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
     """quantize.enabled (default): the dynamically quantized model, its accuracy delta and speed, its own
     version under @candidate-int8, and infer.variant=int8 scoring every test row with it."""
@@ -246,6 +291,6 @@ def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg,
     m = _in_run(make_cfg(cfg.root, "infer.variant=int8"), "infer", infer.run, spark)
     assert m["rows_scored"] == m["rows_in"] == inferred["rows_in"] and m["rows_quarantined"] == 0
     preds = spark.read.parquet(dataset_paths(cfg).predictions).collect()
-    assert {r.model_version for r in preds} == {str(mv.version)}
+    assert {r.model_version for r in preds} == {int(mv.version)}
     agree = np.mean([fp32[r[key]] == r.prediction for r in preds])
     assert agree > 0.97, f"int8 and fp32 agree on only {agree:.3f} of the test rows"

@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 
 from dlpipe import lineage
 from dlpipe.config import Config
-from dlpipe.features import read_stats
+from dlpipe.features import STATS_ARTIFACT, read_stats
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
@@ -141,6 +141,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
+    mlflow.log_dict(stats, STATS_ARTIFACT)  # what new rows must be transformed with to be scored by this model
     result = launch(spark, cfg, spec)
     history = result["history"]
     live = set(result["live_epochs"])
