@@ -1,4 +1,4 @@
-"""Evaluate: metrics of the predictions on the test split, computed in Spark, plus a confusion matrix."""
+"""Evaluate: metrics of the predictions on the test split, computed in Spark, a confusion matrix and ROC curves."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def plot_confusion(cm: np.ndarray):
     return fig
 
 
-def macro_auc(preds, k: int, bins: int = 1000) -> float:
-    """One-vs-rest AUC averaged over classes, from per-class histograms of the predicted probability
-    (one Spark aggregation, any number of rows; ties within a 1/bins bucket count half, as ties do)."""
+def class_histograms(preds, k: int, bins: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, negatives), each (k, bins): for class c, how many rows of class c (and of the other
+    classes) got a probability of c in each 1/bins bucket. One Spark aggregation, any number of rows."""
     exploded = preds.select("label", F.posexplode("probabilities").alias("c", "p"))
     rows = (
         exploded.select(
@@ -69,24 +69,76 @@ def macro_auc(preds, k: int, bins: int = 1000) -> float:
     for r in rows:
         pos[r["c"], r["b"]] += r["pos"]
         neg[r["c"], r["b"]] += r["n"] - r["pos"]
-    aucs = []
-    for c in range(k):
+    return pos, neg
+
+
+def class_aucs(pos: np.ndarray, neg: np.ndarray) -> list[float | None]:
+    """One-vs-rest AUC of each class from its histograms (ties within a bucket count half, as ties do);
+    None for a class absent from the rows (or present in all of them)."""
+    aucs: list[float | None] = []
+    for c in range(len(pos)):
         p_total, n_total = pos[c].sum(), neg[c].sum()
         if p_total == 0 or n_total == 0:
-            continue  # a class absent from the test rows has no AUC
+            aucs.append(None)
+            continue
         higher_pos = np.cumsum(pos[c][::-1])[::-1] - pos[c]  # positives in strictly higher buckets
         aucs.append(float((neg[c] * (higher_pos + 0.5 * pos[c])).sum() / (p_total * n_total)))
-    return float(np.mean(aucs)) if aucs else float("nan")
+    return aucs
 
 
-def classification_metrics(preds, k: int) -> tuple[dict, np.ndarray]:
-    """Accuracy, macro F1, log-loss and macro AUC of scored rows (label, prediction, probabilities)."""
+def _mean_auc(aucs: list[float | None]) -> float:
+    known = [a for a in aucs if a is not None]
+    return float(np.mean(known)) if known else float("nan")
+
+
+def macro_auc(preds, k: int, bins: int = 1000) -> float:
+    """One-vs-rest AUC averaged over the classes present, from one Spark aggregation."""
+    return _mean_auc(class_aucs(*class_histograms(preds, k, bins)))
+
+
+def roc_curves(pos: np.ndarray, neg: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per class, (false positive rate, true positive rate) at each bucket threshold, from 0 to 1."""
+    curves = []
+    for c in range(len(pos)):
+        p_total, n_total = pos[c].sum(), neg[c].sum()
+        if p_total == 0 or n_total == 0:
+            curves.append(None)
+            continue
+        tpr = np.concatenate([[0.0], np.cumsum(pos[c][::-1]) / p_total])
+        fpr = np.concatenate([[0.0], np.cumsum(neg[c][::-1]) / n_total])
+        curves.append((fpr, tpr))
+    return curves
+
+
+def plot_roc(pos: np.ndarray, neg: np.ndarray):
+    """One-vs-rest ROC curve per class, with each class's AUC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for c, (curve, auc) in enumerate(zip(roc_curves(pos, neg), class_aucs(pos, neg), strict=True)):
+        if curve is not None:
+            fpr, tpr = curve
+            ax.plot(fpr, tpr, label=f"class {c} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one vs rest (test)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def classification_metrics(preds, k: int) -> tuple[dict, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Accuracy, macro F1, log-loss and macro AUC of scored rows (label, prediction, probabilities), the
+    confusion matrix and the per-class probability histograms (for the ROC plot)."""
     cm = confusion_matrix(preds, k)
     metrics = scores(cm)
     p_true = F.element_at("probabilities", F.col("label") + 1)
     metrics["log_loss"] = preds.agg(F.avg(-F.log(F.greatest(p_true, F.lit(1e-7))))).first()[0]
-    metrics["auc"] = macro_auc(preds, k)
-    return metrics, cm
+    hist = class_histograms(preds, k)
+    metrics["auc"] = _mean_auc(class_aucs(*hist))
+    return metrics, cm, hist
 
 
 def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict:
@@ -108,7 +160,7 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
         prod_mv = tracking.model_version_for(f"models:/{mv['name']}/{prod.version}")
         test = spark.read.parquet(dataset_paths(cfg).split("test"))
         prod_scored = score_rows(spark, cfg, test, stats, prod_mv).where(F.col("quarantine_reason").isNull())
-        prod_metrics, _ = classification_metrics(prod_scored, stats["num_classes"])
+        prod_metrics, _, _ = classification_metrics(prod_scored, stats["num_classes"])
         prod_score = prod_metrics[metric]
     decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin)
     return promotion.record(mv["name"], str(mv["version"]), decision, str(prod.version) if prod is not None else None)
@@ -129,7 +181,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     preds = spark.read.parquet(paths.predictions)
     test = spark.read.parquet(paths.split("test")).select(key, "label")
     missing = test.join(preds.select(key), key, "left_anti").count()
-    metrics, cm = classification_metrics(preds, k)
+    metrics, cm, hist = classification_metrics(preds, k)
     metrics["majority_baseline_accuracy"] = float(cm[stats["majority_class"]].sum() / cm.sum())
     metrics["accuracy_over_baseline"] = metrics["accuracy"] - metrics["majority_baseline_accuracy"]
     metrics["test_rows"] = test.count()
@@ -142,6 +194,9 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     mlflow.log_figure(fig, "confusion_matrix.png")
     plt.close(fig)
     mlflow.log_dict({"labels": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
+    fig = plot_roc(*hist)
+    mlflow.log_figure(fig, "roc.png")
+    plt.close(fig)
     log.info(
         "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f, "
         "%d rows without prediction",
