@@ -107,12 +107,14 @@ class SourceConfig(_Strict):
 
 
 class GeneratorConfig(_Strict):
-    kind: Literal["tabular", "digits"] = "tabular"
+    kind: Literal["tabular", "regression", "digits"] = "tabular"
     rows: int = Field(20000, gt=0)
     files: int = Field(4, gt=0)
     num_numeric: int = Field(8, gt=0)
     categories: list[str] = Field(default_factory=lambda: ["a", "b", "c", "d"], min_length=1)
-    label_noise: float = Field(0.1, ge=0, le=1)
+    label_noise: float = Field(
+        0.1, ge=0, le=1, description="tabular: share of random labels; regression: std of the target's noise"
+    )
     malformed_fraction: float = Field(0.03, ge=0, lt=1)
     seed: int = 7
 
@@ -135,7 +137,10 @@ class SplitConfig(_Strict):
 class DatasetConfig(_Strict):
     name: str
     source: SourceConfig
-    num_classes: int = Field(..., ge=2)
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification: an integer label in [0, num_classes); regression: a number"
+    )
+    num_classes: int | None = Field(None, ge=2, description="classification only: how many classes")
     columns: list[ColumnSpec] = Field(..., min_length=2)
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Ingest fails above this share of bad rows.")
@@ -163,6 +168,17 @@ class DatasetConfig(_Strict):
                 raise ValueError("an image dataset needs source.label_from_path (a regex capturing the label)")
         elif images:
             raise ValueError("image columns need source.format: image")
+        label = self.column("label")
+        if self.task == "classification":
+            if self.num_classes is None:
+                raise ValueError("a classification dataset needs num_classes (2 or more)")
+            if label.type not in ("int", "long"):
+                raise ValueError(f"a classification label is an int; label column '{label.name}' is {label.type}")
+        else:
+            if self.num_classes is not None:
+                raise ValueError("num_classes is for classification; remove it, or set task: classification")
+            if label.type not in ("int", "long", "float", "double"):
+                raise ValueError(f"a regression label is a number; label column '{label.name}' is {label.type}")
         return self
 
     def column(self, role: str) -> ColumnSpec:
@@ -283,14 +299,19 @@ class QuantizeConfig(_Strict):
     max_accuracy_drop: float = Field(
         0.01, ge=0, description="the int8 variant is registered only if it loses at most this much accuracy"
     )
+    max_rmse_increase: float = Field(
+        0.02, ge=0, description="regression: ... only if its RMSE is at most this much larger (relative)"
+    )
 
 
 class EvaluateConfig(_Strict):
     """The quality gate between the `candidate` alias and `production`."""
 
     promote: bool = Field(True, description="false: evaluate only, never move the production alias")
-    promote_metric: Literal["accuracy", "macro_f1", "auc", "log_loss"] = Field(
-        "accuracy", description="compared on the same test rows (log_loss: lower is better)"
+    promote_metric: Literal["auto", "accuracy", "macro_f1", "auc", "log_loss", "rmse", "mae"] = Field(
+        "auto",
+        description="compared on the same test rows (log_loss, rmse, mae: lower is better); auto: accuracy for "
+        "classification, rmse for regression",
     )
     promote_margin: float = Field(
         0.0, ge=0, description="how much better the candidate must be than production to replace it"
@@ -309,13 +330,36 @@ class Config(_Strict):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
+    @model_validator(mode="after")
+    def _fits_task(self) -> Config:
+        if self.dataset.task == "regression" and "prediction" in self.infer.partition_by:
+            raise ValueError(
+                "infer.partition_by: a regressor's prediction is a number, one folder per value; use model_version"
+            )
+        metric = self.evaluate.promote_metric
+        regression = metric in ("rmse", "mae")
+        if metric != "auto" and regression != (self.dataset.task == "regression"):
+            raise ValueError(
+                f"evaluate.promote_metric={metric} does not fit a {self.dataset.task} dataset; use auto, or "
+                + ("rmse or mae" if self.dataset.task == "regression" else "accuracy, macro_f1, auc or log_loss")
+            )
+        return self
+
+    @property
+    def promote_metric(self) -> str:
+        metric = self.evaluate.promote_metric
+        if metric == "auto":
+            return "rmse" if self.dataset.task == "regression" else "accuracy"
+        return metric
+
     @property
     def root(self) -> Path:
         return Path(self.project.root)
 
     @property
     def model_name(self) -> str:
-        return self.tracking.registered_model or f"{self.dataset.name}-classifier"
+        kind = "regressor" if self.dataset.task == "regression" else "classifier"
+        return self.tracking.registered_model or f"{self.dataset.name}-{kind}"
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""

@@ -1,4 +1,7 @@
-"""Evaluate: metrics of the predictions on the test split, computed in Spark, a confusion matrix and ROC curves."""
+"""Evaluate: metrics of the predictions on the test split, computed in Spark, and their plots.
+
+Classification: accuracy, macro F1, log-loss, macro AUC, a confusion matrix and ROC curves. Regression:
+RMSE, MAE, R² and a predicted-vs-true plot. Then the promotion gate against @production."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pyspark.sql import functions as F
 from dlpipe.config import Config
 from dlpipe.features import read_stats
 from dlpipe.generate import read_manifest
+from dlpipe.objective import is_regression
 from dlpipe.storage import dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
@@ -141,6 +145,53 @@ def classification_metrics(preds, k: int) -> tuple[dict, np.ndarray, tuple[np.nd
     return metrics, cm, hist
 
 
+def regression_metrics(preds, train_mean: float) -> dict:
+    """RMSE, MAE, R² and the RMSE of always predicting the training mean, of scored rows (label,
+    prediction), in one Spark aggregation."""
+    err = F.col("prediction") - F.col("label")
+    r = preds.agg(
+        F.sqrt(F.avg(err * err)).alias("rmse"),
+        F.avg(F.abs(err)).alias("mae"),
+        F.sqrt(F.avg((F.col("label") - F.lit(train_mean)) ** 2)).alias("mean_baseline_rmse"),
+        F.variance("label").alias("var"),
+        F.count("*").alias("n"),
+    ).first()
+    var = r["var"] or 0.0
+    return {
+        "rmse": r["rmse"],
+        "mae": r["mae"],
+        "r2": 1 - r["rmse"] ** 2 / var if var > 0 else float("nan"),
+        "mean_baseline_rmse": r["mean_baseline_rmse"],
+        "predictions": int(r["n"]),
+    }
+
+
+def plot_regression(sample):
+    """Predicted against true value (a sample of rows), and the residuals' histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y, p = sample["label"].to_numpy(), sample["prediction"].to_numpy()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
+    ax1.scatter(y, p, s=4, alpha=0.4)
+    lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+    ax1.plot([lo, hi], [lo, hi], color="grey", linestyle=":", linewidth=1)
+    ax1.set(xlabel="true", ylabel="predicted", title=f"predicted vs true ({len(y)} test rows)")
+    ax2.hist(p - y, bins=50)
+    ax2.set(xlabel="prediction - true", ylabel="rows", title="residuals")
+    fig.tight_layout()
+    return fig
+
+
+def gate_metrics(preds, stats: dict) -> dict:
+    """The metrics the gate compares, for either task."""
+    if is_regression(stats):
+        return regression_metrics(preds, stats["label_mean"])
+    return classification_metrics(preds, stats["num_classes"])[0]
+
+
 def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict:
     """Compare the candidate with @production on the same test rows; promote it if it passes."""
     from dlpipe import promotion, tracking
@@ -150,7 +201,7 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
     if mv["name"] is None:
         log.info("evaluate: %s is not a registered model version; no promotion", model_uri(cfg))
         return {}
-    metric = cfg.evaluate.promote_metric
+    metric = cfg.promote_metric
     prod = promotion.production_version(mv["name"])
     if prod is not None and str(prod.version) == str(mv["version"]):
         log.info("evaluate: %s version %s is @production already", mv["name"], mv["version"])
@@ -160,8 +211,7 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
         prod_mv = tracking.model_version_for(f"models:/{mv['name']}/{prod.version}")
         test = spark.read.parquet(dataset_paths(cfg).split("test"))
         prod_scored = score_rows(spark, cfg, test, stats, prod_mv).where(F.col("quarantine_reason").isNull())
-        prod_metrics, _, _ = classification_metrics(prod_scored, stats["num_classes"])
-        prod_score = prod_metrics[metric]
+        prod_score = gate_metrics(prod_scored, stats)[metric]
     decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin)
     return promotion.record(mv["name"], str(mv["version"]), decision, str(prod.version) if prod is not None else None)
 
@@ -169,44 +219,71 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The evaluate stage (always runs: it is cheap and its figures belong to this run), then the
     promotion gate (evaluate.promote)."""
-    import matplotlib.pyplot as plt
-    import mlflow
-
     from dlpipe.tracking import require_active_run
 
     require_active_run("evaluate")
     paths = dataset_paths(cfg)
     stats = read_stats(spark, cfg)
-    key, k = stats["key"], stats["num_classes"]
+    key = stats["key"]
     preds = spark.read.parquet(paths.predictions)
     test = spark.read.parquet(paths.split("test")).select(key, "label")
     missing = test.join(preds.select(key), key, "left_anti").count()
+    manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
+    if is_regression(stats):
+        metrics = _evaluate_regression(preds, stats, manifest)
+    else:
+        metrics = _evaluate_classification(preds, stats, manifest)
+    metrics["test_rows"] = test.count()
+    metrics["test_rows_without_prediction"] = missing
+    log.info("evaluate: %d test rows, %d without prediction", metrics["test_rows"], missing)
+    if cfg.evaluate.promote:
+        metrics.update(gate(spark, cfg, stats, metrics))
+    return metrics
+
+
+def _log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def _evaluate_classification(preds, stats: dict, manifest: dict | None) -> dict:
+    import mlflow
+
+    k = stats["num_classes"]
     metrics, cm, hist = classification_metrics(preds, k)
     metrics["majority_baseline_accuracy"] = float(cm[stats["majority_class"]].sum() / cm.sum())
     metrics["accuracy_over_baseline"] = metrics["accuracy"] - metrics["majority_baseline_accuracy"]
-    metrics["test_rows"] = test.count()
     metrics["predictions"] = int(cm.sum())
-    metrics["test_rows_without_prediction"] = missing
-    manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
     if manifest and manifest.get("bayes_accuracy") is not None:
         metrics["bayes_accuracy"] = manifest["bayes_accuracy"]
-    fig = plot_confusion(cm)
-    mlflow.log_figure(fig, "confusion_matrix.png")
-    plt.close(fig)
+    _log_figure(plot_confusion(cm), "confusion_matrix.png")
     mlflow.log_dict({"labels": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
-    fig = plot_roc(*hist)
-    mlflow.log_figure(fig, "roc.png")
-    plt.close(fig)
+    _log_figure(plot_roc(*hist), "roc.png")
     log.info(
-        "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f, "
-        "%d rows without prediction",
+        "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f",
         metrics["accuracy"],
         metrics["majority_baseline_accuracy"],
         metrics["macro_f1"],
         metrics["log_loss"],
         metrics["auc"],
-        missing,
     )
-    if cfg.evaluate.promote:
-        metrics.update(gate(spark, cfg, stats, metrics))
+    return metrics
+
+
+def _evaluate_regression(preds, stats: dict, manifest: dict | None) -> dict:
+    metrics = regression_metrics(preds, stats["label_mean"])
+    if manifest and manifest.get("bayes_rmse") is not None:
+        metrics["bayes_rmse"] = manifest["bayes_rmse"]
+    sample = preds.select("label", "prediction").limit(5000).toPandas()
+    _log_figure(plot_regression(sample), "predicted_vs_true.png")
+    log.info(
+        "evaluate: RMSE %.4f (predicting the training mean: %.4f), MAE %.4f, R2 %.4f",
+        metrics["rmse"],
+        metrics["mean_baseline_rmse"],
+        metrics["mae"],
+        metrics["r2"],
+    )
     return metrics

@@ -19,6 +19,7 @@ from pyspark.sql import types as T
 from dlpipe import lineage
 from dlpipe.config import Config
 from dlpipe.ingest import AccountingError
+from dlpipe.objective import label_spark_type
 from dlpipe.storage import (
     FsspecFactory,
     HadoopFS,
@@ -65,18 +66,23 @@ def fit_stats(train: DataFrame, cfg: Config) -> dict:
     """Feature statistics and class counts, from the training split only."""
     stats = _fit_image_stats(train, cfg) if cfg.dataset.source.format == "image" else _fit_tabular_stats(train, cfg)
     label = cfg.dataset.column("label").name
-    counts = dict(train.groupBy(label).count().collect())
-    class_counts = [int(counts.get(k, 0)) for k in range(cfg.dataset.num_classes)]
     stats.update(
         {
             "feature_dim": int(np.prod(stats["feature_shape"])),
+            "task": cfg.dataset.task,
             "num_classes": cfg.dataset.num_classes,
             "key": cfg.dataset.column("key").name,
             "label": label,
-            "class_counts_train": class_counts,
-            "majority_class": int(np.argmax(class_counts)),
         }
     )
+    if cfg.dataset.task == "regression":  # targets are standardized while training (dlpipe.objective)
+        m = train.agg(F.avg(label).alias("mean"), F.stddev_pop(label).alias("std")).first()
+        std = float(m["std"] or 0.0)
+        stats.update({"label_mean": float(m["mean"] or 0.0), "label_std": std if std > 1e-12 else 1.0})
+        return stats
+    counts = dict(train.groupBy(label).count().collect())
+    class_counts = [int(counts.get(k, 0)) for k in range(cfg.dataset.num_classes)]
+    stats.update({"class_counts_train": class_counts, "majority_class": int(np.argmax(class_counts))})
     return stats
 
 
@@ -149,18 +155,20 @@ _NP_SPARK = {
 
 
 def unischema(cfg: Config, stats: dict):
-    """The Petastorm Unischema of a split: key, features (float32 tensor, NdarrayCodec), label."""
+    """The Petastorm Unischema of a split: key, features (float32 tensor, NdarrayCodec), label (int32 class
+    or float32 value)."""
     from petastorm.codecs import NdarrayCodec, ScalarCodec
     from petastorm.unischema import Unischema, UnischemaField
 
     key = cfg.dataset.column("key")
     np_key, spark_key = _NP_SPARK[key.type]
+    np_label, spark_label = _NP_SPARK[label_spark_type(cfg.dataset.task)]
     return Unischema(
         f"{cfg.dataset.name}_schema",
         [
             UnischemaField(key.name, np_key, (), ScalarCodec(spark_key), False),
             UnischemaField("features", np.float32, tuple(stats["feature_shape"]), NdarrayCodec(), False),
-            UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
+            UnischemaField("label", np_label, (), ScalarCodec(spark_label), False),
         ],
     )
 
@@ -202,15 +210,15 @@ def transform(clean: DataFrame, cfg: Config, stats: dict, label_optional: bool =
     """Clean typed rows -> (key, features NdarrayCodec float32 tensor, label int32), the Petastorm layout.
 
     label_optional: new rows to score, whose label may be null (the schema then allows it)."""
-    key, label = stats["key"], stats["label"]
+    key, label = stats["key"], F.col(stats["label"]).cast(label_spark_type(cfg.dataset.task)).alias("label")
     schema = unischema(cfg, stats).as_spark_schema()
     if label_optional:
         schema = T.StructType([T.StructField(f.name, f.dataType, f.name == "label" or f.nullable) for f in schema])
     if cfg.dataset.source.format == "image":
         f = stats["features"][0]
         fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
-        return clean.select(key, f["name"], F.col(label).cast("int").alias("label")).mapInArrow(fn, schema=schema)
-    arrays = clean.select(F.col(key), feature_vector(stats).alias("features"), F.col(label).cast("int").alias("label"))
+        return clean.select(key, f["name"], label).mapInArrow(fn, schema=schema)
+    arrays = clean.select(F.col(key), feature_vector(stats).alias("features"), label)
     return arrays.mapInArrow(_encode_batches(key, tuple(stats["feature_shape"])), schema=schema)
 
 
@@ -234,6 +242,7 @@ def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
         "inputs": inputs,
         "split": cfg.dataset.split.model_dump(mode="json"),
         "columns": [c.model_dump(mode="json") for c in cfg.dataset.columns],
+        "task": cfg.dataset.task,
         "num_classes": cfg.dataset.num_classes,
         "preprocess": cfg.preprocess.model_dump(mode="json"),
     }

@@ -1,10 +1,13 @@
-"""The built-in example datasets, written as raw files: a tabular CSV problem and PNG digit images.
+"""The built-in example datasets, written as raw files: tabular CSV problems and PNG digit images.
 
 Tabular (`kind: tabular`):
 Features x ~ N(0, I) plus a categorical `segment`; the true class is argmax(x W + B[segment]). With
 probability `label_noise` the label is replaced by a uniformly random class, so the best any model can do
 (the Bayes accuracy) is 1 - noise + noise / K, known before training. A few percent of lines are broken
 on purpose, in four kinds, and the manifest counts each kind so tests can check the quarantine exactly.
+
+Regression (`kind: regression`): the same features and broken lines; the target is
+x w + b[segment] + x0 * x1 plus Gaussian noise of std `label_noise`, so the best possible RMSE is known.
 
 Images (`kind: digits`): scikit-learn's 8x8 digits rendered to PNG files `<label>/<index>.png`, with a
 few corrupt files, wrong-sized images and unlabeled files (counted the same way).
@@ -31,7 +34,7 @@ MALFORMED_KINDS = ("wrong_field_count", "bad_number", "missing_label", "bad_labe
 def expected_columns(cfg: Config) -> list[str]:
     g = cfg.dataset.generator
     assert g is not None
-    return ["id", *[f"x{i}" for i in range(g.num_numeric)], "segment", "label"]
+    return ["id", *[f"x{i}" for i in range(g.num_numeric)], "segment", cfg.dataset.column("label").name]
 
 
 def generate(cfg: Config, uri: str, force: bool = False) -> dict:
@@ -48,7 +51,7 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     if not force and existing and existing.get("params") == params:
         log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])
         return {**existing, "skipped": True}
-    files, manifest = _digits(cfg) if g.kind == "digits" else _tabular(cfg)
+    files, manifest = _digits(cfg) if g.kind == "digits" else _tabular(cfg)  # tabular or regression
     manifest = {"params": params, **manifest, "skipped": False}
     _write_all(cfg, uri, files, manifest)
     log.info(
@@ -67,16 +70,13 @@ def _tabular(cfg: Config) -> tuple[dict[str, bytes], dict]:
     names = [c.name for c in cfg.dataset.columns]
     if names != expected_columns(cfg):
         raise ConfigError(f"dataset.columns {names} do not match what the generator writes {expected_columns(cfg)}")
-    k = cfg.dataset.num_classes
     rng = np.random.default_rng(g.seed)
     n, d, cats = g.rows, g.num_numeric, g.categories
-    w = rng.normal(size=(d, k))
-    b = rng.normal(size=(len(cats), k))
-    x = rng.normal(size=(n, d))
-    seg = rng.integers(0, len(cats), size=n)
-    y_true = np.argmax(x @ w + b[seg], axis=1)
-    noisy = rng.random(n) < g.label_noise
-    y = np.where(noisy, rng.integers(0, k, size=n), y_true)
+    if g.kind == "regression":
+        label_text, bad_label, facts = _regression_labels(rng, n, d, len(cats), g.label_noise)
+    else:
+        label_text, bad_label, facts = _class_labels(rng, n, d, len(cats), cfg.dataset.num_classes, g.label_noise)
+    x, seg = facts.pop("x"), facts.pop("seg")
 
     n_bad = int(round(n * g.malformed_fraction))
     bad_rows = rng.choice(n, size=n_bad, replace=False)
@@ -84,7 +84,7 @@ def _tabular(cfg: Config) -> tuple[dict[str, bytes], dict]:
     counts = dict.fromkeys(MALFORMED_KINDS, 0)
     lines = []
     for i in range(n):
-        fields = [str(i), *(f"{v:.6f}" for v in x[i]), cats[seg[i]], str(int(y[i]))]
+        fields = [str(i), *(f"{v:.6f}" for v in x[i]), cats[seg[i]], label_text[i]]
         kind = kind_of.get(i)
         if kind == "wrong_field_count":
             fields = fields[:-1]
@@ -93,7 +93,7 @@ def _tabular(cfg: Config) -> tuple[dict[str, bytes], dict]:
         elif kind == "missing_label":
             fields[-1] = ""
         elif kind == "bad_label":
-            fields[-1] = str(k + 3)
+            fields[-1] = bad_label
         if kind:
             counts[kind] += 1
         lines.append(",".join(fields))
@@ -105,15 +105,55 @@ def _tabular(cfg: Config) -> tuple[dict[str, bytes], dict]:
         f"part-{part:05d}.csv": ("\n".join([header, *(lines[i] for i in chunk)]) + "\n").encode()
         for part, chunk in enumerate(np.array_split(np.arange(n), g.files))
     }
+    summary = {k: (v(valid) if callable(v) else v) for k, v in facts.items()}
     return files, {
         "rows_written": n,
         "valid_rows": int(valid.sum()),
         "malformed": counts,
         "malformed_total": n_bad,
-        "bayes_accuracy": 1 - g.label_noise + g.label_noise / k,
-        "realized_ceiling_accuracy": float(np.mean(y_true[valid] == y[valid])),
-        "majority_fraction": float(np.bincount(y[valid], minlength=k).max() / valid.sum()),
+        **summary,
     }
+
+
+def _class_labels(rng, n: int, d: int, n_cats: int, k: int, noise: float):
+    """argmax(x W + B[segment]), replaced by a random class with probability noise."""
+    w = rng.normal(size=(d, k))
+    b = rng.normal(size=(n_cats, k))
+    x = rng.normal(size=(n, d))
+    seg = rng.integers(0, n_cats, size=n)
+    y_true = np.argmax(x @ w + b[seg], axis=1)
+    noisy = rng.random(n) < noise
+    y = np.where(noisy, rng.integers(0, k, size=n), y_true)
+    return (
+        [str(int(v)) for v in y],
+        str(k + 3),  # out of the label range
+        {
+            "x": x,
+            "seg": seg,
+            "bayes_accuracy": 1 - noise + noise / k,
+            "realized_ceiling_accuracy": lambda valid: float(np.mean(y_true[valid] == y[valid])),
+            "majority_fraction": lambda valid: float(np.bincount(y[valid], minlength=k).max() / valid.sum()),
+        },
+    )
+
+
+def _regression_labels(rng, n: int, d: int, n_cats: int, noise: float):
+    """x w + b[segment] + x0 * x1 (a little non-linear) + N(0, noise^2): the best possible RMSE is noise."""
+    w = rng.normal(size=d)
+    b = rng.normal(size=n_cats)
+    x = rng.normal(size=(n, d))
+    seg = rng.integers(0, n_cats, size=n)
+    y = x @ w + b[seg] + x[:, 0] * x[:, 1] + rng.normal(scale=noise, size=n)
+    return (
+        [f"{v:.6f}" for v in y],
+        "n/a",  # not a number
+        {
+            "x": x,
+            "seg": seg,
+            "bayes_rmse": noise,
+            "label_std": lambda valid: float(np.std(y[valid])),  # the RMSE of always predicting the mean
+        },
+    )
 
 
 DIGITS_MALFORMED = ("corrupt_file", "wrong_shape", "unlabeled")

@@ -23,6 +23,7 @@ from dlpipe import lineage, tracking
 from dlpipe.config import Config
 from dlpipe.features import model_stats, read_stats, transform
 from dlpipe.ingest import AccountingError, BadDataError, quarantine_rows, read_raw, typed_clean, validate
+from dlpipe.objective import is_regression
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,23 @@ def _identity(mv: dict) -> list:
 
 
 def score_rows(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict) -> DataFrame:
-    """rows (key, label, features cells) -> key, label, prediction, probabilities, quarantine_reason (null
-    for scored rows) and the model's identity, scored in Arrow batches of infer.batch_size (udfs/score.py)."""
+    """rows (key, label, features cells) -> key, label, prediction, probabilities (classification),
+    quarantine_reason (null for scored rows) and the model's identity, scored in Arrow batches of
+    infer.batch_size (udfs/score.py)."""
     from udfs.score import score_frame
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
-    key = stats["key"]
+    key, regression = stats["key"], is_regression(stats)
     scored = score_frame(
-        rows, mv["download_uri"], tuple(stats["feature_shape"]), [key, "label"], tracking.tracking_uri(cfg)
+        rows,
+        mv["download_uri"],
+        tuple(stats["feature_shape"]),
+        [key, "label"],
+        tracking.tracking_uri(cfg),
+        regression=regression,
     )
-    return scored.select(key, "label", "prediction", "probabilities", "quarantine_reason", *_identity(mv))
+    outputs = ["prediction"] if regression else ["prediction", "probabilities"]
+    return scored.select(key, "label", *outputs, "quarantine_reason", *_identity(mv))
 
 
 def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tuple[DataFrame, DataFrame, DataFrame]:

@@ -201,7 +201,7 @@ def _checks(cfg: Config, scoring: bool = False) -> list[tuple[Column, Column, st
         if col.type == "string" and col.values is not None:
             bad = ~empty & ~raw.isin(col.values)
             checks.append((bad, F.concat(F.lit(f"not an allowed value of {col.name}: "), raw), "value"))
-    if scoring:
+    if scoring or cfg.dataset.task == "regression":  # a regression label is checked like any number
         return checks
     k, typed_label = cfg.dataset.num_classes, _t(label.name)
     checks.append(

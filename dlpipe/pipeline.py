@@ -22,8 +22,8 @@ def _generate(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     from dlpipe.generate import generate
 
     m = generate(cfg, dataset_paths(cfg).raw, force=force)
-    keys = ("rows_written", "valid_rows", "malformed_total", "bayes_accuracy", "majority_fraction")
-    out = {k: m[k] for k in keys if m.get(k) is not None}  # the image generator knows no Bayes rate
+    keys = ("rows_written", "valid_rows", "malformed_total", "bayes_accuracy", "majority_fraction", "bayes_rmse")
+    out = {k: m[k] for k in keys if m.get(k) is not None}  # each generator knows its own ceiling
     out.update({f"malformed_{kind}": n for kind, n in m["malformed"].items()})
     out["skipped"] = int(m["skipped"])
     return out

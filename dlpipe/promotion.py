@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from dlpipe.objective import LOWER_IS_BETTER
+
 log = logging.getLogger(__name__)
 CANDIDATE, PRODUCTION = "candidate", "production"
-LOWER_IS_BETTER = frozenset({"log_loss"})
 
 
 @dataclass(frozen=True)

@@ -54,14 +54,19 @@ def rows_per_second(model: nn.Module, x: np.ndarray, batch: int = 4096, min_rows
     return best
 
 
-def compare(fp32: nn.Module, int8: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    a32, a8 = accuracy(fp32, x, y), accuracy(int8, x, y)
+def rmse(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.inference_mode():
+        return float(np.sqrt(np.mean((model(torch.from_numpy(x)).numpy().reshape(-1) - y) ** 2)))
+
+
+def compare(
+    fp32: nn.Module, int8: nn.Module, x: np.ndarray, y: np.ndarray, task: str = "classification"
+) -> dict[str, float]:
+    """Quality (accuracy, or RMSE for regression) and single-thread speed of both, on the same rows."""
     r32, r8 = rows_per_second(fp32, x), rows_per_second(int8, x)
-    return {
-        "int8_val_accuracy": a8,
-        "fp32_val_accuracy": a32,
-        "int8_accuracy_delta": a8 - a32,
-        "int8_rows_per_s": r8,
-        "fp32_rows_per_s": r32,
-        "int8_speedup": r8 / r32,
-    }
+    speed = {"int8_rows_per_s": r8, "fp32_rows_per_s": r32, "int8_speedup": r8 / r32}
+    if task == "regression":
+        e32, e8 = rmse(fp32, x, y), rmse(int8, x, y)
+        return {"int8_val_rmse": e8, "fp32_val_rmse": e32, "int8_rmse_increase": e8 / max(e32, 1e-12) - 1, **speed}
+    a32, a8 = accuracy(fp32, x, y), accuracy(int8, x, y)
+    return {"int8_val_accuracy": a8, "fp32_val_accuracy": a32, "int8_accuracy_delta": a8 - a32, **speed}

@@ -1,4 +1,4 @@
-"""Score the test split with a pandas UDF; write predictions to Parquet.
+"""Score the test split (or new raw data: infer.source=URI) with the registered model; write predictions.
 
 spark-submit jobs/infer.py [--env NAME] [--parent-run-id ID] [key.path=value ...]
 """

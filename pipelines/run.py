@@ -23,8 +23,10 @@ def main(argv: list[str]) -> int:
     finally:
         spark.stop()
     ev = result.metrics.get("evaluate", {})
-    if ev:
+    if "accuracy" in ev:
         print(f"test accuracy: {ev['accuracy']:.4f} (majority baseline {ev['majority_baseline_accuracy']:.4f})")
+    elif "rmse" in ev:
+        print(f"test RMSE: {ev['rmse']:.4f} (predicting the training mean {ev['mean_baseline_rmse']:.4f})")
     print(f"predictions: {result.predictions}")
     print(f"tracking_uri: {result.tracking_uri}")
     print(f"run_id: {result.run_id}")

@@ -69,6 +69,29 @@ def test_split_fractions_must_sum_to_one():
         load_config("local", ["dataset.split.train=0.9"], conf_dir=REPO / "conf")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["dataset=tabular_regression", "dataset.num_classes=3"], "num_classes is for classification"),
+        (["dataset.num_classes=null"], "needs num_classes"),
+        (["dataset=tabular_regression", "evaluate.promote_metric=accuracy"], "use auto, or rmse or mae"),
+        (["evaluate.promote_metric=rmse"], "use auto, or accuracy"),
+        (["infer.partition_by=[label]"], "choose from ['model_version', 'prediction']"),
+        (["dataset=tabular_regression", "infer.partition_by=[prediction]"], "use model_version"),
+    ],
+)
+def test_task_specific_settings_must_fit_the_task(overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        load_config("local", overrides, conf_dir=REPO / "conf")
+
+
+def test_regression_defaults():
+    cfg = load_config("local", ["dataset=tabular_regression"], conf_dir=REPO / "conf")
+    assert cfg.dataset.task == "regression" and cfg.promote_metric == "rmse"
+    assert cfg.model_name == "tabular_regression-regressor"
+    assert load_config("local", conf_dir=REPO / "conf").promote_metric == "accuracy"
+
+
 def test_missing_required_value(tmp_path):
     (tmp_path / "base.yaml").write_text("spark: {master: 'local[1]'}\n")
     (tmp_path / "local.yaml").write_text("{}\n")

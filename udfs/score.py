@@ -29,11 +29,26 @@ def _probability_lists(probs: np.ndarray, bad: np.ndarray | None = None) -> pa.L
     return pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1)), mask=mask)
 
 
-def arrow_scorer(model_uri: str, feature_shape: tuple[int, ...], keep: Sequence[str], tracking_uri: str | None = None):
+def _score_arrays(scores: np.ndarray, bad: np.ndarray | None, regression: bool) -> list[pa.Array]:
+    """prediction and probabilities (a classifier), or the predicted value (a regressor); null where bad."""
+    if regression:
+        return [pa.array(scores.reshape(-1).astype(np.float64), mask=bad)]
+    return [pa.array(scores.argmax(1).astype(np.int32), mask=bad), _probability_lists(scores, bad)]
+
+
+def arrow_scorer(
+    model_uri: str,
+    feature_shape: tuple[int, ...],
+    keep: Sequence[str],
+    tracking_uri: str | None = None,
+    regression: bool = False,
+):
     """The function mapInArrow runs: Arrow batches (keep..., features) -> (keep..., prediction,
-    probabilities, quarantine_reason). A row whose features cannot be scored (missing, not a tensor of the
-    model's shape and dtype, NaN/inf) gets null scores and its reason; the others are scored."""
+    probabilities, quarantine_reason); a regressor's prediction is its value and it has no probabilities.
+    A row whose features cannot be scored (missing, not a tensor of the model's shape and dtype, NaN/inf)
+    gets null scores and its reason; the others are scored."""
     keep = list(keep)
+    outputs = ["prediction"] if regression else ["prediction", "probabilities"]
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = load_model(model_uri, tracking_uri, task_device())  # the task's GPU when it has one
@@ -44,11 +59,10 @@ def arrow_scorer(model_uri: str, feature_shape: tuple[int, ...], keep: Sequence[
             yield pa.RecordBatch.from_arrays(
                 [
                     *(batch.column(i) for i in range(len(keep))),
-                    pa.array(probs.argmax(1).astype(np.int32), mask=bad),
-                    _probability_lists(probs, bad),
+                    *_score_arrays(probs, bad, regression),
                     pa.nulls(len(x), pa.string()) if reasons is None else pa.array(reasons, pa.string()),
                 ],
-                names=[*keep, "prediction", "probabilities", "quarantine_reason"],
+                names=[*keep, *outputs, "quarantine_reason"],
             )
 
     return score
@@ -61,18 +75,20 @@ def score_frame(
     keep: Sequence[str] = (),
     tracking_uri: str | None = None,
     features: str = "features",
+    regression: bool = False,
 ) -> DataFrame:
-    """df (keep..., features cells) -> keep..., prediction, probabilities, quarantine_reason (null when
-    the row was scored)."""
-    schema = T.StructType(
-        [df.schema[c] for c in keep]
-        + [
+    """df (keep..., features cells) -> keep..., prediction, probabilities (classifiers only),
+    quarantine_reason (null when the row was scored)."""
+    if regression:
+        outputs = [T.StructField("prediction", T.DoubleType())]
+    else:
+        outputs = [
             T.StructField("prediction", T.IntegerType()),
             T.StructField("probabilities", T.ArrayType(T.FloatType())),
-            T.StructField("quarantine_reason", T.StringType()),
         ]
-    )
-    return df.select(*keep, features).mapInArrow(arrow_scorer(model_uri, feature_shape, keep, tracking_uri), schema)
+    schema = T.StructType([df.schema[c] for c in keep] + outputs + [T.StructField("quarantine_reason", T.StringType())])
+    scorer = arrow_scorer(model_uri, feature_shape, keep, tracking_uri, regression)
+    return df.select(*keep, features).mapInArrow(scorer, schema)
 
 
 def scoring_udf(model_uri: str, feature_shape: tuple[int, ...], tracking_uri: str | None = None):

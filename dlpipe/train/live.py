@@ -17,7 +17,7 @@ SKIP = ("epoch",)
 
 
 def learning_curve(history: list[dict]):
-    """Loss and accuracy per epoch, train and validation (a matplotlib Figure)."""
+    """Loss and accuracy (regression: mean absolute error) per epoch, train and validation (a Figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,10 +27,12 @@ def learning_curve(history: list[dict]):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     ax1.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train")
-    ax2.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    regression = "val_mae" in history[0]
+    metric = "mae" if regression else "accuracy"
+    ax1.set(xlabel="epoch", ylabel="squared error (standardized)" if regression else "cross-entropy", title="loss")
+    ax2.plot(epochs, [h[f"train_{metric}"] for h in history], marker="o", label="train")
+    ax2.plot(epochs, [h[f"val_{metric}"] for h in history], marker="o", label="validation")
+    ax2.set(xlabel="epoch", ylabel=metric, title="mean absolute error" if regression else "accuracy")
     for ax in (ax1, ax2):
         ax.legend()
         ax.grid(alpha=0.3)

@@ -58,8 +58,11 @@ class ShardLoader:
         seed: int = 0,
         expected_rows: int | None = None,
         storage: StorageSettings | None = None,
+        label_dtype: type = np.int32,
     ):
         self.uri, self.rank, self.size = uri, rank, size
+        # class indices become int64 (what cross-entropy takes); regression targets stay float32
+        self.label_dtype = np.int64 if np.issubdtype(label_dtype, np.integer) else np.float32
         self.feature_shape, self.shuffle, self.seed = tuple(feature_shape), shuffle, seed
         self._fs, files = list_parquet_files(uri, storage)
         groups: list[tuple[str, int, int]] = []
@@ -102,7 +105,7 @@ class ShardLoader:
             .slice(piece.lo, piece.hi - piece.lo)
         )
         x = decode_arrow(table.column("features"), np.float32, self.feature_shape, take=order)
-        y = table.column("label").to_numpy().astype(np.int64)
+        y = table.column("label").to_numpy().astype(self.label_dtype)
         return x, (y[order] if order is not None else y)
 
     def _pieces(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from dlpipe import lineage
+from dlpipe import lineage, objective
 from dlpipe.config import Config
 from dlpipe.features import STATS_ARTIFACT, read_stats
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
@@ -19,7 +19,7 @@ from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have
 from dlpipe.train.live import epoch_metrics, learning_curve, logged_epochs
 from dlpipe.train.loader import ShardLoader
 from dlpipe.train.logstream import LogReceiver
-from dlpipe.train.models import build_model, resolve_factory, with_probabilities
+from dlpipe.train.models import build_model, resolve_factory
 from dlpipe.train.worker import TrainSpec, train_worker
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,10 @@ def make_spec(
         train_rows=stats["rows"]["train"],
         val_rows=stats["rows"]["val"],
         feature_shape=tuple(stats["feature_shape"]),
-        num_classes=stats["num_classes"],
+        num_classes=objective.outputs(stats.get("task", objective.CLASSIFICATION), stats["num_classes"]),
+        task=stats.get("task", objective.CLASSIFICATION),
+        label_mean=stats.get("label_mean", 0.0),
+        label_std=stats.get("label_std", 1.0),
         model=t.model.model_dump(mode="json"),
         epochs=t.epochs,
         batch_size=t.batch_size,
@@ -155,7 +158,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     mlflow.set_tag("dlpipe.train_device", result["device"])
 
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
-    served = with_probabilities(model).eval()
+    served = objective.served(model, stats).eval()
     example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
     example = next(iter(example_loader.epoch(0)))[0].numpy()[:5]
     with torch.no_grad():
@@ -167,11 +170,12 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     quantized = register_int8(cfg, spec, served, example, example_out) if cfg.quantize.enabled else {}
     log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
     last = history[-1]
+    metric = objective.epoch_metric(spec.task)
     return {
         "final_train_loss": last["train_loss"],
         "final_val_loss": last["val_loss"],
-        "final_val_accuracy": last["val_accuracy"],
-        "best_val_accuracy": max(h["val_accuracy"] for h in history),
+        f"final_val_{metric}": last[f"val_{metric}"],
+        f"best_val_{metric}": objective.best(metric, [h[f"val_{metric}"] for h in history]),
         "ranks": result["ranks"],
         "model_version": int(version),
         "samples_per_s_per_rank": float(np.mean([h["samples_per_s_per_rank"] for h in history])),
@@ -206,22 +210,36 @@ def log_registered(model: torch.nn.Module, artifact: str, name: str, example, ex
 
 def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example, example_out) -> dict:
     """The int8 variant: compared with fp32 on the validation rows, registered (alias candidate-int8)
-    when its accuracy drop is within quantize.max_accuracy_drop."""
+    when its accuracy drop (regression: relative RMSE increase) is within quantize's limit."""
     import mlflow
 
     from dlpipe import quantize
 
     int8 = quantize.quantize_dynamic(served)
-    loader = ShardLoader(spec.val_uri, 0, 1, 4096, spec.feature_shape, shuffle=False, storage=spec.storage)
+    loader = ShardLoader(
+        spec.val_uri,
+        0,
+        1,
+        4096,
+        spec.feature_shape,
+        shuffle=False,
+        storage=spec.storage,
+        label_dtype=objective.label_numpy_type(spec.task),
+    )
     xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in loader.epoch(0)), strict=True)
-    m = quantize.compare(served, int8, np.concatenate(xs), np.concatenate(ys))
-    passed = -m["int8_accuracy_delta"] <= cfg.quantize.max_accuracy_drop
+    m = quantize.compare(served, int8, np.concatenate(xs), np.concatenate(ys), spec.task)
+    if spec.task == objective.REGRESSION:
+        change, limit = m["int8_rmse_increase"], cfg.quantize.max_rmse_increase
+        passed, what = change <= limit, f"RMSE {change:+.2%}"
+    else:
+        change, limit = -m["int8_accuracy_delta"], cfg.quantize.max_accuracy_drop
+        passed, what = change <= limit, f"accuracy {m['int8_accuracy_delta']:+.4f}"
     m["int8_registered"] = float(passed)
     log.info(
-        "train: int8 variant: accuracy %+.4f vs fp32, %.2fx the rows/s (%s)",
-        m["int8_accuracy_delta"],
+        "train: int8 variant: %s vs fp32, %.2fx the rows/s (%s)",
+        what,
         m["int8_speedup"],
-        "registered" if passed else f"not registered: drop above {cfg.quantize.max_accuracy_drop}",
+        "registered" if passed else f"not registered: beyond the limit {limit}",
     )
     if passed:
         name = cfg.model_name

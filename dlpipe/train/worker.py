@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
+from dlpipe.objective import Objective, label_numpy_type
 from dlpipe.storage import StorageSettings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.comm import open_comm, optimizer_step
@@ -34,7 +34,7 @@ class TrainSpec:
     train_rows: int
     val_rows: int
     feature_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int  # the network's output width: the classes, or 1 for regression
     model: dict[str, Any]
     epochs: int
     batch_size: int
@@ -54,6 +54,9 @@ class TrainSpec:
     allreduce: str = "auto"  # auto | framework | host
     tracking_uri: str | None = None  # rank 0 logs each epoch to this MLflow run
     run_id: str | None = None
+    task: str = "classification"  # or regression (dlpipe.objective)
+    label_mean: float = 0.0  # regression: targets are standardized with the train split's mean and std
+    label_std: float = 1.0
 
 
 def pick_device(spec: TrainSpec) -> torch.device:
@@ -129,7 +132,7 @@ def _train(spec: TrainSpec, comm) -> dict | None:
     host = spec.allreduce == "host" or (spec.allreduce == "auto" and comm.host_needed())
     forward, optimizer = comm.prepare(model, optimizer, host)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    objective = Objective(spec.task, spec.label_mean, spec.label_std)
     tracker = LiveTracker(spec.tracking_uri, spec.run_id, log) if rank == 0 else None
     if rank == 0:
         log.info(
@@ -150,6 +153,7 @@ def _train(spec: TrainSpec, comm) -> dict | None:
         seed=spec.seed,
         expected_rows=spec.train_rows,
         storage=spec.storage,
+        label_dtype=label_numpy_type(spec.task),
     )
     val = ShardLoader(
         spec.val_uri,
@@ -160,6 +164,7 @@ def _train(spec: TrainSpec, comm) -> dict | None:
         shuffle=False,
         expected_rows=spec.val_rows,
         storage=spec.storage,
+        label_dtype=label_numpy_type(spec.task),
     )
     log.info(
         "%d train rows on this rank (%d in all), %d steps per epoch", train.local_rows, train.total_rows, train.steps
@@ -183,12 +188,12 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             optimizer.zero_grad()
             with autocast(device, amp):
                 logits = forward(x)
-                loss = loss_fn(logits.float(), y)
+                loss = objective.loss(logits.float(), y)
             scaled = loss / len(y)
             (scaler.scale(scaled) if scaler else scaled).backward()
             optimizer_step(optimizer, scaler)
             loss_t += loss.detach()
-            correct_t += (logits.argmax(1) == y).sum()
+            correct_t += objective.hits(logits, y)
             if rank == 0 and step % 200 == 0:
                 done = (step / train.steps + epoch - start_epoch) / (spec.epochs - start_epoch + 1)
                 log.info(
@@ -208,8 +213,8 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             for x, y in val.epoch(epoch):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
-                v_loss += float(loss_fn(logits.float(), y))
-                v_correct += float((logits.argmax(1) == y).sum())
+                v_loss += float(objective.loss(logits.float(), y))
+                v_correct += float(objective.hits(logits.float(), y))
         rows, loss_sum, correct, v_rows, v_loss, v_correct = comm.allreduce_sum(
             [train.rows_last_epoch, loss_sum, correct, val.rows_last_epoch, v_loss, v_correct], f"epoch{epoch}"
         )
@@ -220,10 +225,8 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             )
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum / rows,
-            "train_accuracy": correct / rows,
-            "val_loss": v_loss / v_rows,
-            "val_accuracy": v_correct / v_rows,
+            **objective.record("train", loss_sum, correct, rows),
+            **objective.record("val", v_loss, v_correct, v_rows),
             "samples_per_s_per_rank": train.rows_last_epoch / max(seconds, 1e-9),
             "epoch_seconds": seconds,
             "lr": optimizer.param_groups[0]["lr"],
@@ -241,12 +244,13 @@ def _train(spec: TrainSpec, comm) -> dict | None:
             store.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
             eta = (time.time() - started) / (epoch - start_epoch + 1) * (spec.epochs - epoch)
             log.info(
-                "epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f %.0f samples/s/rank ETA %.0fs",
+                "epoch %d/%d train_loss %.4f val_loss %.4f val_%s %.4f %.0f samples/s/rank ETA %.0fs",
                 epoch,
                 spec.epochs,
                 record["train_loss"],
                 record["val_loss"],
-                record["val_accuracy"],
+                objective.metric,
+                record[f"val_{objective.metric}"],
                 record["samples_per_s_per_rank"],
                 eta,
             )

@@ -1,0 +1,95 @@
+"""What a model learns: class probabilities (classification) or a value (regression).
+
+The places where the two differ (the label's type, the loss, the per-epoch metric, the served form of the
+model, the metrics of the test split) ask this module instead of testing `dataset.task` themselves.
+Regression targets are standardized with the training split's mean and std while training; the served
+model undoes it, so predictions are in the label's own units.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CLASSIFICATION, REGRESSION = "classification", "regression"
+LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
+
+
+def is_regression(stats_or_task: dict | str) -> bool:
+    task = stats_or_task if isinstance(stats_or_task, str) else stats_or_task.get("task", CLASSIFICATION)
+    return task == REGRESSION
+
+
+def outputs(task: str, num_classes: int | None) -> int:
+    """Width of the network's last layer."""
+    return 1 if task == REGRESSION else int(num_classes or 0)
+
+
+def label_numpy_type(task: str) -> type:
+    return np.float32 if task == REGRESSION else np.int32
+
+
+def label_spark_type(task: str) -> str:
+    return "float" if task == REGRESSION else "int"
+
+
+def epoch_metric(task: str) -> str:
+    """The per-epoch quality figure next to the loss: accuracy, or mean absolute error in label units."""
+    return "mae" if task == REGRESSION else "accuracy"
+
+
+def best(metric: str, values: list[float]) -> float:
+    return min(values) if metric in LOWER_IS_BETTER else max(values)
+
+
+class Objective:
+    """Loss and per-epoch metric sums of one batch, on the device (summed, read once per epoch)."""
+
+    def __init__(self, task: str, label_mean: float = 0.0, label_std: float = 1.0):
+        self.task, self.mean, self.std = task, float(label_mean), float(label_std)
+        self.metric = epoch_metric(task)
+        self._ce = nn.CrossEntropyLoss(reduction="sum")
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed: cross-entropy of logits, or squared error of standardized targets."""
+        if self.task == REGRESSION:
+            return ((out.reshape(-1) - (y - self.mean) / self.std) ** 2).sum()
+        return self._ce(out, y)
+
+    def hits(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed: correct predictions, or absolute errors in label units."""
+        if self.task == REGRESSION:
+            return (out.reshape(-1).detach() * self.std + self.mean - y).abs().sum()
+        return (out.argmax(1) == y).sum()
+
+    def record(self, prefix: str, loss_sum: float, hits_sum: float, rows: float) -> dict[str, float]:
+        out = {f"{prefix}_loss": loss_sum / rows, f"{prefix}_{self.metric}": hits_sum / rows}
+        if self.task == REGRESSION:
+            out[f"{prefix}_rmse"] = math.sqrt(loss_sum / rows) * self.std
+        return out
+
+
+class Rescaled(nn.Module):
+    """The served form of a regressor: a standardized output -> the label's units, shape (n,)."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).reshape(-1) * self.std + self.mean
+
+
+def served(model: nn.Module, stats: dict[str, Any]) -> nn.Module:
+    """What gets logged and scored: probabilities for a classifier, the value for a regressor."""
+    from dlpipe.train.models import with_probabilities
+
+    if is_regression(stats):
+        return Rescaled(model, stats["label_mean"], stats["label_std"])
+    return with_probabilities(model)

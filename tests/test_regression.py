@@ -1,0 +1,58 @@
+"""A regression dataset through the whole pipeline: numeric target, MSE training, RMSE/MAE evaluation,
+value predictions, the int8 gate on RMSE and promotion on RMSE."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from dlpipe import tracking
+from dlpipe.generate import read_manifest
+from dlpipe.pipeline import run_pipeline
+from dlpipe.storage import dataset_paths
+from tests.conftest import make_cfg
+
+
+@pytest.fixture(scope="module")
+def pipeline(spark, tmp_path_factory):
+    cfg = make_cfg(tmp_path_factory.mktemp("regression"), "train.epochs=8", rows=6000, dataset="tabular_regression")
+    return cfg, run_pipeline(spark, cfg)
+
+
+def test_a_regressor_learns_the_target_close_to_the_noise_floor(pipeline):
+    cfg, result = pipeline
+    ev, manifest = result.metrics["evaluate"], read_manifest(dataset_paths(cfg).raw)
+    floor, spread = manifest["bayes_rmse"], manifest["label_std"]
+    assert floor < 0.25 * spread  # the generator leaves a lot to learn
+    # a model that learned nothing scores the mean baseline; a working one closes most of the gap
+    assert ev["mean_baseline_rmse"] == pytest.approx(spread, rel=0.1)
+    assert ev["rmse"] <= floor + 0.2 * (spread - floor), ev
+    assert ev["rmse"] >= floor * 0.85  # nothing beats the noise beyond sampling error
+    assert 0 < ev["mae"] < ev["rmse"] and ev["r2"] > 0.8
+    assert ev["test_rows_without_prediction"] == 0 and ev["predictions"] == ev["test_rows"]
+
+
+def test_bad_targets_are_quarantined_like_any_bad_number(pipeline):
+    _, result = pipeline
+    ing = result.metrics["ingest"]
+    assert ing["rows_in"] == ing["rows_kept"] + ing["rows_quarantined"]
+    assert ing["quarantined_type"] > 0 and "quarantined_label_range" not in ing  # "n/a" targets, no class range
+
+
+def test_predictions_are_values_and_the_model_is_promoted_on_rmse(spark, pipeline):
+    cfg, result = pipeline
+    preds = spark.read.parquet(dataset_paths(cfg).predictions)
+    assert "probabilities" not in preds.columns and dict(preds.dtypes)["prediction"] == "double"
+    train, ev = result.metrics["train"], result.metrics["evaluate"]
+    assert train["best_val_mae"] > 0 and "final_val_accuracy" not in train
+    assert train["int8_registered"] == 1.0 and train["int8_rmse_increase"] <= 0.02
+    assert ev["promoted"] == 1.0 and ev["candidate_rmse"] == ev["rmse"]
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    assert cfg.model_name == "tabular_regression-regressor"
+    prod = client.get_model_version_by_alias(cfg.model_name, "production")
+    assert int(prod.version) == train["model_version"]
+    evaluate_run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        "tags.`dlpipe.stage` = 'evaluate'",
+    )[0]
+    assert "predicted_vs_true.png" in {a.path for a in client.list_artifacts(evaluate_run.info.run_id)}
