@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,52 @@ def standalone_cluster(tmp_path_factory):
         down = subprocess.run([*cli, "down", "--dir", str(directory)], capture_output=True, text=True, timeout=120)
         alive = [pid for pid in cluster.pids if pid_alive(pid)]
         assert down.returncode == 0 and not alive, f"cluster daemons {alive} still running: {down.stdout}{down.stderr}"
+
+
+FAIL_FAST_S3 = [  # a bad credential should fail in seconds, not retry for minutes
+    "storage.s3.hadoop.fs.s3a.attempts.maximum=1",
+    "storage.s3.hadoop.fs.s3a.retry.limit=1",
+    "storage.s3.hadoop.fs.s3a.retry.interval=100ms",
+]
+
+
+@dataclass
+class Store:
+    kind: str
+    overrides: list[str]
+    base: str | None = None  # a fresh folder URI on the store (None: file://, use a temp folder)
+
+
+@pytest.fixture(params=["file", "s3a", "hdfs"])
+def store(request, monkeypatch) -> Store:
+    """Overrides that put the warehouse and the raw data on file://, s3a:// or hdfs:// (real servers)."""
+    run = uuid.uuid4().hex[:8]
+    if request.param == "file":
+        return Store("file", [])
+    if request.param == "s3a":
+        s3 = request.getfixturevalue("s3_server")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+        base = f"s3a://{s3.bucket}/{run}"
+        return Store(
+            "s3a",
+            base=base,
+            overrides=[
+                f"storage.warehouse={base}/warehouse",
+                f"storage.s3.endpoint={s3.endpoint}",
+                "storage.s3.path_style_access=true",
+                *FAIL_FAST_S3,
+                f"dataset.source.uri={base}/raw",
+            ],
+        )
+    hdfs = request.getfixturevalue("hdfs_cluster")
+    base = f"{hdfs.namenode_uri}/{run}"
+    return Store(
+        "hdfs",
+        base=base,
+        overrides=[
+            f"storage.warehouse={base}/warehouse",
+            f"storage.hdfs.webhdfs_url={hdfs.webhdfs_url}",
+            f"dataset.source.uri={base}/raw",
+        ],
+    )

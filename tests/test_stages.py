@@ -8,7 +8,7 @@ import pytest
 
 from dlpipe import evaluate, features, infer, ingest, tracking
 from dlpipe.generate import MALFORMED_KINDS, generate
-from dlpipe.storage import HadoopFS, dataset_paths, local_path
+from dlpipe.storage import HadoopFS, configure_spark_storage, dataset_paths, local_path
 from dlpipe.train import stage as train_stage
 from tests.conftest import make_cfg
 
@@ -273,6 +273,29 @@ def test_new_raw_data_is_validated_transformed_with_the_models_statistics_and_sc
         np.testing.assert_allclose(r.probabilities, expected[k].probabilities, rtol=1e-5, atol=1e-6)
     again = _in_run(ncfg, "infer", infer.run, spark)
     assert again["skipped"] == 1 and again["rows_scored"] == m["rows_scored"]
+
+
+def test_new_data_on_any_store_is_scored_onto_the_same_store(spark, cfg, inferred, store, tmp_path):
+    """infer.source and infer.output on file://, s3a:// and hdfs://: the generator's raw CSV (labels and
+    all, with its broken lines) scored by the registered model, whose statistics come from MLflow, not
+    from the warehouse (which, on S3 and HDFS, holds no dataset at all)."""
+    from dlpipe.generate import generate
+
+    base = store.base or tmp_path.as_uri()
+    scfg = make_cfg(cfg.root, *store.overrides, f"infer.source={base}/new", f"infer.output={base}/scored")
+    configure_spark_storage(spark, scfg)
+    manifest = generate(scfg, f"{base}/new")
+    m = _in_run(scfg, "infer", infer.run, spark)
+    # scoring ignores labels: only the lines broken in their features are quarantined
+    broken = manifest["malformed"]["wrong_field_count"] + manifest["malformed"]["bad_number"]
+    assert m["rows_in"] == manifest["rows_written"] == m["rows_scored"] + m["rows_quarantined"]
+    assert m["rows_quarantined"] == broken == m["quarantined_malformed"] + m["quarantined_type"]
+    key = features.read_stats(spark, cfg)["key"]
+    expected = {r[key]: r.prediction for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
+    scored = {r[key]: r.prediction for r in spark.read.parquet(f"{base}/scored").collect()}
+    assert len(scored) == m["rows_scored"] and set(expected) <= set(scored)
+    assert all(scored[k] == p for k, p in expected.items())
+    assert spark.read.parquet(infer.quarantine_path(f"{base}/scored")).count() == broken
 
 
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):

@@ -4,7 +4,6 @@ hdfs:// (a real NameNode + DataNode), all on 127.0.0.1. The same code; only the 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -13,51 +12,7 @@ from dlpipe import features, ingest
 from dlpipe.generate import generate
 from dlpipe.storage import StorageError, configure_spark_storage, dataset_paths, python_fs, storage_settings
 from dlpipe.train.loader import ShardLoader
-from tests.conftest import make_cfg
-
-FAIL_FAST_S3 = [  # a bad credential should fail in seconds, not retry for minutes
-    "storage.s3.hadoop.fs.s3a.attempts.maximum=1",
-    "storage.s3.hadoop.fs.s3a.retry.limit=1",
-    "storage.s3.hadoop.fs.s3a.retry.interval=100ms",
-]
-
-
-@dataclass
-class Store:
-    kind: str
-    overrides: list[str]
-
-
-@pytest.fixture(params=["file", "s3a", "hdfs"])
-def store(request, tmp_path, monkeypatch) -> Store:
-    run = uuid.uuid4().hex[:8]
-    if request.param == "file":
-        return Store("file", [])
-    if request.param == "s3a":
-        s3 = request.getfixturevalue("s3_server")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-        base = f"s3a://{s3.bucket}/{run}"
-        return Store(
-            "s3a",
-            [
-                f"storage.warehouse={base}/warehouse",
-                f"storage.s3.endpoint={s3.endpoint}",
-                "storage.s3.path_style_access=true",
-                *FAIL_FAST_S3,
-                f"dataset.source.uri={base}/raw",
-            ],
-        )
-    hdfs = request.getfixturevalue("hdfs_cluster")
-    base = f"{hdfs.namenode_uri}/{run}"
-    return Store(
-        "hdfs",
-        [
-            f"storage.warehouse={base}/warehouse",
-            f"storage.hdfs.webhdfs_url={hdfs.webhdfs_url}",
-            f"dataset.source.uri={base}/raw",
-        ],
-    )
+from tests.conftest import FAIL_FAST_S3, make_cfg
 
 
 @pytest.mark.parametrize("dataset,rows", [("tabular_example", 600), ("digits_images", 150)])
