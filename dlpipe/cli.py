@@ -18,10 +18,14 @@ def setup_logging() -> None:
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    return add_common(argparse.ArgumentParser(prog=prog, description=description))
+
+
+def add_common(p: argparse.ArgumentParser, force: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--env", help="environment file conf/<ENV>.yaml over conf/base.yaml (default: $DLPIPE_ENV or local)")
     p.add_argument("--conf-dir", help="configuration folder (default: ./conf)")
-    p.add_argument("--force", action="store_true", help="redo stages even when their inputs and config are unchanged")
+    if force:
+        p.add_argument("--force", action="store_true", help="redo stages even when inputs and config are unchanged")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.epochs=5")
     return p
 

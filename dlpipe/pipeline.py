@@ -90,3 +90,19 @@ def run_pipeline(
             result.metrics[name] = run_stage(spark, cfg, name, force=force)
             tracking.log_metrics({f"{name}.{k}": v for k, v in result.metrics[name].items()})
     return result
+
+
+def summary(result: PipelineResult) -> str:
+    """What a run ends by printing: the test score, where the predictions are, the MLflow run."""
+    ev = result.metrics.get("evaluate", {})
+    lines = []
+    if "accuracy" in ev:
+        lines.append(f"test accuracy: {ev['accuracy']:.4f} (majority baseline {ev['majority_baseline_accuracy']:.4f})")
+    elif "rmse" in ev:
+        lines.append(f"test RMSE: {ev['rmse']:.4f} (predicting the training mean {ev['mean_baseline_rmse']:.4f})")
+    lines += [
+        f"predictions: {result.predictions}",
+        f"tracking_uri: {result.tracking_uri}",
+        f"run_id: {result.run_id}",
+    ]
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ Ends by printing `tracking_uri: ...`, `run_id: ...` and `predictions: ...`.
 import sys
 
 from dlpipe.cli import load_or_exit, parser, setup_logging
-from dlpipe.pipeline import run_pipeline
+from dlpipe.pipeline import run_pipeline, summary
 from dlpipe.session import build_spark
 
 
@@ -22,14 +22,7 @@ def main(argv: list[str]) -> int:
         result = run_pipeline(spark, cfg, force=args.force)
     finally:
         spark.stop()
-    ev = result.metrics.get("evaluate", {})
-    if "accuracy" in ev:
-        print(f"test accuracy: {ev['accuracy']:.4f} (majority baseline {ev['majority_baseline_accuracy']:.4f})")
-    elif "rmse" in ev:
-        print(f"test RMSE: {ev['rmse']:.4f} (predicting the training mean {ev['mean_baseline_rmse']:.4f})")
-    print(f"predictions: {result.predictions}")
-    print(f"tracking_uri: {result.tracking_uri}")
-    print(f"run_id: {result.run_id}")
+    print(summary(result))
     return 0
 
 

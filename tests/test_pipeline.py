@@ -12,7 +12,7 @@ import pytest
 from dlpipe.generate import read_manifest
 from dlpipe.pipeline import STAGES, run_pipeline
 from dlpipe.storage import dataset_paths
-from tests.conftest import REPO, make_cfg
+from tests.conftest import REPO, cfg_overrides, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,41 @@ def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
     )
     text = open(os.path.join(reqs, "requirements.txt")).read()
     assert "torch==2.13.0+cpu" in text and "download.pytorch.org/whl/cpu" in text
+
+
+def test_the_cli_reruns_from_a_stage_skipping_what_is_unchanged_and_shows_status(pipeline):
+    """`python -m dlpipe run --from infer` on the finished pipeline: infer finds its output made from the
+    same model and input and skips; `python -m dlpipe status` shows each stage's output and last run."""
+    cfg, result = pipeline
+    args = cfg_overrides(cfg.root, "train.epochs=8", "spark.conf.spark.ui.enabled=false", rows=8000)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "dlpipe", "run", "--from", "infer", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "infer: " in run.stderr and "is up to date" in run.stderr and "pipeline: stage 1/2: infer" in run.stderr
+    assert f"predictions: {result.predictions}" in run.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "dlpipe", "status", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr[-3000:]
+    lines = {ln.split()[0]: ln for ln in status.stdout.splitlines() if ln and not ln.startswith(" ")}
+    assert set(lines) == set(STAGES)
+    ing = result.metrics["ingest"]
+    assert "committed" in lines["ingest"] and f"rows_quarantined={ing['rows_quarantined']}" in lines["ingest"]
+    assert f"rows_scored={result.metrics['infer']['rows_scored']}" in lines["infer"]
+    assert "mlflow only" in lines["train"] and "model_version=1" in lines["train"]
+    assert status.stdout.count("last run ") == len(STAGES)
 
 
 def test_stage_job_runs_under_spark_submit_with_the_same_arguments(tmp_path):

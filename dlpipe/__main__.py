@@ -1,0 +1,61 @@
+"""The dlpipe command line.
+
+    python -m dlpipe run [--from STAGE] [--force] [--env NAME] [key.path=value ...]   the pipeline
+    python -m dlpipe stage NAME [--force] [--env NAME] [key.path=value ...]           one stage
+    python -m dlpipe status [--env NAME] [key.path=value ...]                         what each stage last did
+
+Stages whose inputs and config are unchanged since their last committed output are skipped (--force
+redoes them); train always trains a new model version. Progress (stage n/N, rows, epochs, ETA) goes to
+the log on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dlpipe.cli import add_common, load_or_exit, setup_logging
+from dlpipe.pipeline import STAGES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dlpipe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = add_common(sub.add_parser("run", help="the whole pipeline, or from one stage on"))
+    run.add_argument("--from", dest="start", choices=STAGES, help="start at this stage (its inputs must exist)")
+    stage = sub.add_parser("stage", help="one stage")
+    stage.add_argument("name", choices=STAGES)
+    add_common(stage)
+    add_common(sub.add_parser("status", help="each stage's last output and MLflow run"), force=False)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    cfg = load_or_exit(args)
+    setup_logging()
+    if args.command == "status":
+        from dlpipe.pipeline import stages_for
+        from dlpipe.status import render, stage_status
+
+        print(render(stage_status(cfg, stages_for(cfg))))
+        return 0
+    from dlpipe.pipeline import run_pipeline, run_stage, summary
+    from dlpipe.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        if args.command == "stage":
+            metrics = run_stage(spark, cfg, args.name, force=args.force)
+            print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+            return 0
+        stages = STAGES[STAGES.index(args.start) :] if args.start else STAGES
+        result = run_pipeline(spark, cfg, stages, force=args.force)
+    finally:
+        spark.stop()
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

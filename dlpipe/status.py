@@ -1,0 +1,103 @@
+"""What `python -m dlpipe status` shows: for each stage, its committed output (fingerprint, when, row
+counts, read from `_dlpipe_meta.json`) and its last MLflow run with a link to it.
+
+Reads through Python filesystems and the MLflow client only: no Spark session, so it answers in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from dlpipe.config import Config
+from dlpipe.generate import MANIFEST
+from dlpipe.lineage import META, digest
+from dlpipe.storage import dataset_paths, python_fs, storage_settings
+
+MLFLOW_FIGURES = ("model_version", "epochs_run", "accuracy", "auc", "rmse", "mae", "promoted", "predictions")
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    output: str | None  # None: the stage's result lives in MLflow only
+    committed: bool = False
+    fingerprint: str | None = None
+    created_unix: float | None = None
+    counts: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    run_status: str | None = None
+    run_link: str | None = None
+
+
+def _read_json(uri: str, cfg: Config) -> dict | None:
+    fs, path = python_fs(uri, storage_settings(cfg))
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def outputs(cfg: Config) -> dict[str, str]:
+    paths = dataset_paths(cfg)
+    return {"generate": paths.raw, "ingest": paths.clean, "preprocess": paths.petastorm, "infer": paths.predictions}
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page: on the tracking server, or in `make ui` for a local store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def stage_status(cfg: Config, stages: list[str]) -> list[StageStatus]:
+    from mlflow import MlflowClient
+
+    from dlpipe.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    out = outputs(cfg)
+    result = []
+    for stage in stages:
+        st = StageStatus(stage, out.get(stage))
+        if st.output:
+            meta = _read_json(f"{st.output}/{MANIFEST if stage == 'generate' else META}", cfg)
+            if meta:
+                st.committed = True
+                # generate's manifest holds its parameters, not a fingerprint
+                st.fingerprint = meta.get("fingerprint") or digest(meta.get("params"))
+                st.created_unix = meta.get("created_unix")
+                metrics = meta.get("metrics", meta)
+                st.counts = {k: v for k, v in metrics.items() if k.startswith("rows_") and isinstance(v, int | float)}
+        if experiment is not None:
+            runs = client.search_runs(
+                [experiment.experiment_id],
+                f"tags.`dlpipe.stage` = '{stage}' and tags.`dlpipe.dataset` = '{cfg.dataset.name}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                r = runs[0]
+                st.run_id, st.run_status = r.info.run_id, r.info.status
+                st.run_link = run_link(uri, experiment.experiment_id, r.info.run_id)
+                if not st.output:
+                    st.counts = {k: v for k, v in r.data.metrics.items() if k in MLFLOW_FIGURES}
+        result.append(st)
+    return result
+
+
+def render(statuses: list[StageStatus]) -> str:
+    lines = []
+    for st in statuses:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.created_unix)) if st.created_unix else "-"
+        state = "committed" if st.committed else ("not run" if st.output else "mlflow only")
+        counts = " ".join(f"{k}={int(v) if float(v).is_integer() else v}" for k, v in sorted(st.counts.items()))
+        lines.append(f"{st.stage:<11} {state:<11} {when:<19} fingerprint={st.fingerprint or '-'} {counts}".rstrip())
+        if st.output:
+            lines.append(f"{'':<11} output {st.output}")
+        if st.run_id:
+            lines.append(f"{'':<11} last run {st.run_id} ({st.run_status}) {st.run_link}")
+    return "\n".join(lines)
