@@ -1,0 +1,200 @@
+"""What the notebooks in notebooks/ call, so that they hold no logic of their own: a config and session
+rooted in the project folder, the datasets and MLflow runs as tables, and the plots people want to see.
+
+`DLPIPE_NOTEBOOK_ROOT` moves everything a notebook writes (data, MLflow store) to another folder; the
+tests use it to run the notebooks headless in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+
+from dlpipe.config import Config, default_conf_dir, load_config
+from dlpipe.storage import dataset_paths
+
+
+def start(*overrides: str, env: str | None = None) -> tuple[Config, SparkSession]:
+    """The config (conf/ + env + overrides, rooted in the project folder or $DLPIPE_NOTEBOOK_ROOT) and its
+    Spark session, with dlpipe's progress logging on."""
+    from dlpipe.cli import setup_logging
+    from dlpipe.session import build_spark
+
+    conf_dir = default_conf_dir()
+    root = os.environ.get("DLPIPE_NOTEBOOK_ROOT") or str(conf_dir.resolve().parent)
+    cfg = load_config(env, [f"project.root={root}", *overrides], conf_dir=conf_dir)
+    setup_logging()
+    _figures_as_images()
+    return cfg, build_spark(cfg)
+
+
+def _figures_as_images() -> None:
+    """In a notebook, a cell whose value is a matplotlib Figure shows it as a PNG (our plots draw on the
+    Agg backend, which the inline display would otherwise not pick up)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    shell.display_formatter.formatters["image/png"].for_type(Figure, lambda fig: print_figure(fig, "png"))
+
+
+def run(spark: SparkSession, cfg: Config, force: bool = False):
+    """The whole pipeline (unchanged stages are skipped); the PipelineResult."""
+    from dlpipe.pipeline import run_pipeline
+
+    return run_pipeline(spark, cfg, force=force)
+
+
+def datasets(spark: SparkSession, cfg: Config) -> dict[str, DataFrame]:
+    """Every dataset the pipeline has written, by name, as Spark DataFrames."""
+    from dlpipe.storage import HadoopFS
+
+    paths = dataset_paths(cfg)
+    found = {
+        "clean": paths.clean,
+        "quarantine": paths.quarantine,
+        "train": paths.split("train"),
+        "val": paths.split("val"),
+        "test": paths.split("test"),
+        "predictions": paths.predictions,
+    }
+    fs = HadoopFS(spark)
+    return {name: spark.read.parquet(uri) for name, uri in found.items() if fs.exists(uri)}
+
+
+def quarantine_reasons(spark: SparkSession, cfg: Config) -> pd.DataFrame:
+    """How many input rows were quarantined, by reason code."""
+    q = datasets(spark, cfg)["quarantine"]
+    return q.groupBy("reason_code").count().orderBy("count", ascending=False).toPandas()
+
+
+FIGURES = ("rows_in", "rows_quarantined", "best_val_accuracy", "best_val_mae", "accuracy", "auc", "rmse", "seconds")
+
+
+def runs(cfg: Config) -> pd.DataFrame:
+    """The MLflow runs of this dataset, newest first: stage, status and the main figures."""
+    import mlflow
+
+    from dlpipe.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    df = mlflow.search_runs(
+        experiment_names=[cfg.tracking.experiment],
+        filter_string=f"tags.`dlpipe.dataset` = '{cfg.dataset.name}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    wanted = ["run_id", "tags.dlpipe.stage", "status", "start_time"] + [
+        c for c in df.columns if c.startswith("metrics.") and c.split(".", 1)[1] in FIGURES
+    ]
+    return df[[c for c in wanted if c in df.columns]]
+
+
+def last_run(cfg: Config, stage: str):
+    """The newest MLflow run of a stage of this dataset."""
+    from mlflow import MlflowClient
+
+    from dlpipe.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    found = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`dlpipe.stage` = '{stage}' and tags.`dlpipe.dataset` = '{cfg.dataset.name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        raise LookupError(f"no {stage} run for dataset {cfg.dataset.name} yet: run the pipeline first")
+    return found[0]
+
+
+def history(cfg: Config) -> list[dict[str, Any]]:
+    """The last training run's per-epoch metrics, as the ranks recorded them."""
+    from mlflow import MlflowClient
+
+    from dlpipe.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    run_id = last_run(cfg, "train").info.run_id
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_mae", "val_mae"):
+        for m in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def learning_curve(cfg: Config):
+    """Loss and accuracy (or MAE) per epoch of the last training run."""
+    from dlpipe.train.live import learning_curve as plot
+
+    return plot(history(cfg))
+
+
+def prediction_plot(spark: SparkSession, cfg: Config):
+    """Classification: the confusion matrix of the test predictions; regression: predicted vs true."""
+    from dlpipe import evaluate
+    from dlpipe.objective import is_regression
+
+    preds = datasets(spark, cfg)["predictions"]
+    if is_regression(cfg.dataset.task):
+        return evaluate.plot_regression(preds.select("label", "prediction").limit(5000).toPandas())
+    return evaluate.plot_confusion(evaluate.confusion_matrix(preds, cfg.dataset.num_classes))
+
+
+def model_versions(cfg: Config) -> pd.DataFrame:
+    """Every version of the registered model: its aliases, run and the test score its evaluation logged."""
+    from mlflow import MlflowClient
+
+    from dlpipe.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    rows = []
+    for mv in client.search_model_versions(f"name = '{cfg.model_name}'"):
+        rows.append(
+            {
+                "version": int(mv.version),
+                "aliases": ", ".join(mv.aliases),
+                "variant": mv.tags.get("dlpipe.variant", "fp32"),
+                "run_id": mv.run_id,
+                "promotion": mv.tags.get("dlpipe.promotion", ""),
+                "created": pd.Timestamp(mv.creation_timestamp, unit="ms"),
+            }
+        )
+    return pd.DataFrame(rows).sort_values("version").reset_index(drop=True)
+
+
+def load_model(cfg: Config, alias: str = "production"):
+    """The registered model under alias (the served form: probabilities or values), on the CPU."""
+    from dlpipe.scoring import load_model as load
+    from dlpipe.tracking import tracking_uri
+
+    return load(f"models:/{cfg.model_name}@{alias}", tracking_uri(cfg))
+
+
+def sample_test_rows(spark: SparkSession, cfg: Config, n: int = 8) -> tuple[pd.DataFrame, Any]:
+    """n test rows (key, label) and their features as one float32 array, ready for the model."""
+    import numpy as np
+
+    from dlpipe.features import read_stats
+    from dlpipe.tensors import decode_cells
+
+    stats = read_stats(spark, cfg)
+    rows = datasets(spark, cfg)["test"].orderBy(stats["key"]).limit(n).toPandas()
+    x = decode_cells(rows["features"].tolist(), np.float32, tuple(stats["feature_shape"]))
+    return rows[[stats["key"], "label"]], x
+
+
+def score_in_memory(model, x) -> Any:
+    """The model's answer for x, in this process (what the batch job computes per Arrow batch)."""
+    from dlpipe.scoring import predict_proba
+
+    return predict_proba(model, x)
