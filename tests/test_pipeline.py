@@ -73,13 +73,14 @@ def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
 
 
 def test_the_cli_reruns_from_a_stage_skipping_what_is_unchanged_and_shows_status(pipeline):
-    """`python -m dlpipe run --from infer` on the finished pipeline: infer finds its output made from the
-    same model and input and skips; `python -m dlpipe status` shows each stage's output and last run."""
+    """`python -m dlpipe run --from train` on the finished pipeline: train finds @candidate trained on the
+    same data and config, infer its output made from that model and input, and both skip; `python -m
+    dlpipe status` shows each stage's output and last run."""
     cfg, result = pipeline
     args = cfg_overrides(cfg.root, "train.epochs=8", "spark.conf.spark.ui.enabled=false", rows=8000)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     run = subprocess.run(
-        [sys.executable, "-m", "dlpipe", "run", "--from", "infer", *args],
+        [sys.executable, "-m", "dlpipe", "run", "--from", "train", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -87,7 +88,8 @@ def test_the_cli_reruns_from_a_stage_skipping_what_is_unchanged_and_shows_status
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "infer: " in run.stderr and "is up to date" in run.stderr and "pipeline: stage 1/2: infer" in run.stderr
+    assert "pipeline: stage 1/3: train" in run.stderr and "trained on the same data with the same config" in run.stderr
+    assert "infer: " in run.stderr and "is up to date" in run.stderr
     assert f"predictions: {result.predictions}" in run.stdout
     status = subprocess.run(
         [sys.executable, "-m", "dlpipe", "status", *args],

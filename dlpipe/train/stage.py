@@ -119,14 +119,60 @@ def make_spec(
     )
 
 
+def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
+    """The data and every setting that changes the model (not resume, fault injection or slot waiting)."""
+    paths = dataset_paths(cfg)
+    inputs = {paths.petastorm: lineage.dataset_fingerprint(spark, paths.petastorm)}
+    spec = {
+        "stage": "train",
+        "inputs": inputs,
+        "train": cfg.train.model_dump(mode="json", exclude={"resume", "fault_injection", "slot_wait_seconds"}),
+        "quantize": cfg.quantize.model_dump(mode="json"),
+        "model_name": cfg.model_name,
+    }
+    return lineage.digest(spec), inputs
+
+
+def reusable_model(cfg: Config, fp: str) -> dict | None:
+    """The metrics of the @candidate version's training run when it finished training on exactly this
+    data and config (so there is nothing new to learn), else None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(cfg.model_name, CANDIDATE)
+    except MlflowException:
+        return None
+    run = client.get_run(mv.run_id)
+    if run.info.status != "FINISHED" or run.data.tags.get("dlpipe.fingerprint") != fp:
+        return None
+    return {**run.data.metrics, "model_version": int(mv.version)}
+
+
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
-    """The train stage (always trains: a new model version per pipeline run)."""
+    """The train stage: a new model version, unless @candidate was trained on the same data with the same
+    config (then it is skipped, like any unchanged stage; force, resume or fault injection always train)."""
     import matplotlib.pyplot as plt
     import mlflow
 
     from dlpipe import tracking
 
     tracking.require_active_run("train")
+    fp, inputs = fingerprint(spark, cfg)
+    may_skip = not (force or cfg.train.resume or cfg.train.fault_injection)
+    done = reusable_model(cfg, fp) if may_skip else None
+    if done:
+        log.info(
+            "train: %s version %s was trained on the same data with the same config (fingerprint %s), "
+            "skipping; use --force to train again",
+            cfg.model_name,
+            done["model_version"],
+            fp,
+        )
+        lineage.log_lineage("train", fp, inputs, [f"models:/{cfg.model_name}/{done['model_version']}"], skipped=True)
+        return {**done, "skipped": 1}
+    mlflow.set_tag("dlpipe.fingerprint", fp)  # what reusable_model matches, once this run has FINISHED
     stats = read_stats(spark, cfg)
     checkpoints = checkpoint_uri(spark, cfg)
     if not cfg.train.resume:
@@ -169,6 +215,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     mlflow.set_tags({"dlpipe.model_name": name, "dlpipe.model_version": version})
     quantized = register_int8(cfg, spec, served, example, example_out) if cfg.quantize.enabled else {}
     log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
+    lineage.log_lineage("train", fp, inputs, [f"models:/{name}/{version}"], skipped=False)
     last = history[-1]
     metric = objective.epoch_metric(spec.task)
     return {
@@ -185,6 +232,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         "resumed_from_epoch": result["resumed_from_epoch"],
         "epochs_logged_live": len(live),
         **quantized,
+        "skipped": 0,
     }
 
 
