@@ -15,7 +15,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
 
-.PHONY: setup run test lint ui bench clean clean-data cluster-up cluster-down
+.PHONY: setup run test lint ui bench clean clean-data cluster-up cluster-down ship
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
 
+# What spark-submit ships to executors that have nothing installed: dist/dlpipe-code.zip (--py-files) and
+# dist/dlpipe-env.tar.gz (a venv-pack archive for --archives); `python -m dlpipe.ship args` prints the flags.
+ship: $(STAMP)
+	$(PY) -m dlpipe.ship build
+
 # A Spark standalone master + workers on 127.0.0.1, for `make run ARGS="spark.master=spark://..."`.
 cluster-up: $(STAMP)
 	$(PY) -m dlpipe.cluster up --dir $(CLUSTER_DIR) --workers $(WORKERS) --cores $(CORES)
@@ -51,4 +56,4 @@ clean-data:
 	rm -rf data mlruns spark-warehouse
 
 clean: clean-data
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info dist

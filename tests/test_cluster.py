@@ -76,6 +76,55 @@ def _train_on_both_launchers(cluster, root: Path, rows: int, dataset: str | None
     assert td.data.metrics["best_val_accuracy"] > min_accuracy
 
 
+@pytest.fixture(scope="session")
+def shipment():
+    """The code zip and the packed environment (`make ship`; rebuilt only when the lock changes)."""
+    from dlpipe import ship
+
+    return ship.build()
+
+
+def _submit(cluster, shipment, script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """spark-submit against the cluster, shipping the code and the environment. The executors get no
+    PYSPARK_PYTHON and no PYTHONPATH from here: what they run is what the archives hold."""
+    spark_submit = str(Path(sys.executable).parent / "spark-submit")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "PYTHONPATH")}
+    import pyspark
+
+    # the driver runs here (client mode): spark-submit finds Spark and the driver's Python from these
+    env.update(SPARK_LOCAL_IP="127.0.0.1", SPARK_HOME=os.path.dirname(pyspark.__file__))
+    env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    cmd = [spark_submit, "--master", cluster.master_url, *shipment.spark_submit_args(sys.executable), script, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships(standalone_cluster, shipment, tmp_path):
+    """The whole pipeline, submitted with the code as --py-files and a packed virtualenv as --archives:
+    every executor runs the unpacked interpreter, and imports dlpipe from the zip and torch from the
+    archive, never from the project folder or its .venv."""
+    import json
+
+    app = "dlpipe-test-shipped"
+    proc = _submit(
+        standalone_cluster, shipment, "pipelines/run.py", *_on_cluster(standalone_cluster, tmp_path, app, rows=3000)
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _ran_on_the_cluster(standalone_cluster, app)
+    assert "test accuracy:" in proc.stdout
+    train = _last_train(tmp_path)
+    assert train.data.metrics["ranks"] == 2 and train.data.metrics["best_val_accuracy"] > 0.8
+
+    probe = _submit(standalone_cluster, shipment, "tests/ship_probe.py", "dlpipe-test-probe", timeout=300)
+    assert probe.returncode == 0, probe.stderr[-4000:]
+    seen = [json.loads(ln[len("PROBE ") :]) for ln in probe.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert len(seen) == 2
+    for where in seen:
+        assert where["prefix"] == f"{where['cwd']}/environment", where  # the unpacked archive's interpreter
+        assert where["torch"].startswith(f"{where['cwd']}/environment/"), where
+        assert "dlpipe-code.zip/dlpipe/" in where["dlpipe"] and "dlpipe-code.zip/udfs/" in where["udfs"], where
+        assert not where["dlpipe"].startswith(str(REPO / "dlpipe")), where
+
+
 def test_tabular_trains_on_the_cluster_with_both_launchers(standalone_cluster, tmp_path):
     # Bayes accuracy 0.933 on this generator; the local tests reach 0.9
     _train_on_both_launchers(standalone_cluster, tmp_path, 6000, None, 0.85, "train.epochs=8")
