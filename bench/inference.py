@@ -5,12 +5,23 @@ BENCH_INFER_ROWS rows (default 1,000,000) with each method, in one Spark session
 method's output (the row key and the scores) is fully computed (`noop` sink) and every rate is the best
 of two runs (the first warms the Python workers):
 - udf: dlpipe's scorer (udfs/score.py `score_frame`: mapInArrow, model cached per worker, key carried
-  through) over the dataset's NdarrayCodec cells; `pandas_udf` is its iterator pandas UDF form;
+  through, every cell checked, quarantine_reason out) over the dataset's NdarrayCodec cells;
+  `pandas_udf` is its iterator pandas UDF form;
 - map_in_arrow: a plain `mapInArrow` scorer over the same cells (model loaded per task, Arrow decode);
 - predict_batch_udf: Spark's `pyspark.ml.functions.predict_batch_udf` over an array<float> column;
 - spark_udf: MLflow's `mlflow.pyfunc.spark_udf` over the same array column;
 - torch: single-process PyTorch over the same rows already in memory (the ceiling, no Spark at all);
+- passthrough: a `mapInArrow` that ships the same cells to Python and only hands the id back, no model:
+  Spark's own cost, the floor under any mapInArrow scorer (udf_vs_passthrough: how close we are to it);
 - quantized_speedup: our scorer with the dynamically quantized (int8) model over the fp32 one.
+
+Every method gets the same Arrow batches of BATCH = 4096 rows (spark.sql.execution.arrow.maxRecordsPerBatch,
+what the infer job sets from infer.batch_size, whose default is 4096); predict_batch_udf's batch_size is
+the same 4096. Each method runs in Python workers of its own, as it would in an application of its own:
+Spark keys its pools of Python workers by the UDF's environment, so a variable naming the method gives
+each a fresh pool. Shared workers would carry one method's state into the next: our scorer freezes the
+worker's objects out of the garbage collector (dlpipe/scoring.py), which would speed up every method
+measured after it in the same processes.
 """
 
 from __future__ import annotations
@@ -80,6 +91,11 @@ def _register_model(tracking_uri: str) -> tuple[str, torch.nn.Module]:
     return info.model_uri, model
 
 
+def _own_workers(spark, method: str) -> None:
+    """UDFs built after this run in Python workers of their own (Spark pools workers by UDF environment)."""
+    spark.sparkContext.environment["DLPIPE_BENCH_METHOD"] = method
+
+
 def _rate(df, rows: int) -> float:
     best = 0.0
     for _ in range(2):
@@ -111,6 +127,14 @@ def _map_in_arrow(df, model_uri: str, tracking_uri: str):
             )
 
     return df.select("id", "features").mapInArrow(score, "id long, prediction int, probabilities array<float>")
+
+
+def _passthrough(df):
+    def passthrough(batches):
+        for batch in batches:
+            yield pa.RecordBatch.from_arrays([batch.column(0)], names=["id"])
+
+    return df.select("id", "features").mapInArrow(passthrough, "id long")
 
 
 def _predict_batch_udf(df, model_uri: str, tracking_uri: str):
@@ -182,13 +206,21 @@ def run() -> dict[str, float]:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(BATCH))
     try:
         df = spark.read.parquet(data.as_uri())
+        _own_workers(spark, "udf")
         ours = _rate(score_frame(df, model_uri, (DIM,), ["id"], tracking_uri), rows)
+        _own_workers(spark, "udf_int8")
         int8 = _rate(score_frame(df, int8_uri, (DIM,), ["id"], tracking_uri), rows)
+        _own_workers(spark, "pandas_udf")
         pandas_udf = _rate(df.select("id", score_column(F.col("features"), model_uri, (DIM,), tracking_uri)), rows)
+        _own_workers(spark, "map_in_arrow")
         arrow = _rate(_map_in_arrow(df, model_uri, tracking_uri), rows)
+        _own_workers(spark, "predict_batch_udf")
         pbu = _rate(_predict_batch_udf(df, model_uri, tracking_uri), rows)
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # spark_udf's workers resolve the URI with it
+        _own_workers(spark, "spark_udf")
         sudf = _rate(_spark_udf(spark, df, model_uri), rows)
+        _own_workers(spark, "passthrough")
+        floor = _rate(_passthrough(df), rows)
     finally:
         spark.stop()
     return {
@@ -199,10 +231,12 @@ def run() -> dict[str, float]:
         "predict_batch_udf_rows_per_s": pbu,
         "spark_udf_rows_per_s": sudf,
         "torch_rows_per_s": torch_rate,
+        "passthrough_rows_per_s": floor,
         "udf_vs_map_in_arrow": ours / arrow,
         "udf_vs_predict_batch_udf": ours / pbu,
         "udf_vs_spark_udf": ours / sudf,
         "udf_vs_torch": ours / torch_rate,
+        "udf_vs_passthrough": ours / floor,
         "udf_int8_rows_per_s": int8,
         "quantized_speedup": int8 / ours,
     }

@@ -65,3 +65,35 @@ def test_checked_decoding_names_each_bad_cell_and_keeps_the_good_ones():
     good, none = decode_arrow_checked(pa.array(cells, pa.binary()).slice(1), np.float32, (4,))
     assert none is None
     np.testing.assert_array_equal(good, x[1:])
+
+
+def test_checked_decoding_finds_a_bad_cell_in_a_batch_without_nulls():
+    """No nulls and every cell the right size: the all-good fast path must still see one bad header or one
+    inf, and a null whose slot has a cell's length is still missing."""
+    from dlpipe.tensors import decode_arrow_checked
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    cells = encode_rows(x)
+    reason = "features cell is not a float32 tensor of shape (4,)"
+    for bad, why in [
+        (encode_rows(np.arange(4, dtype=np.int32).reshape(1, 4))[0], reason),
+        (encode_rows(np.arange(4, dtype=np.float32).reshape(1, 2, 2))[0], reason),  # same size, another shape
+        (encode_rows(np.array([[0, np.inf, 0, 0]], dtype=np.float32))[0], "features not finite (NaN or inf)"),
+        (encode_rows(np.array([[0, 0, 0, -np.inf]], dtype=np.float32))[0], "features not finite (NaN or inf)"),
+    ]:
+        out, reasons = decode_arrow_checked(pa.array([*cells[:3], bad, *cells[4:]], pa.binary()), np.float32, (4,))
+        assert list(reasons) == [None, None, None, why, None, None]
+        np.testing.assert_array_equal(out[[0, 1, 2, 4, 5]], x[[0, 1, 2, 4, 5]])
+        assert not out[3].any()
+    # huge but finite values are good rows
+    big = np.full((3, 4), 3e38, dtype=np.float32)
+    out, none = decode_arrow_checked(encode_arrow(big), np.float32, (4,))
+    assert none is None
+    np.testing.assert_array_equal(out, big)
+    # a null slot that holds a whole cell's bytes
+    column = encode_arrow(x)
+    validity = pa.py_buffer(np.packbits([1, 1, 0, 1, 1, 1], bitorder="little").tobytes())
+    column = pa.BinaryArray.from_buffers(pa.binary(), 6, [validity, *column.buffers()[1:]])
+    out, reasons = decode_arrow_checked(column, np.float32, (4,))
+    assert list(reasons) == [None, None, "features missing", None, None, None]
+    assert not out[2].any()

@@ -51,11 +51,12 @@ def arrow_scorer(
     outputs = ["prediction"] if regression else ["prediction", "probabilities"]
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model = load_model(model_uri, tracking_uri, task_device())  # the task's GPU when it has one
+        device = task_device()  # the task's GPU when it has one
+        model = load_model(model_uri, tracking_uri, device)
         for batch in batches:
             x, reasons = decode_arrow_checked(batch.column(len(keep)), np.float32, feature_shape)
-            bad = None if reasons is None else np.array([r is not None for r in reasons], dtype=bool)
-            probs = predict_proba(model, x).astype(np.float32, copy=False)
+            bad = None if reasons is None else np.not_equal(reasons, None)
+            probs = predict_proba(model, x, device).astype(np.float32, copy=False)
             yield pa.RecordBatch.from_arrays(
                 [
                     *(batch.column(i) for i in range(len(keep))),
