@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
         print(render(stage_status(cfg, stages_for(cfg))))
         return 0
     from dlpipe.pipeline import run_pipeline, run_stage, summary
-    from dlpipe.session import build_spark
+    from dlpipe.session import build_spark, stop_spark
 
     spark = build_spark(cfg)
     try:
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         stages = STAGES[STAGES.index(args.start) :] if args.start else STAGES
         result = run_pipeline(spark, cfg, stages, force=args.force)
     finally:
-        spark.stop()
+        stop_spark(spark)
     print(summary(result))
     return 0
 

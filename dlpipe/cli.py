@@ -42,7 +42,7 @@ def load_or_exit(args: argparse.Namespace) -> Config:
 def run_job(stage: str, argv: list[str]) -> int:
     """A spark-submit entry point for one stage: config, session, stage, stop."""
     from dlpipe.pipeline import run_stage
-    from dlpipe.session import build_spark
+    from dlpipe.session import build_spark, stop_spark
 
     p = parser(f"jobs/{stage}.py", f"Run the dlpipe '{stage}' stage.")
     p.add_argument("--parent-run-id", help="MLflow run id of the pipeline run this stage belongs to")
@@ -53,5 +53,5 @@ def run_job(stage: str, argv: list[str]) -> int:
     try:
         run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id, force=args.force)
     finally:
-        spark.stop()
+        stop_spark(spark)
     return 0

@@ -50,3 +50,19 @@ def build_spark(cfg: Config) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.spark.log_level)
     return spark
+
+
+def stop_spark(spark: SparkSession) -> None:
+    """Stop the session and let a spark-submit driver's JVM exit.
+
+    Spark 3.5 keeps a non-daemon java.util.Timer in BarrierTaskContext's companion object, created by the
+    first barrier()/allGather() in a JVM. In local mode the tasks run in the driver's JVM, so after a barrier
+    stage (train) `spark-submit` never exits once the Python driver returns. Cancelled only under spark-submit,
+    at the end of the application: a later barrier() in the same JVM would fail."""
+    spark.stop()
+    if under_spark_submit():
+        try:
+            module = spark._jvm.java.lang.Class.forName("org.apache.spark.BarrierTaskContext$").getField("MODULE$")
+            getattr(module.get(None), "org$apache$spark$BarrierTaskContext$$timer")().cancel()
+        except Exception as exc:  # never fail a finished job over this
+            print(f"dlpipe: could not stop Spark's barrier timer ({exc}); spark-submit may not exit", file=sys.stderr)

@@ -10,7 +10,7 @@ import sys
 
 from dlpipe.cli import load_or_exit, parser, setup_logging
 from dlpipe.pipeline import run_pipeline, summary
-from dlpipe.session import build_spark
+from dlpipe.session import build_spark, stop_spark
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     try:
         result = run_pipeline(spark, cfg, force=args.force)
     finally:
-        spark.stop()
+        stop_spark(spark)
     print(summary(result))
     return 0
 
