@@ -10,12 +10,18 @@ WORKERS ?= 2
 CORES  ?= 1
 CLUSTER_DIR ?= .cache/cluster
 
+AIRFLOW_VENV  := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.dlpipe-airflow-setup
+AIRFLOW_HOME  ?= $(abspath .cache/airflow)
+DAG_CONF      ?= {}
+AIRFLOW       := AIRFLOW_HOME=$(AIRFLOW_HOME) AIRFLOW__CORE__DAGS_FOLDER=$(abspath pipelines) AIRFLOW__CORE__LOAD_EXAMPLES=False $(AIRFLOW_VENV)/bin/airflow
+
 # Spark (and Gloo) bind loopback unless told otherwise: the first non-loopback address may be unreachable.
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
 
-.PHONY: setup run test lint ui bench clean clean-data cluster-up cluster-down ship
+.PHONY: setup run test lint ui bench clean clean-data cluster-up cluster-down ship airflow-setup airflow-run
 
 setup: $(STAMP)
 
@@ -27,12 +33,24 @@ $(STAMP): pyproject.toml constraints.txt tools/setup.sh tools/build_horovod.sh t
 run: $(STAMP)
 	$(PY) -m pipelines.run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(AIRFLOW_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print `name: value` lines (and data/bench/<group>.json); ONLY=data runs one group.
 bench: $(STAMP)
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
+
+# Airflow in its own venv (.venv-airflow), apart from the Spark/PyTorch stack; re-runs only when its inputs change.
+airflow-setup: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): tools/setup_airflow.sh airflow-constraints.txt
+	PYTHON=$(PYTHON) bash tools/setup_airflow.sh
+	@touch $@
+
+# One run of the Airflow DAG without a scheduler: make airflow-run DAG_CONF='{"overrides": ["train.epochs=5"]}'
+airflow-run: $(STAMP) $(AIRFLOW_STAMP)
+	$(AIRFLOW) db migrate
+	$(AIRFLOW) dags test dlpipe -c '$(DAG_CONF)'
 
 # What spark-submit ships to executors that have nothing installed: dist/dlpipe-code.zip (--py-files) and
 # dist/dlpipe-env.tar.gz (a venv-pack archive for --archives); `python -m dlpipe.ship args` prints the flags.
@@ -56,4 +74,4 @@ clean-data:
 	rm -rf data mlruns spark-warehouse
 
 clean: clean-data
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info dist
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache .ruff_cache *.egg-info dist

@@ -1,0 +1,155 @@
+"""The Airflow DAG (pipelines/airflow_dag.py), run by Airflow itself from its own venv (.venv-airflow).
+
+Airflow is not in .venv, so everything Airflow does here runs in a subprocess with .venv-airflow's Python,
+an AIRFLOW_HOME in a temp folder and SQLite; what the pipeline made is checked from .venv (MLflow, files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from dlpipe.pipeline import STAGES
+from tests.conftest import REPO, cfg_overrides
+
+AIRFLOW_VENV = REPO / ".venv-airflow"
+AIRFLOW_PY = AIRFLOW_VENV / "bin" / "python"
+AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
+DAG_FILE = REPO / "pipelines" / "airflow_dag.py"
+
+pytestmark = pytest.mark.skipif(
+    not AIRFLOW.exists(),
+    reason="no .venv-airflow: run `bash tools/setup_airflow.sh` (`make airflow-setup`; CI does) to test the DAG",
+)
+
+# Runs in .venv-airflow: parse the DAG the way Airflow's DAG processor does, and say what it found.
+PARSE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+
+bag = DagBag(dag_folder=sys.argv[1])
+found = {
+    "import_errors": {str(k): str(v) for k, v in bag.import_errors.items()},
+    "heavy_modules": sorted({m.split(".")[0] for m in sys.modules} & {"pyspark", "torch", "dlpipe", "mlflow"}),
+    "dag_ids": sorted(bag.dags),
+}
+dag = bag.dags.get("dlpipe")
+if dag is not None:
+    command = dag.user_defined_macros["dlpipe_command"]  # what each task's template calls when it runs
+    found.update(
+        tasks=[
+            {"id": t.task_id, "upstream": sorted(t.upstream_task_ids), "retries": t.retries,
+             "retry_delay": t.retry_delay.total_seconds(), "trigger_rule": str(t.trigger_rule.value)}
+            for t in dag.tasks
+        ],
+        max_active_runs=dag.max_active_runs,
+        params=sorted(dag.params),
+        train=command("train", {"env": "local", "overrides": ["train.epochs=2"]}),
+        train_master=command("train", {"overrides": ["spark.master=local[1]"], "force": True}),
+        generate_none=command("generate", {"env": "local", "overrides": ["dataset.generator=null"]}),
+    )
+print(json.dumps(found))
+"""
+
+
+def airflow_env(home: Path) -> dict[str, str]:
+    """The environment of an Airflow CLI run: its own home and SQLite DB, only our DAG, nothing from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "DLPIPE_")) and k != "VIRTUAL_ENV"}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(DAG_FILE.parent),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
+        SPARK_LOCAL_IP="127.0.0.1",
+    )
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run cmd; if it overruns, kill it and every process under it first (BashOperator starts spark-submit in
+    a session of its own, so a process-group kill would leave the JVM and its Python workers running)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=30)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} did not finish in {timeout:.0f}s; its output ended:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def json_rows(output: str) -> list[dict]:
+    """The JSON table an Airflow CLI command printed with `-o json` (its log lines come before it)."""
+    return json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("[")))
+
+
+def test_dag_parses_in_the_airflow_venv_without_heavy_imports(tmp_path):
+    """DagBag finds one DAG, stages chained in dlpipe's order with retries; parsing imports no pyspark/torch/dlpipe."""
+    proc = run([str(AIRFLOW_PY), "-c", PARSE, str(DAG_FILE.parent)], airflow_env(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["import_errors"] == {}
+    assert found["heavy_modules"] == []
+    assert found["dag_ids"] == ["dlpipe"]
+    assert [t["id"] for t in found["tasks"]] == list(STAGES)
+    for before, task in zip([None, *STAGES[:-1]], found["tasks"], strict=True):
+        assert task["upstream"] == ([before] if before else []), task
+        assert task["retries"] >= 1 and task["retry_delay"] > 0, task
+    assert next(t for t in found["tasks"] if t["id"] == "ingest")["trigger_rule"] == "none_failed"
+    assert found["max_active_runs"] == 1  # runs share one warehouse
+    assert {"env", "overrides", "master", "force", "parent_run_id"} <= set(found["params"])
+    # The command each task runs: the main venv's spark-submit, the master from conf (local.yaml) or the overrides.
+    spark_submit = str(REPO / ".venv" / "bin" / "spark-submit")
+    assert f"exec {spark_submit} --master 'local[2]' {REPO}/jobs/train.py --env local" in found["train"]
+    assert found["train"].endswith("train.epochs=2")
+    assert "--master 'local[1]'" in found["train_master"] and "--force" in found["train_master"]
+    assert found["generate_none"].endswith("exit 99"), found["generate_none"]  # skipped: no generator
+
+
+def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
+    """`airflow dags test dlpipe` on a tiny config rooted in a temp folder: every task succeeds, the
+    predictions are written there and its MLflow store has one finished run per stage."""
+    root, home = tmp_path / "project", tmp_path / "airflow"
+    root.mkdir()
+    home.mkdir()
+    env = airflow_env(home)
+    migrate = run([str(AIRFLOW), "db", "migrate"], env, timeout=240)
+    assert migrate.returncode == 0, migrate.stdout[-4000:]
+
+    overrides = cfg_overrides(
+        root, "train.epochs=2", "spark.conf.spark.ui.enabled=false", "quantize.enabled=false", rows=1500
+    )
+    conf = json.dumps({"env": "local", "overrides": overrides})
+    dags_test = run([str(AIRFLOW), "dags", "test", "dlpipe", "-f", str(DAG_FILE), "-c", conf], env, timeout=420)
+    log = dags_test.stdout
+
+    listed = run([str(AIRFLOW), "dags", "list-runs", "dlpipe", "-o", "json"], env, timeout=120)
+    assert listed.returncode == 0, listed.stdout[-2000:]
+    runs = json_rows(listed.stdout)
+    assert len(runs) == 1, runs
+    states = run(
+        [str(AIRFLOW), "tasks", "states-for-dag-run", "dlpipe", runs[0]["run_id"], "-o", "json"], env, timeout=120
+    )
+    assert states.returncode == 0, states.stdout[-2000:]
+    task_states = {t["task_id"]: t["state"] for t in json_rows(states.stdout)}
+    assert task_states == dict.fromkeys(STAGES, "success"), f"{task_states}\n{log[-8000:]}"
+    assert runs[0]["state"] == "success" and dags_test.returncode == 0, log[-8000:]
+
+    predictions = root / "data/warehouse/tabular_example/predictions"
+    assert list(predictions.rglob("*.parquet")), f"no predictions under {predictions}"
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    stage_runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
+    assert sorted((r.data.tags.get("dlpipe.stage"), r.info.status) for r in stage_runs) == sorted(
+        (s, "FINISHED") for s in STAGES
+    )
