@@ -43,6 +43,11 @@ class SchemaMismatchError(ValueError):
 
 
 # --- reading -------------------------------------------------------------------------------------------
+def reader_options(cfg: Config) -> dict[str, str]:
+    """dataset.source.options as Spark reader options (YAML booleans as Spark's "true"/"false")."""
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
+
+
 def read_raw(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = False) -> DataFrame:
     """Declared columns as strings (images as NdarrayCodec cells), plus the malformed record and source file.
 
@@ -58,7 +63,7 @@ def read_raw(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = 
     schema = T.StructType(
         [T.StructField(c.name, T.StringType()) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
     )
-    opts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
+    opts = reader_options(cfg)
     if fmt == "csv":
         reader = spark.read.schema(schema).options(**{"header": "true", "enforceSchema": "false", **opts})
         df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(uri)
@@ -84,7 +89,7 @@ def _has_column(spark: SparkSession, cfg: Config, uri: str, name: str) -> bool:
     """Whether the files at uri have column `name`: the CSV header or the Parquet schema (JSON lines
     need no answer: a field absent from a line reads as null)."""
     fmt = cfg.dataset.source.format
-    opts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
+    opts = reader_options(cfg)
     if fmt == "csv":
         return name in spark.read.options(**{"header": "true", **opts}).csv(uri).columns
     if fmt == "parquet":
@@ -126,7 +131,7 @@ def _decode_images(shape: tuple[int, ...], image: str):
 
 def _read_images(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
     src = cfg.dataset.source
-    opts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in src.options.items()}
+    opts = reader_options(cfg)
     files = spark.read.format("binaryFile").options(**opts).load(uri)
     col = cfg.dataset.image_column
     key, label = cfg.dataset.column("key").name, cfg.dataset.column("label").name
