@@ -102,19 +102,14 @@ def last_run(cfg: Config, stage: str):
     """The newest MLflow run of a stage of this dataset."""
     from mlflow import MlflowClient
 
-    from dlpipe.tracking import tracking_uri
+    from dlpipe.tracking import last_stage_run, tracking_uri
 
     client = MlflowClient(tracking_uri(cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    found = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`dlpipe.stage` = '{stage}' and tags.`dlpipe.dataset` = '{cfg.dataset.name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not found:
+    found = last_stage_run(client, exp.experiment_id, stage, cfg.dataset.name) if exp is not None else None
+    if found is None:
         raise LookupError(f"no {stage} run for dataset {cfg.dataset.name} yet: run the pipeline first")
-    return found[0]
+    return found
 
 
 def history(cfg: Config) -> list[dict[str, Any]]:
@@ -146,7 +141,7 @@ def prediction_plot(spark: SparkSession, cfg: Config):
 
     preds = datasets(spark, cfg)["predictions"]
     if is_regression(cfg.dataset.task):
-        return evaluate.plot_regression(preds.select("label", "prediction").limit(5000).toPandas())
+        return evaluate.plot_regression(preds)
     return evaluate.plot_confusion(evaluate.confusion_matrix(preds, cfg.dataset.num_classes))
 
 

@@ -54,7 +54,7 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def stage_status(cfg: Config, stages: list[str]) -> list[StageStatus]:
     from mlflow import MlflowClient
 
-    from dlpipe.tracking import tracking_uri
+    from dlpipe.tracking import last_stage_run, tracking_uri
 
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
@@ -73,14 +73,8 @@ def stage_status(cfg: Config, stages: list[str]) -> list[StageStatus]:
                 metrics = meta.get("metrics", meta)
                 st.counts = {k: v for k, v in metrics.items() if k.startswith("rows_") and isinstance(v, int | float)}
         if experiment is not None:
-            runs = client.search_runs(
-                [experiment.experiment_id],
-                f"tags.`dlpipe.stage` = '{stage}' and tags.`dlpipe.dataset` = '{cfg.dataset.name}'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if runs:
-                r = runs[0]
+            r = last_stage_run(client, experiment.experiment_id, stage, cfg.dataset.name)
+            if r is not None:
                 st.run_id, st.run_status = r.info.run_id, r.info.status
                 st.run_link = run_link(uri, experiment.experiment_id, r.info.run_id)
                 if not st.output:

@@ -122,6 +122,17 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None) -> Iter
         yield run
 
 
+def last_stage_run(client: Any, experiment_id: str, stage: str, dataset: str):
+    """The newest MLflow run of one stage for one dataset in the experiment, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`dlpipe.stage` = '{stage}' and tags.`dlpipe.dataset` = '{dataset}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 def pip_requirements() -> list[str]:
     """What a model needs to load elsewhere, honestly: the CPU build of torch comes from PyTorch's CPU
     index (PyPI's torch of the same version is a multi-GB CUDA build)."""
