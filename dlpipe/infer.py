@@ -24,6 +24,8 @@ from dlpipe.config import Config
 from dlpipe.features import model_stats, read_stats, transform
 from dlpipe.ingest import AccountingError, BadDataError, quarantine_rows, read_raw, typed_clean, validate
 from dlpipe.objective import is_regression
+from dlpipe.promotion import CANDIDATE
+from dlpipe.quantize import INT8_ALIAS
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ SCORING_FAILED = "scoring"  # the reason_code of rows that passed validation but
 
 
 def model_uri(cfg: Config) -> str:
-    alias = "candidate-int8" if cfg.infer.variant == "int8" else "candidate"
+    alias = INT8_ALIAS if cfg.infer.variant == "int8" else CANDIDATE
     return cfg.infer.model_uri or f"models:/{cfg.model_name}@{alias}"
 
 

@@ -13,6 +13,7 @@ from pyspark.sql import SparkSession
 from dlpipe import lineage, objective
 from dlpipe.config import Config
 from dlpipe.features import STATS_ARTIFACT, read_stats
+from dlpipe.promotion import CANDIDATE
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
@@ -23,7 +24,6 @@ from dlpipe.train.models import build_model, resolve_factory
 from dlpipe.train.worker import TrainSpec, train_worker
 
 log = logging.getLogger(__name__)
-CANDIDATE = "candidate"
 
 
 def checkpoint_uri(spark: SparkSession, cfg: Config) -> str:
@@ -278,10 +278,11 @@ def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example
     m = quantize.compare(served, int8, np.concatenate(xs), np.concatenate(ys), spec.task)
     if spec.task == objective.REGRESSION:
         change, limit = m["int8_rmse_increase"], cfg.quantize.max_rmse_increase
-        passed, what = change <= limit, f"RMSE {change:+.2%}"
+        what = f"RMSE {change:+.2%}"
     else:
         change, limit = -m["int8_accuracy_delta"], cfg.quantize.max_accuracy_drop
-        passed, what = change <= limit, f"accuracy {m['int8_accuracy_delta']:+.4f}"
+        what = f"accuracy {m['int8_accuracy_delta']:+.4f}"
+    passed = change <= limit
     m["int8_registered"] = float(passed)
     log.info(
         "train: int8 variant: %s vs fp32, %.2fx the rows/s (%s)",
