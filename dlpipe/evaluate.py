@@ -166,13 +166,14 @@ def regression_metrics(preds, train_mean: float) -> dict:
     }
 
 
-def plot_regression(sample):
-    """Predicted against true value (a sample of rows), and the residuals' histogram."""
+def plot_regression(preds, sample_rows: int = 5000):
+    """Predicted against true value (up to sample_rows scored rows), and the residuals' histogram."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sample = preds.select("label", "prediction").limit(sample_rows).toPandas()
     y, p = sample["label"].to_numpy(), sample["prediction"].to_numpy()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
     ax1.scatter(y, p, s=4, alpha=0.4)
@@ -277,8 +278,7 @@ def _evaluate_regression(preds, stats: dict, manifest: dict | None) -> dict:
     metrics = regression_metrics(preds, stats["label_mean"])
     if manifest and manifest.get("bayes_rmse") is not None:
         metrics["bayes_rmse"] = manifest["bayes_rmse"]
-    sample = preds.select("label", "prediction").limit(5000).toPandas()
-    _log_figure(plot_regression(sample), "predicted_vs_true.png")
+    _log_figure(plot_regression(preds), "predicted_vs_true.png")
     log.info(
         "evaluate: RMSE %.4f (predicting the training mean: %.4f), MAE %.4f, R2 %.4f",
         metrics["rmse"],
