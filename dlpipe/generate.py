@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import uuid
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -37,11 +38,16 @@ def expected_columns(cfg: Config) -> list[str]:
     return ["id", *[f"x{i}" for i in range(g.num_numeric)], "segment", cfg.dataset.column("label").name]
 
 
+# Rows generated, formatted and written at a time: memory stays flat whatever dataset.generator.rows is.
+CHUNK_ROWS = 200_000
+
+
 def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     """Write the example's raw files under uri and return the manifest (written last).
 
     Deterministic in the generator settings; if uri already holds data made with the same settings the
-    work is skipped (the manifest says so), unless force.
+    work is skipped (the manifest says so), unless force. Tabular files are written a chunk of rows at a
+    time, so any number of rows fits in memory.
     """
     g = cfg.dataset.generator
     if g is None:
@@ -51,9 +57,15 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     if not force and existing and existing.get("params") == params:
         log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])
         return {**existing, "skipped": True}
-    files, manifest = _digits(cfg) if g.kind == "digits" else _tabular(cfg)  # tabular or regression
-    manifest = {"params": params, **manifest, "skipped": False}
-    _write_all(cfg, uri, files, manifest)
+    if g.kind == "digits":
+        images, facts = _digits(cfg)
+        files = {name: iter([data]) for name, data in images.items()}
+        summary: Callable[[], dict] = lambda: facts  # noqa: E731
+    else:  # tabular or regression
+        tabular = _Tabular(cfg)
+        files, summary = tabular.files(), tabular.summary
+    _write_all(cfg, uri, files, lambda: {"params": params, **summary(), "skipped": False})
+    manifest = read_manifest(uri, storage_settings(cfg))
     log.info(
         "generate: wrote %d rows (%d malformed) in %d files to %s",
         manifest["rows_written"],
@@ -64,96 +76,117 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     return manifest
 
 
-def _tabular(cfg: Config) -> tuple[dict[str, bytes], dict]:
-    g = cfg.dataset.generator
-    assert g is not None
-    names = [c.name for c in cfg.dataset.columns]
-    if names != expected_columns(cfg):
-        raise ConfigError(f"dataset.columns {names} do not match what the generator writes {expected_columns(cfg)}")
-    rng = np.random.default_rng(g.seed)
-    n, d, cats = g.rows, g.num_numeric, g.categories
-    if g.kind == "regression":
-        label_text, bad_label, facts = _regression_labels(rng, n, d, len(cats), g.label_noise)
-    else:
-        label_text, bad_label, facts = _class_labels(rng, n, d, len(cats), cfg.dataset.num_classes, g.label_noise)
-    x, seg = facts.pop("x"), facts.pop("seg")
+class _Tabular:
+    """The tabular (or regression) example, made a chunk at a time: each chunk's rows come from its own
+    seeded generator, so the data does not depend on how it is chunked in memory, only on the settings."""
 
-    n_bad = int(round(n * g.malformed_fraction))
-    bad_rows = rng.choice(n, size=n_bad, replace=False)
-    kind_of = {int(r): MALFORMED_KINDS[i % len(MALFORMED_KINDS)] for i, r in enumerate(bad_rows)}
-    counts = dict.fromkeys(MALFORMED_KINDS, 0)
-    lines = []
-    for i in range(n):
-        fields = [str(i), *(f"{v:.6f}" for v in x[i]), cats[seg[i]], label_text[i]]
-        kind = kind_of.get(i)
-        if kind == "wrong_field_count":
-            fields = fields[:-1]
-        elif kind == "bad_number":
-            fields[1 + int(rng.integers(0, d))] = "n/a"
-        elif kind == "missing_label":
-            fields[-1] = ""
-        elif kind == "bad_label":
-            fields[-1] = bad_label
-        if kind:
-            counts[kind] += 1
-        lines.append(",".join(fields))
+    def __init__(self, cfg: Config):
+        g = cfg.dataset.generator
+        assert g is not None
+        names = [c.name for c in cfg.dataset.columns]
+        if names != expected_columns(cfg):
+            raise ConfigError(f"dataset.columns {names} do not match what the generator writes {expected_columns(cfg)}")
+        self.g, self.header = g, ",".join(names)
+        self.k = cfg.dataset.num_classes or 0
+        self.regression = g.kind == "regression"
+        rng = np.random.default_rng(g.seed)
+        d, n_cats = g.num_numeric, len(g.categories)
+        if self.regression:
+            self.w, self.b = rng.normal(size=d), rng.normal(size=n_cats)
+            self.bad_label = "n/a"  # not a number
+        else:
+            self.w, self.b = rng.normal(size=(d, self.k)), rng.normal(size=(n_cats, self.k))
+            self.bad_label = str(self.k + 3)  # out of the label range
+        self.n_bad = int(round(g.rows * g.malformed_fraction))
+        self.counts = dict.fromkeys(MALFORMED_KINDS, 0)
+        self.valid = self.hits = 0
+        self.class_counts = np.zeros(max(self.k, 1), dtype=np.int64)
+        self.y_sum = self.y_sq = 0.0
 
-    valid = np.ones(n, dtype=bool)
-    valid[bad_rows] = False
-    header = ",".join(expected_columns(cfg))
-    files = {
-        f"part-{part:05d}.csv": ("\n".join([header, *(lines[i] for i in chunk)]) + "\n").encode()
-        for part, chunk in enumerate(np.array_split(np.arange(n), g.files))
-    }
-    summary = {k: (v(valid) if callable(v) else v) for k, v in facts.items()}
-    return files, {
-        "rows_written": n,
-        "valid_rows": int(valid.sum()),
-        "malformed": counts,
-        "malformed_total": n_bad,
-        **summary,
-    }
+    def files(self) -> dict[str, Iterator[bytes]]:
+        """File name -> its bytes, produced lazily a chunk at a time (header first)."""
+        base, extra = divmod(self.g.rows, self.g.files)  # np.array_split's sizes: the first files one row more
+        sizes = [base + 1 if i < extra else base for i in range(self.g.files)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return {f"part-{i:05d}.csv": self._file(int(starts[i]), int(starts[i + 1])) for i in range(self.g.files)}
 
+    def _file(self, start: int, end: int) -> Iterator[bytes]:
+        yield (self.header + "\n").encode()
+        for lo in range(start, end, CHUNK_ROWS):
+            yield self._chunk(lo, min(end, lo + CHUNK_ROWS))
 
-def _class_labels(rng, n: int, d: int, n_cats: int, k: int, noise: float):
-    """argmax(x W + B[segment]), replaced by a random class with probability noise."""
-    w = rng.normal(size=(d, k))
-    b = rng.normal(size=(n_cats, k))
-    x = rng.normal(size=(n, d))
-    seg = rng.integers(0, n_cats, size=n)
-    y_true = np.argmax(x @ w + b[seg], axis=1)
-    noisy = rng.random(n) < noise
-    y = np.where(noisy, rng.integers(0, k, size=n), y_true)
-    return (
-        [str(int(v)) for v in y],
-        str(k + 3),  # out of the label range
-        {
-            "x": x,
-            "seg": seg,
-            "bayes_accuracy": 1 - noise + noise / k,
-            "realized_ceiling_accuracy": lambda valid: float(np.mean(y_true[valid] == y[valid])),
-            "majority_fraction": lambda valid: float(np.bincount(y[valid], minlength=k).max() / valid.sum()),
-        },
-    )
+    def _bad_before(self, row: int) -> int:
+        """How many of the first `row` rows are malformed (the malformed lines are spread evenly)."""
+        return int(round(self.n_bad * row / self.g.rows))
 
+    def _chunk(self, lo: int, hi: int) -> bytes:
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-def _regression_labels(rng, n: int, d: int, n_cats: int, noise: float):
-    """x w + b[segment] + x0 * x1 (a little non-linear) + N(0, noise^2): the best possible RMSE is noise."""
-    w = rng.normal(size=d)
-    b = rng.normal(size=n_cats)
-    x = rng.normal(size=(n, d))
-    seg = rng.integers(0, n_cats, size=n)
-    y = x @ w + b[seg] + x[:, 0] * x[:, 1] + rng.normal(scale=noise, size=n)
-    return (
-        [f"{v:.6f}" for v in y],
-        "n/a",  # not a number
-        {
-            "x": x,
-            "seg": seg,
-            "bayes_rmse": noise,
-            "label_std": lambda valid: float(np.std(y[valid])),  # the RMSE of always predicting the mean
-        },
-    )
+        g, m = self.g, hi - lo
+        rng = np.random.default_rng([g.seed, lo])
+        d, cats = g.num_numeric, g.categories
+        x = rng.normal(size=(m, d))
+        seg = rng.integers(0, len(cats), size=m)
+        if self.regression:
+            y = x @ self.w + self.b[seg] + x[:, 0] * x[:, 1] + rng.normal(scale=g.label_noise, size=m)
+            label = pc.cast(pa.array(np.round(y, 6)), pa.string())
+        else:
+            y_true = np.argmax(x @ self.w + self.b[seg], axis=1)
+            noisy = rng.random(m) < g.label_noise
+            y = np.where(noisy, rng.integers(0, self.k, size=m), y_true)
+            label = pc.cast(pa.array(y), pa.string())
+        first_bad = self._bad_before(lo)
+        bad_rows = rng.choice(m, size=self._bad_before(hi) - first_bad, replace=False)
+        kind_of = np.full(m, -1)  # index into MALFORMED_KINDS, taken in turn across the whole dataset
+        kind_of[bad_rows] = (first_bad + np.arange(len(bad_rows))) % len(MALFORMED_KINDS)
+        fields = [pc.cast(pa.array(np.arange(lo, hi)), pa.string())]
+        bad_number_col = rng.integers(0, d, size=m)
+        for j in range(d):
+            text = pc.cast(pa.array(np.round(x[:, j], 6)), pa.string())
+            broken = (kind_of == MALFORMED_KINDS.index("bad_number")) & (bad_number_col == j)
+            fields.append(pc.if_else(pa.array(broken), "n/a", text))
+        fields.append(pa.array(np.asarray(cats, dtype=object)[seg], pa.string()))
+        label = pc.if_else(pa.array(kind_of == MALFORMED_KINDS.index("missing_label")), "", label)
+        label = pc.if_else(pa.array(kind_of == MALFORMED_KINDS.index("bad_label")), self.bad_label, label)
+        # a line one field short: the label is null, and the join skips it
+        short = pa.array(kind_of == MALFORMED_KINDS.index("wrong_field_count"))
+        fields.append(pc.if_else(short, pa.scalar(None, pa.string()), label))
+        lines = pc.binary_join_element_wise(*fields, ",", null_handling="skip")
+        text = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, m], pa.int32()), lines), "\n")
+        self._count(kind_of, y, None if self.regression else y_true)
+        return text[0].as_py().encode() + b"\n"
+
+    def _count(self, kind_of: np.ndarray, y: np.ndarray, y_true: np.ndarray | None) -> None:
+        valid = kind_of < 0
+        for i, kind in enumerate(MALFORMED_KINDS):
+            self.counts[kind] += int((kind_of == i).sum())
+        self.valid += int(valid.sum())
+        if y_true is None:
+            self.y_sum += float(y[valid].sum())
+            self.y_sq += float((y[valid] ** 2).sum())
+        else:
+            self.hits += int((y_true[valid] == y[valid]).sum())
+            self.class_counts += np.bincount(y[valid], minlength=self.k)
+
+    def summary(self) -> dict:
+        """The manifest's facts, once every chunk has been written."""
+        g = self.g
+        facts: dict = {
+            "rows_written": g.rows,
+            "valid_rows": self.valid,
+            "malformed": self.counts,
+            "malformed_total": sum(self.counts.values()),
+        }
+        if self.regression:
+            mean = self.y_sum / max(self.valid, 1)
+            facts["bayes_rmse"] = g.label_noise
+            facts["label_std"] = float(np.sqrt(max(self.y_sq / max(self.valid, 1) - mean * mean, 0.0)))
+        else:
+            facts["bayes_accuracy"] = 1 - g.label_noise + g.label_noise / self.k
+            facts["realized_ceiling_accuracy"] = self.hits / max(self.valid, 1)
+            facts["majority_fraction"] = float(self.class_counts.max() / max(self.valid, 1))
+        return facts
 
 
 DIGITS_MALFORMED = ("corrupt_file", "wrong_shape", "unlabeled")
@@ -208,9 +241,10 @@ def _digits(cfg: Config) -> tuple[dict[str, bytes], dict]:
     }
 
 
-def _write_all(cfg: Config, uri: str, files: dict[str, bytes], manifest: dict) -> None:
-    """Write files and then the manifest; where the filesystem can rename folders (local, HDFS), into a
-    temporary folder renamed into place at the end, so a killed run leaves nothing under uri."""
+def _write_all(cfg: Config, uri: str, files: dict[str, Iterator[bytes]], manifest: Callable[[], dict]) -> None:
+    """Write files (each streamed from its chunks) and then the manifest; where the filesystem can rename
+    folders (local, HDFS), into a temporary folder renamed into place at the end, so a killed run leaves
+    nothing under uri."""
     import pyarrow.fs as pafs
 
     fs, root = python_fs(uri, storage_settings(cfg))
@@ -221,13 +255,14 @@ def _write_all(cfg: Config, uri: str, files: dict[str, bytes], manifest: dict) -
         fs.delete_dir(root)
     fs.create_dir(target, recursive=True)
     try:
-        for rel, data in files.items():
+        for rel, chunks in files.items():
             if "/" in rel:
                 fs.create_dir(f"{target}/{rel.rsplit('/', 1)[0]}", recursive=True)
             with fs.open_output_stream(f"{target}/{rel}") as f:
-                f.write(data)
+                for chunk in chunks:
+                    f.write(chunk)
         with fs.open_output_stream(f"{target}/{MANIFEST}") as f:
-            f.write(json.dumps(manifest, indent=2).encode())
+            f.write(json.dumps(manifest(), indent=2).encode())
         if not in_place:
             fs.move(target, root)
     except BaseException:
