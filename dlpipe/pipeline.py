@@ -11,6 +11,7 @@ from pyspark.sql import SparkSession
 
 from dlpipe import tracking
 from dlpipe.config import Config
+from dlpipe.session import resource_error
 from dlpipe.storage import configure_spark_storage, dataset_paths
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,13 @@ def run_stage(
     log.info("stage %s: start", name)
     started = time.time()
     with tracking.stage_run(cfg, name, parent_run_id):
-        metrics = fn(spark, cfg, force=force)
+        try:
+            metrics = fn(spark, cfg, force=force)
+        except Exception as exc:
+            clear = resource_error(exc, name, spark)
+            if clear is not None:
+                raise clear from exc
+            raise
         metrics["seconds"] = round(time.time() - started, 3)
         tracking.log_metrics(metrics)
     log.info("stage %s: done in %.1fs %s", name, metrics["seconds"], metrics)
@@ -100,8 +107,9 @@ def summary(result: PipelineResult) -> str:
         lines.append(f"test accuracy: {ev['accuracy']:.4f} (majority baseline {ev['majority_baseline_accuracy']:.4f})")
     elif "rmse" in ev:
         lines.append(f"test RMSE: {ev['rmse']:.4f} (predicting the training mean {ev['mean_baseline_rmse']:.4f})")
+    if "infer" in result.metrics:
+        lines.append(f"predictions: {result.predictions}")
     lines += [
-        f"predictions: {result.predictions}",
         f"tracking_uri: {result.tracking_uri}",
         f"run_id: {result.run_id}",
     ]

@@ -1,15 +1,47 @@
-"""The SparkSession, built from config."""
+"""The SparkSession, built from config, with memory sized from the machine it runs on.
+
+Stages hold no dataset in memory (nothing cached or collected, every write streamed), so Spark's memory
+sets how fast they go, not how much data they take. Spark's own local-mode default, a 1 GiB driver heap,
+is small for a modern machine, so when the user sets none the driver gets a share of this machine's
+memory (`driver_memory`), and says so in the log. Any `spark.driver.memory` in conf (or spark-submit's
+--driver-memory) wins. When a stage runs out of memory or disk anyway, `resource_error` turns Spark's
+error into one that names the stage and the setting to change.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
 from dlpipe.config import Config
 from dlpipe.storage import hadoop_s3a_conf, s3a_jars, storage_settings
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+# In local mode the driver's JVM is also every executor: a quarter of the machine, at least Spark's own
+# 1 GiB and at most 8 GiB (beyond that a bounded-memory stage gains little but GC pauses). The rest is left
+# to the Python workers (training ranks, scorers) and the page cache that serves Parquet reads.
+DRIVER_MEMORY_SHARE, DRIVER_MEMORY_MIN, DRIVER_MEMORY_MAX = 0.25, 1 * GiB, 8 * GiB
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def driver_memory(total: int) -> str:
+    """The driver heap dlpipe gives local mode on a machine with `total` bytes of memory, in Spark's units."""
+    share = min(max(int(total * DRIVER_MEMORY_SHARE), DRIVER_MEMORY_MIN), DRIVER_MEMORY_MAX)
+    return f"{share // (1024**2)}m"
 
 
 def under_spark_submit() -> bool:
@@ -40,6 +72,9 @@ def build_spark(cfg: Config) -> SparkSession:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for key, value in cfg.spark.conf.items():
         builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
+    memory = memory_defaults(cfg)
+    for key, value in memory.items():
+        builder = builder.config(key, value)
     # s3a:// needs hadoop-aws + the AWS SDK on the classpath at start (under spark-submit: pass --jars)
     jars = s3a_jars(cfg)
     if jars:
@@ -49,7 +84,110 @@ def build_spark(cfg: Config) -> SparkSession:
         builder = builder.config(f"spark.hadoop.{key}", value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.spark.log_level)
+    log_memory(spark, chosen=memory)
     return spark
+
+
+def memory_defaults(cfg: Config) -> dict[str, str]:
+    """spark.driver.memory for local mode when nobody chose one (conf, spark-submit): a share of this
+    machine. A driver already started (under spark-submit) cannot change its heap, so nothing is set there."""
+    if under_spark_submit() or not cfg.spark.master.startswith("local") or "spark.driver.memory" in cfg.spark.conf:
+        return {}
+    return {"spark.driver.memory": driver_memory(machine_memory())}
+
+
+def log_memory(spark: SparkSession, chosen: dict[str, str]) -> None:
+    conf = spark.sparkContext.getConf()
+    total = machine_memory() / GiB
+    if chosen:
+        log.info(
+            "spark: driver memory %s (%.0f%% of this machine's %.1f GiB, dlpipe's local default; set "
+            "spark.conf.spark.driver.memory to choose)",
+            chosen["spark.driver.memory"],
+            100 * DRIVER_MEMORY_SHARE,
+            total,
+        )
+    elif spark.sparkContext.master.startswith("local"):
+        log.info("spark: driver memory %s (your setting)", conf.get("spark.driver.memory", "1g (Spark's default)"))
+    else:
+        log.info(
+            "spark: executor memory %s, driver memory %s (set spark.conf.spark.executor.memory to change)",
+            conf.get("spark.executor.memory", "1g (Spark's default)"),
+            conf.get("spark.driver.memory", "1g (Spark's default)"),
+        )
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+@contextmanager
+def job_description(spark: SparkSession, text: str, progress_every: float = PROGRESS_EVERY_S) -> Iterator[None]:
+    """Spark jobs started inside carry `text` (the Spark UI and event log show it: what a stage's job does),
+    and while they run, the log says every `progress_every` seconds how many of their tasks are done and
+    when the rest should be (a pass over a big dataset is one long Spark job)."""
+    sc = spark.sparkContext
+    before = sc.getLocalProperty("spark.job.description")
+    sc.setJobDescription(text)
+    done = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(spark, text, progress_every, done), daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reporter.join()
+        sc.setJobDescription(before)  # type: ignore[arg-type]
+
+
+def _report_progress(spark: SparkSession, text: str, every: float, done: threading.Event) -> None:
+    tracker, started = spark.sparkContext.statusTracker(), time.monotonic()
+    while not done.wait(every):
+        stages = [s for s in map(tracker.getStageInfo, tracker.getActiveStageIds()) if s is not None]
+        total, finished = sum(s.numTasks for s in stages), sum(s.numCompletedTasks for s in stages)
+        if not total:
+            continue
+        elapsed = time.monotonic() - started
+        eta = f", ETA {elapsed * (total - finished) / finished:.0f}s" if finished else ""
+        log.info("%s: %d of %d tasks done after %.0fs%s", text, finished, total, elapsed, eta)
+
+
+_OUT_OF_MEMORY = ("OutOfMemoryError", "Java heap space", "GC overhead limit exceeded")
+_OUT_OF_DISK = ("No space left on device",)
+_PYTHON_WORKER_DIED = ("Python worker exited unexpectedly", "MemoryError")
+
+
+class StageResourceError(RuntimeError):
+    """A stage ran out of memory or disk; the message names the stage and the setting to change."""
+
+
+def resource_error(exc: BaseException, stage: str, spark: SparkSession) -> StageResourceError | None:
+    """What to tell the user when a stage died for lack of memory or disk, or None for any other error.
+    Every stage writes to a temporary folder renamed into place at the end, so nothing half-written
+    remains either way."""
+    text = str(exc)
+    first = next((ln.strip() for ln in text.splitlines() if any(m in ln for m in (*_OUT_OF_MEMORY, *_OUT_OF_DISK))), "")
+    conf = spark.sparkContext.getConf()
+    local = spark.sparkContext.master.startswith("local")
+    nothing = "Nothing was committed: the stage's outputs are written to a temporary folder and renamed at the end."
+    if any(m in text for m in _OUT_OF_DISK):
+        scratch = conf.get("spark.local.dir", "/tmp (Spark's default)")
+        return StageResourceError(
+            f"stage {stage} ran out of disk space ({first}): free space, or point spark.conf.spark.local.dir "
+            f"(Spark's scratch for spills, now {scratch}) or storage.warehouse at a larger disk. {nothing}"
+        )
+    if any(m in text for m in _OUT_OF_MEMORY):
+        if local:
+            setting = f"spark.conf.spark.driver.memory (now {conf.get('spark.driver.memory', '1g')})"
+        else:
+            setting = f"spark.conf.spark.executor.memory (now {conf.get('spark.executor.memory', '1g')})"
+        return StageResourceError(f"stage {stage} ran out of Java heap ({first}): raise {setting}. {nothing}")
+    if any(m in text for m in _PYTHON_WORKER_DIED):
+        return StageResourceError(
+            f"stage {stage}: a Spark Python worker died, most often for lack of memory: raise "
+            "spark.conf.spark.executor.pyspark.memory (or give the machine more memory), or lower "
+            f"infer.batch_size / train.batch_size. {nothing}"
+        )
+    return None
 
 
 def stop_spark(spark: SparkSession) -> None:
