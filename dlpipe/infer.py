@@ -6,31 +6,36 @@ Two inputs, one scorer (udfs/score.py):
   ingest's checks, transformed with the statistics logged with the model's own training run (so new rows
   are scaled exactly like the rows it learned from, whatever preprocess has run since), then scored.
 
-Every row in comes out either scored or quarantined with its reason (validation or scoring), and the
-stage checks rows in = rows scored + rows quarantined from what it wrote. Output is Parquet partitioned by
-`infer.partition_by`, written to a temporary folder and renamed into place.
+Every row in comes out either scored or quarantined with its reason (validation or scoring), in one pass
+over the input (dlpipe.parquet_io: nothing cached, each row scored once), and the stage checks rows in
+(counted on the way) = rows scored + rows quarantined (from the footers of what it wrote). Both outputs are
+Parquet partitioned by `infer.partition_by`, written to temporary folders and renamed into place; the
+quarantine holds the row's key (null where the key itself was unreadable), the reason, its code, the raw
+line and the source file.
 """
 
 from __future__ import annotations
 
 import logging
 
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from dlpipe import lineage, tracking
 from dlpipe.config import Config
 from dlpipe.features import model_stats, read_stats, transform
-from dlpipe.ingest import AccountingError, BadDataError, quarantine_rows, read_raw, typed_clean, validate
+from dlpipe.ingest import QUARANTINE_COLUMNS, AccountingError, BadDataError, read_source, validate
 from dlpipe.objective import is_regression
+from dlpipe.parquet_io import Output, write_routed
 from dlpipe.promotion import CANDIDATE
 from dlpipe.quantize import INT8_ALIAS
-from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, resolve_uri
+from dlpipe.session import job_description
+from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, resolve_uri, storage_settings
 
 log = logging.getLogger(__name__)
 
 SCORING_FAILED = "scoring"  # the reason_code of rows that passed validation but could not be scored
+IDENTITY = ("model_name", "model_version", "model_run_id")
 
 
 def model_uri(cfg: Config) -> str:
@@ -58,34 +63,56 @@ def _identity(mv: dict) -> list:
     ]
 
 
-def score_rows(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict) -> DataFrame:
-    """rows (key, label, features cells) -> key, label, prediction, probabilities (classification),
-    quarantine_reason (null for scored rows) and the model's identity, scored in Arrow batches of
+def _outputs(stats: dict) -> list[str]:
+    return ["prediction"] if is_regression(stats) else ["prediction", "probabilities"]
+
+
+def score_rows(
+    spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict, carry: tuple[str, ...] = ()
+) -> DataFrame:
+    """rows (key, label, *carry, features) -> key, label, prediction, probabilities (classification),
+    quarantine_reason (null for scored rows), *carry and the model's identity, scored in Arrow batches of
     infer.batch_size (udfs/score.py)."""
     from udfs.score import score_frame
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
-    key, regression = stats["key"], is_regression(stats)
+    key = stats["key"]
     scored = score_frame(
         rows,
         mv["download_uri"],
         tuple(stats["feature_shape"]),
-        [key, "label"],
+        [key, "label", *carry],
         tracking.tracking_uri(cfg),
-        regression=regression,
+        regression=is_regression(stats),
     )
-    outputs = ["prediction"] if regression else ["prediction", "probabilities"]
-    return scored.select(key, "label", *outputs, "quarantine_reason", *_identity(mv))
+    return scored.select(key, "label", *_outputs(stats), "quarantine_reason", *carry, *_identity(mv))
 
 
-def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tuple[DataFrame, DataFrame, DataFrame]:
-    """Raw rows at source -> (checked rows to persist, feature cells of the valid ones, quarantine of the
-    invalid ones: key, reason, reason_code, raw_line, source_file)."""
-    checked = validate(read_raw(spark, cfg, source, label_optional=True), cfg, scoring=True)
-    clean = typed_clean(checked, cfg)
-    cells = transform(clean, cfg, stats, label_optional=True)
-    invalid = quarantine_rows(checked, cfg, scoring=True, keep=[stats["key"]])
-    return checked, cells, invalid
+def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tuple[DataFrame, list[str]]:
+    """Raw rows at source, validated: (key, label, the validation's reason columns, features), features null
+    where the row failed validation; and the validation's reason codes."""
+    checked = validate(read_source(spark, cfg, source, label_optional=True), cfg, scoring=True)
+    rows = checked.df.select(*checked.typed(), *checked.reasons())
+    valid = F.col("reason_code").isNull()
+    cells = transform(rows, cfg, stats, label_optional=True, carry=list(QUARANTINE_COLUMNS))
+    cells = cells.select(stats["key"], "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))
+    return cells, checked.codes()
+
+
+def _unify_reasons(scored: DataFrame, stats: dict, validated: bool) -> DataFrame:
+    """One set of quarantine columns for both kinds of bad row: the validation's reason where there is one,
+    else the scorer's."""
+    failed = F.col("quarantine_reason").isNotNull()
+    scoring = [
+        F.col("quarantine_reason").alias("reason"),
+        F.when(failed, F.lit(SCORING_FAILED)).alias("reason_code"),
+        F.lit(None).cast("string").alias("raw_line"),
+        F.lit(None).cast("string").alias("source_file"),
+    ]
+    if validated:
+        scoring = [F.coalesce(F.col(c), s).alias(c) for c, s in zip(QUARANTINE_COLUMNS, scoring, strict=True)]
+    keep = [stats["key"], "label", *_outputs(stats), *IDENTITY]
+    return scored.select(*keep, *scoring)
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
@@ -119,22 +146,16 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         return {**done["metrics"], "skipped": 1}
     log.info("infer: scoring %s with %s (version %s, run %s)", source, uri, mv["version"], mv["run_id"])
     if cfg.infer.source:
-        checked, cells, invalid = _new_rows(spark, cfg, source, stats)
-        checked = checked.persist(StorageLevel.MEMORY_AND_DISK)  # parsed once, for the count and both outputs
+        rows, codes = _new_rows(spark, cfg, source, stats)
+        carry = QUARANTINE_COLUMNS
     else:
-        checked = cells = spark.read.parquet(source)
-        invalid = None
-    try:
-        rows_in = checked.count()
-        log.info("infer: %d rows in", rows_in)
-        scored = score_rows(spark, cfg, cells, stats, mv).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            metrics = _write(spark, cfg, scored, invalid, stats, mv, rows_in, out, quarantine, fp, inputs)
-        finally:
-            scored.unpersist()
-    finally:
-        if invalid is not None:
-            checked.unpersist()
+        rows, codes, carry = spark.read.parquet(source), [], ()
+    seen_in, seen_out = Observation("infer-in"), Observation("infer-out")
+    rows = rows.observe(seen_in, F.count(F.lit(1)).alias("rows_in"))
+    scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
+    counts = [F.count_if(F.col("reason_code") == c).alias(f"quarantined_{c}") for c in [*codes, SCORING_FAILED]]
+    scored = scored.observe(seen_out, *counts)
+    metrics = _write(spark, cfg, scored, stats, out, quarantine, fp, inputs, seen_in, seen_out, bool(carry))
     lineage.log_lineage("infer", fp, inputs, [out, quarantine], skipped=False)
     log.info("infer: wrote %d predictions to %s", metrics["rows_scored"], out)
     return {**metrics, "skipped": 0}
@@ -144,42 +165,49 @@ def _write(
     spark: SparkSession,
     cfg: Config,
     scored: DataFrame,
-    invalid: DataFrame | None,
     stats: dict,
-    mv: dict,
-    rows_in: int,
     out: str,
     quarantine: str,
     fp: str,
     inputs: dict[str, str],
+    seen_in: Observation,
+    seen_out: Observation,
+    new_data: bool,
 ) -> dict:
-    """Both outputs, checked against rows_in before either is committed."""
+    """Predictions and quarantine in one pass, checked against the rows that went in before either is
+    committed."""
     key = stats["key"]
-    bad = F.col("quarantine_reason").isNotNull()
-    unscored = scored.where(bad).select(
-        F.col(key).cast("string").alias(key),
-        F.col("quarantine_reason").alias("reason"),
-        F.lit(SCORING_FAILED).alias("reason_code"),
-        F.lit(None).cast("string").alias("raw_line"),
-        F.lit(None).cast("string").alias("source_file"),
-    )
-    rejected = unscored
-    if invalid is not None:
-        rejected = invalid.select(F.col(key).cast("string").alias(key), *unscored.columns[1:]).unionByName(unscored)
-    with atomic_output(spark, out) as tmp, atomic_output(spark, quarantine) as qtmp:
-        preds = scored.where(~bad).drop("quarantine_reason")
-        preds.write.mode("overwrite").partitionBy(*cfg.infer.partition_by).parquet(tmp)
-        rejected.select("*", *_identity(mv)).write.mode("overwrite").parquet(qtmp)
-        rows_out = spark.read.parquet(tmp).count()
-        q = spark.read.parquet(qtmp)
-        by_code = {r["reason_code"]: r["count"] for r in q.groupBy("reason_code").count().collect()}
-        rows_bad = sum(by_code.values())
-        if rows_out + rows_bad != rows_in:
-            raise AccountingError(f"infer: {rows_in} rows in, {rows_out} predictions + {rows_bad} quarantined written")
+    with (
+        atomic_output(spark, out) as tmp,
+        atomic_output(spark, quarantine) as qtmp,
+        job_description(spark, "infer: score and write predictions + quarantine"),
+    ):
+        written = write_routed(
+            spark,
+            scored,
+            F.when(F.col("reason_code").isNull(), "scored").otherwise("quarantine"),
+            {
+                "scored": Output(tmp, [key, "label", *_outputs(stats), *IDENTITY]),
+                "quarantine": Output(qtmp, [key, *QUARANTINE_COLUMNS, *IDENTITY]),
+            },
+            staging=f"{tmp}-routing",
+            settings=storage_settings(cfg),
+            partition_by=cfg.infer.partition_by,
+        )
+        rows_in = int(seen_in.get["rows_in"])
+        rows_out = sum(f.rows for f in written["scored"])
+        rows_bad = sum(f.rows for f in written["quarantine"])
+        by_code = {k.removeprefix("quarantined_"): int(v) for k, v in seen_out.get.items() if v}
+        if rows_out + rows_bad != rows_in or rows_bad != sum(by_code.values()):
+            raise AccountingError(
+                f"infer: {rows_in} rows in, {rows_out} predictions + {rows_bad} quarantined written "
+                f"(by reason {by_code})"
+            )
         if rows_bad:
+            q = spark.read.parquet(qtmp)
             reasons = q.groupBy("reason").count().orderBy(F.desc("count")).limit(10).collect()
             log.warning("infer: %d rows quarantined to %s: %s", rows_bad, quarantine, {r[0]: r[1] for r in reasons})
-        if invalid is not None and rows_in and rows_bad / rows_in > cfg.dataset.max_bad_fraction:
+        if new_data and rows_in and rows_bad / rows_in > cfg.dataset.max_bad_fraction:
             raise BadDataError(
                 f"infer: {rows_bad} of {rows_in} rows ({rows_bad / rows_in:.1%}) could not be scored, more than "
                 f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}. Fix the input, "

@@ -1,32 +1,46 @@
 """Ingest: raw files -> a clean Parquet dataset and a quarantine dataset with one reason per bad row.
 
-Every value is read as a string first (images: decoded to ndarrays on the executors) and checked here, so
-a bad value becomes a reason instead of a silent null: malformed line, missing value, wrong type,
-NaN/inf, out of the declared range, not an allowed value, undecodable image, wrong image shape. The stage
-checks its own books: rows in = rows kept + rows quarantined, counted from what was written, or it fails
-and commits nothing. More bad rows than `dataset.max_bad_fraction` also fail it.
+Every value is checked here, so a bad value becomes a reason instead of a silent null: malformed line,
+missing value, wrong type, NaN/inf, out of the declared range, not an allowed value, undecodable image,
+wrong image shape. CSV is parsed to the declared types by Spark's own reader and only the lines it cannot
+parse are split again as text to find the reason; JSON lines and Parquet are read as text and cast here;
+images are decoded on the executors.
+
+The input is read once: each row is written either to clean or to quarantine in the same pass
+(dlpipe.parquet_io), with nothing cached. The stage checks its own books: rows in (counted in that pass)
+= rows kept + rows quarantined (counted from the footers of what was written), or it fails and commits
+nothing. More bad rows than `dataset.max_bad_fraction` also fail it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
-from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dlpipe import lineage
 from dlpipe.config import ColumnSpec, Config
-from dlpipe.storage import HadoopFS, atomic_output, dataset_paths
+from dlpipe.parquet_io import Output, write_routed
+from dlpipe.session import job_description
+from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
 
 CORRUPT = "_corrupt_record"
 PRE_REASON = "_pre_reason"  # a reason found while reading (image decoding)
-SPARK_TYPES = {"int": "int", "long": "bigint", "float": "float", "double": "double", "string": "string"}
+SPARK_DATA_TYPES = {
+    "int": T.IntegerType(),
+    "long": T.LongType(),
+    "float": T.FloatType(),
+    "double": T.DoubleType(),
+    "string": T.StringType(),
+}
+SPARK_TYPES = {name: t.simpleString() for name, t in SPARK_DATA_TYPES.items()}  # as SQL names: long -> bigint
 NUMERIC = {"int", "long", "float", "double"}
 
 
@@ -42,35 +56,73 @@ class SchemaMismatchError(ValueError):
     """The files do not have the columns the dataset declares."""
 
 
-# --- reading -------------------------------------------------------------------------------------------
+# --- reading ---------------------------------------------------------------------------------------------
 def reader_options(cfg: Config) -> dict[str, str]:
     """dataset.source.options as Spark reader options (YAML booleans as Spark's "true"/"false")."""
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
 
 
-def read_raw(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = False) -> DataFrame:
-    """Declared columns as strings (images as NdarrayCodec cells), plus the malformed record and source file.
+@dataclass(frozen=True)
+class Source:
+    """Raw rows as read, and how the checks see them.
 
-    label_optional (scoring new data): files may lack the label column; it then reads as null.
-    The caller has checked that uri exists (it must, to fingerprint it first)."""
+    `df` has a typed column `__t_<name>` per declared column (null where the text is not of the type),
+    `_source_file` and `_pre_reason`. `raw(col)` is the value's text and `empty(col)` says it is missing;
+    `malformed` marks a line that could not be split into the declared fields, whose text is `line`.
+    Reasons and raw lines are built from these only for bad rows, so a good row pays for none of them.
+    """
+
+    df: DataFrame
+    columns: tuple[ColumnSpec, ...]  # declared
+    read: tuple[ColumnSpec, ...]  # present in the files (new data to score may lack the label)
+    raw: Callable[[ColumnSpec], Column]
+    empty: Callable[[ColumnSpec], Column]
+    malformed: Column
+    line: Column
+
+
+def read_source(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = False) -> Source:
+    """The rows at uri, in the dataset's format. label_optional (scoring new data): files may lack the label
+    column; it then reads as null. The caller has checked that uri exists (it must, to fingerprint it first).
+
+    CSV is parsed straight to the declared types by Spark's own reader (what a plain typed CSV read costs);
+    only lines it cannot parse are parsed again as text, to find which field is wrong and why. JSON lines,
+    Parquet and images are read as text (or decoded) first and cast here."""
     fmt = cfg.dataset.source.format
-    if fmt == "image":
-        return _read_images(spark, cfg, uri)
+    columns = tuple(cfg.dataset.columns)
     label = cfg.dataset.column("label").name
-    columns = cfg.dataset.columns
     if label_optional and not _has_column(spark, cfg, uri, label):
-        columns = [c for c in columns if c.name != label]
-    schema = T.StructType(
-        [T.StructField(c.name, T.StringType()) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
-    )
-    opts = reader_options(cfg)
+        columns = tuple(c for c in columns if c.name != label)
     if fmt == "csv":
-        reader = spark.read.schema(schema).options(**{"header": "true", "enforceSchema": "false", **opts})
-        df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(uri)
-    elif fmt == "jsonl":
+        return _typed_csv(spark, cfg, uri, columns)
+    if fmt == "image":
+        df = _read_images(spark, cfg, uri)
+    else:
+        df = _read_text(spark, cfg, uri, columns)
+    if len(columns) < len(cfg.dataset.columns):
+        df = df.withColumn(label, F.lit(None).cast("string"))
+    typed = df.select("*", *[_typed(c, f"`{c.name}`").alias(_t_name(c.name)) for c in cfg.dataset.columns])
+    return Source(
+        df=typed,
+        columns=tuple(cfg.dataset.columns),
+        read=columns,
+        raw=lambda c: F.col(c.name),
+        empty=lambda c: _blank(F.col(c.name), c),
+        malformed=F.col(CORRUPT).isNotNull(),
+        line=F.col(CORRUPT),
+    )
+
+
+def _read_text(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[ColumnSpec]) -> DataFrame:
+    """JSON lines or Parquet: the declared columns as text, the malformed record and the source file."""
+    opts = reader_options(cfg)
+    if cfg.dataset.source.format == "jsonl":
+        schema = T.StructType(
+            [T.StructField(c.name, T.StringType()) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
+        )
         reader = spark.read.schema(schema).options(**opts).option("mode", "PERMISSIVE")
         df = reader.option("columnNameOfCorruptRecord", CORRUPT).json(uri)
-    else:  # parquet: typed already; check the columns exist, then the same string-first checks
+    else:  # parquet: typed already; check the columns exist, then the same text-first checks
         df = spark.read.options(**opts).parquet(uri)
         missing = [c.name for c in columns if c.name not in df.columns]
         if missing:
@@ -80,9 +132,79 @@ def read_raw(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = 
         df = df.select(
             *[F.col(c.name).cast("string").alias(c.name) for c in columns], F.lit(None).cast("string").alias(CORRUPT)
         )
-    if len(columns) < len(cfg.dataset.columns):
-        df = df.withColumn(label, F.lit(None).cast("string"))
     return df.withColumn("_source_file", F.input_file_name()).withColumn(PRE_REASON, F.lit(None).cast("string"))
+
+
+REPARSED = "_reparsed"
+
+
+def _typed_csv(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[ColumnSpec]) -> Source:
+    """CSV read with the declared types. A line Spark cannot parse keeps its text in CORRUPT; only those
+    lines are split again into text fields (`from_csv`, same options) and checked like JSON's text."""
+    opts = reader_options(cfg)
+    typed_schema = T.StructType(
+        [T.StructField(c.name, SPARK_DATA_TYPES[c.type]) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
+    )
+    reader = spark.read.schema(typed_schema).options(**{"header": "true", "enforceSchema": "false", **opts})
+    df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(uri)
+    text_schema = ", ".join([*(f"`{c.name}` string" for c in columns), f"`{CORRUPT}` string"])
+    line_opts = {k: v for k, v in opts.items() if k not in ("header", "enforceSchema")}
+    line_opts.update(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT)
+    corrupt = F.col(CORRUPT).isNotNull()
+    reparsed = F.when(corrupt, F.from_csv(F.col(CORRUPT), text_schema, line_opts))
+    present = {c.name for c in columns}
+    df = df.select(
+        *[F.col(c.name).alias(_f_name(c.name)) for c in columns],
+        F.col(CORRUPT),
+        reparsed.alias(REPARSED),
+        F.input_file_name().alias("_source_file"),
+        F.lit(None).cast("string").alias(PRE_REASON),
+    )
+
+    def text(c: ColumnSpec) -> Column:
+        return F.col(REPARSED).getField(c.name)
+
+    typed = []
+    for c in cfg.dataset.columns:
+        if c.name in present:
+            value = F.when(~corrupt, F.col(_f_name(c.name))).otherwise(_typed(c, f"{REPARSED}.`{c.name}`"))
+        else:
+            value = F.lit(None).cast(SPARK_TYPES[c.type])
+        typed.append(value.alias(_t_name(c.name)))
+
+    def raw(c: ColumnSpec) -> Column:
+        if c.name not in present:
+            return F.lit(None).cast("string")
+        return F.when(~corrupt, F.col(_f_name(c.name)).cast("string")).otherwise(text(c))
+
+    def empty(c: ColumnSpec) -> Column:
+        if c.name not in present:
+            return F.lit(True)
+        parsed = F.col(_f_name(c.name))
+        parsed_empty = _blank(parsed, c) if c.type == "string" else parsed.isNull()
+        return F.when(~corrupt, parsed_empty).otherwise(_blank(text(c), c))
+
+    return Source(
+        df=df.select("*", *typed),
+        columns=tuple(cfg.dataset.columns),
+        read=tuple(columns),
+        raw=raw,
+        empty=empty,
+        malformed=F.col(REPARSED).getField(CORRUPT).isNotNull(),
+        line=F.col(CORRUPT),
+    )
+
+
+def _t_name(name: str) -> str:
+    return f"__t_{name}"
+
+
+def _f_name(name: str) -> str:
+    return f"__f_{name}"
+
+
+def _blank(text: Column, col: ColumnSpec) -> Column:
+    return text.isNull() if col.type == "image" else (text.isNull() | (F.trim(text) == ""))
 
 
 def _has_column(spark: SparkSession, cfg: Config, uri: str, name: str) -> bool:
@@ -149,15 +271,15 @@ def _read_images(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
 
 
 # --- validating ----------------------------------------------------------------------------------------
-def _typed(col: ColumnSpec) -> Column:
-    """The typed value, or null when the text is not of the declared type.
+def _typed(col: ColumnSpec, ref: str) -> Column:
+    """The typed value of the text at SQL reference `ref`, or null when it is not of the declared type.
 
     Integers also accept integral decimal text ("3.0", "1e3": what a float column or a spreadsheet export
     holds for a whole number), exactly within 2**53; "1.5" stays a type error.
     """
     if col.type in ("string", "image"):
-        return F.col(col.name)
-    text = f"trim(`{col.name}`)"
+        return F.expr(ref)
+    text = f"trim({ref})"
     if col.type in ("int", "long"):
         whole = f"try_cast({text} AS double)"
         via_double = (
@@ -168,87 +290,122 @@ def _typed(col: ColumnSpec) -> Column:
 
 
 def _t(name: str) -> Column:
-    """The typed value of a column, computed once per row by `validate`."""
-    return F.col(f"__t_{name}")
+    """The typed value of a column, computed once per row by `read_source`."""
+    return F.col(_t_name(name))
 
 
-def _checks(cfg: Config, scoring: bool = False) -> list[tuple[Column, Column, str]]:
-    """(condition, reason, code) in the order they are tried; a row gets the first that applies.
+@dataclass(frozen=True)
+class Check:
+    """One rule: rows where `when` holds fail it with the reason `message` + the text of column `value_of`
+    (a declared column, or PRE_REASON; None: the message alone)."""
 
-    Conditions read the typed columns `validate` computed once; reasons are only built for bad rows.
+    when: Column
+    message: str
+    value_of: str | None
+    code: str
+
+
+def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
+    """The rules in the order they are tried; a row gets the first that applies.
+
+    Conditions read the typed columns computed once per row; reasons are only built for bad rows.
     scoring: rows to be scored, not learned from; the label is not checked (new data has none).
     """
-    checks: list[tuple[Column, Column, str]] = [
-        (F.col(CORRUPT).isNotNull(), F.lit("malformed line: wrong number of fields or bad syntax"), "malformed"),
-        (F.col(PRE_REASON).isNotNull(), F.col(PRE_REASON), "image"),
+    checks = [
+        Check(src.malformed, "malformed line: wrong number of fields or bad syntax", None, "malformed"),
+        Check(F.col(PRE_REASON).isNotNull(), "", PRE_REASON, "image"),
     ]
     label = cfg.dataset.column("label")
-    for col in cfg.dataset.columns:
+    for col in src.columns:
         if scoring and col.name == label.name:
             continue
-        raw, typed = F.col(col.name), _t(col.name)
-        empty = raw.isNull() if col.type == "image" else (raw.isNull() | (F.trim(raw) == ""))
+        typed, empty, name = _t(col.name), src.empty(col), col.name
         if col.required or col.role in ("key", "label"):
-            checks.append((empty, F.lit(f"missing value: {col.name}"), "missing"))
+            checks.append(Check(empty, f"missing value: {name}", None, "missing"))
         if col.type in NUMERIC:
             article = "an" if col.type == "int" else "a"
-            checks.append(
-                (~empty & typed.isNull(), F.concat(F.lit(f"not {article} {col.type}: {col.name}="), raw), "type")
-            )
+            checks.append(Check(~empty & typed.isNull(), f"not {article} {col.type}: {name}=", name, "type"))
             if col.type in ("float", "double"):
                 bad = F.isnan(typed) | (F.abs(typed) == float("inf"))
-                checks.append((bad, F.concat(F.lit(f"not finite: {col.name}="), raw), "not_finite"))
+                checks.append(Check(bad, f"not finite: {name}=", name, "not_finite"))
             if col.min is not None or col.max is not None:
                 low = typed < F.lit(col.min) if col.min is not None else F.lit(False)
                 high = typed > F.lit(col.max) if col.max is not None else F.lit(False)
-                msg = F.lit(f"out of range [{col.min}, {col.max}]: {col.name}=")
-                checks.append((low | high, F.concat(msg, raw), "range"))
+                checks.append(Check(low | high, f"out of range [{col.min}, {col.max}]: {name}=", name, "range"))
         if col.type == "string" and col.values is not None:
-            bad = ~empty & ~raw.isin(col.values)
-            checks.append((bad, F.concat(F.lit(f"not an allowed value of {col.name}: "), raw), "value"))
+            bad = ~empty & ~typed.isin(col.values)
+            checks.append(Check(bad, f"not an allowed value of {name}: ", name, "value"))
     if scoring or cfg.dataset.task == "regression":  # a regression label is checked like any number
         return checks
     k, typed_label = cfg.dataset.num_classes, _t(label.name)
-    checks.append(
-        (
-            (typed_label < 0) | (typed_label >= k),
-            F.concat(F.lit(f"label out of range [0, {k}): {label.name}="), F.col(label.name)),
-            "label_range",
-        )
-    )
+    bad = (typed_label < 0) | (typed_label >= k)
+    checks.append(Check(bad, f"label out of range [0, {k}): {label.name}=", label.name, "label_range"))
     return checks
 
 
-def validate(df: DataFrame, cfg: Config, scoring: bool = False) -> DataFrame:
-    """Add typed columns `__t_<name>` and `_check`: the index of the first failed check, null if good.
+@dataclass(frozen=True)
+class Checked:
+    """Rows with `_check`: the index of the first failed check, null for a good row."""
 
-    Two projections on purpose: Spark does not merge them when that would repeat the casts, so each
-    value is parsed once per row instead of once per check.
-    """
-    typed = df.select("*", *[_typed(c).alias(f"__t_{c.name}") for c in cfg.dataset.columns])
-    check = F.coalesce(*[F.when(cond, F.lit(i)) for i, (cond, _, _) in enumerate(_checks(cfg, scoring))])
-    return typed.withColumn("_check", check)
+    df: DataFrame
+    checks: list[Check]
+    src: Source
+
+    @property
+    def bad(self) -> Column:
+        return F.col(CHECK).isNotNull()
+
+    def codes(self) -> list[str]:
+        """The reason codes, each once, in the order of their first check."""
+        return list(dict.fromkeys(c.code for c in self.checks))
+
+    def counts(self) -> list[Column]:
+        """Aggregates for DataFrame.observe over typed() + reasons(): rows in, and rows per reason code."""
+        out = [F.count(F.lit(1)).alias("rows_in")]
+        return out + [F.count_if(F.col("reason_code") == c).alias(f"quarantined_{c}") for c in self.codes()]
+
+    def typed(self) -> list[Column]:
+        """The declared columns' typed values, null in bad rows but for the key (null only where it is
+        itself unreadable): it names a quarantined row."""
+        return [
+            (_t(c.name) if c.role == "key" else F.when(~self.bad, _t(c.name))).alias(c.name) for c in self.src.columns
+        ]
+
+    def reasons(self) -> list[Column]:
+        """reason, reason_code, raw_line (the line as read, or its fields joined) and source_file; null in
+        good rows. Each is a lookup by `_check` in arrays of literals, and the text of the few columns a
+        reason quotes: small generated code, whatever the number of rules."""
+        at = lambda values: F.element_at(F.array(*values), F.col(CHECK) + 1)  # noqa: E731
+        spec = {c.name: c for c in self.src.columns}
+        quoted = list(dict.fromkeys(c.value_of for c in self.checks if c.value_of))
+        texts = [F.lit(""), *(F.col(q) if q == PRE_REASON else self.src.raw(spec[q]) for q in quoted)]
+        which = at([F.lit(quoted.index(c.value_of) + 1 if c.value_of else 0) for c in self.checks])
+        reason = F.concat(at([F.lit(c.message) for c in self.checks]), F.element_at(F.array(*texts), which + 1))
+        text_cols = [c for c in self.src.read if c.type != "image"]
+        joined = F.concat_ws(",", *[F.coalesce(self.src.raw(c), F.lit("")) for c in text_cols])
+        return [
+            F.when(self.bad, reason).alias("reason"),
+            F.when(self.bad, at([F.lit(c.code) for c in self.checks])).alias("reason_code"),
+            F.when(self.bad, F.coalesce(self.src.line, joined)).alias("raw_line"),
+            F.when(self.bad, F.col("_source_file")).alias("source_file"),
+        ]
 
 
-def typed_clean(df: DataFrame, cfg: Config) -> DataFrame:
-    return df.where(F.col("_check").isNull()).select(*[_t(c.name).alias(c.name) for c in cfg.dataset.columns])
+CHECK = "_check"
+QUARANTINE_COLUMNS = ("reason", "reason_code", "raw_line", "source_file")
 
 
-def quarantine_rows(df: DataFrame, cfg: Config, scoring: bool = False, keep: Sequence[str] = ()) -> DataFrame:
-    """One row per bad input row: the raw text of the keep columns, its reason, reason code, the raw text
-    and the file it came from."""
-    checks = _checks(cfg, scoring)
-    by_index = lambda part: F.coalesce(*[F.when(F.col("_check") == i, c[part]) for i, c in enumerate(checks)])  # noqa: E731
-    codes = [F.lit(c) for _, _, c in checks]
-    text_cols = [c.name for c in cfg.dataset.columns if c.type != "image"]
-    raw_line = F.coalesce(F.col(CORRUPT), F.concat_ws(",", *[F.coalesce(F.col(c), F.lit("")) for c in text_cols]))
-    return df.where(F.col("_check").isNotNull()).select(
-        *keep,
-        by_index(1).alias("reason"),
-        F.element_at(F.array(*codes), F.col("_check") + 1).alias("reason_code"),
-        raw_line.alias("raw_line"),
-        F.col("_source_file").alias("source_file"),
-    )
+def validate(src: Source, cfg: Config, scoring: bool = False) -> Checked:
+    """Add `_check` to the source's rows. A projection of its own, over the typed columns: Spark does not merge
+    projections when that would repeat the casts, so each value is parsed once per row, not once per check."""
+    checks = _checks(src, cfg, scoring)
+    check = F.coalesce(*[F.when(c.when, F.lit(i)) for i, c in enumerate(checks)])
+    return Checked(src.df.withColumn(CHECK, check), checks, src)
+
+
+def read_clean(spark: SparkSession, cfg: Config, uri: str | None = None) -> DataFrame:
+    """The clean dataset's declared columns, typed."""
+    return spark.read.parquet(uri or dataset_paths(cfg).clean).select(*[c.name for c in cfg.dataset.columns])
 
 
 def _explain_spark_error(exc: Exception, uri: str) -> Exception | None:
@@ -294,37 +451,45 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
 
 
 def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, str]) -> dict:
-    raw = read_raw(spark, cfg, paths.raw)
-    # parsed and checked once, kept (spilling to local disk when large) for the count and both writes
-    checked = validate(raw, cfg).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        return _write_outputs(spark, cfg, paths, checked, fp, inputs)
-    finally:
-        checked.unpersist()
-
-
-def _write_outputs(
-    spark: SparkSession, cfg: Config, paths, checked: DataFrame, fp: str, inputs: dict[str, str]
-) -> dict:
-    rows_in = checked.count()
-    if rows_in == 0:
-        raise ValueError(f"ingest: no rows in {paths.raw} (dataset.source.uri): the input is empty")
-    log.info("ingest: %d rows in from %s", rows_in, paths.raw)
-    with atomic_output(spark, paths.clean) as clean_tmp, atomic_output(spark, paths.quarantine) as q_tmp:
-        typed_clean(checked, cfg).write.mode("overwrite").parquet(clean_tmp)
-        quarantine_rows(checked, cfg).write.mode("overwrite").parquet(q_tmp)
-        kept = spark.read.parquet(clean_tmp).count()
-        quarantine = spark.read.parquet(q_tmp)
-        by_code = {r["reason_code"]: r["count"] for r in quarantine.groupBy("reason_code").count().collect()}
-        quarantined = sum(by_code.values())
-        if rows_in != kept + quarantined:
+    """One pass over the input: every row is parsed and checked once and written either to clean (typed)
+    or to quarantine (its reason); the counts come from that pass and from the footers of what it wrote."""
+    checked = validate(read_source(spark, cfg, paths.raw), cfg)
+    seen = Observation("ingest")
+    rows = checked.df.select(*checked.typed(), *checked.reasons()).observe(seen, *checked.counts())
+    settings = storage_settings(cfg)
+    with (
+        atomic_output(spark, paths.clean) as clean_tmp,
+        atomic_output(spark, paths.quarantine) as q_tmp,
+        job_description(spark, "ingest: read, check and write clean + quarantine"),
+    ):
+        written = write_routed(
+            spark,
+            rows,
+            F.when(F.col("reason_code").isNull(), "clean").otherwise("quarantine"),
+            {
+                "clean": Output(clean_tmp, [c.name for c in cfg.dataset.columns]),
+                "quarantine": Output(q_tmp, [cfg.dataset.column("key").name, *QUARANTINE_COLUMNS]),
+            },
+            staging=f"{clean_tmp}-routing",
+            settings=settings,
+        )
+        observed = seen.get
+        rows_in = int(observed["rows_in"])
+        if rows_in == 0:
+            raise ValueError(f"ingest: no rows in {paths.raw} (dataset.source.uri): the input is empty")
+        kept = sum(f.rows for f in written["clean"])
+        quarantined = sum(f.rows for f in written["quarantine"])
+        by_code = {c: int(observed[f"quarantined_{c}"]) for c in checked.codes() if observed[f"quarantined_{c}"]}
+        log.info("ingest: %d rows in from %s", rows_in, paths.raw)
+        if rows_in != kept + quarantined or quarantined != sum(by_code.values()):
             raise AccountingError(
-                f"ingest: rows in ({rows_in}) != rows kept ({kept}) + rows quarantined ({quarantined})"
+                f"ingest: rows in ({rows_in}) != rows kept ({kept}) + rows quarantined ({quarantined}), or the "
+                f"quarantined rows by reason {by_code} do not add up"
             )
         log.info("ingest: kept %d, quarantined %d %s", kept, quarantined, by_code)
         bad_share = quarantined / rows_in
         if bad_share > cfg.dataset.max_bad_fraction:
-            examples = [f"{r['reason']} ({r['source_file']})" for r in quarantine.limit(3).collect()]
+            examples = [f"{r['reason']} ({r['source_file']})" for r in spark.read.parquet(q_tmp).limit(3).collect()]
             raise BadDataError(
                 f"ingest: {quarantined} of {rows_in} rows ({bad_share:.1%}) failed validation, more than "
                 f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}; e.g. {examples}. "

@@ -263,8 +263,9 @@ def test_new_raw_data_is_validated_transformed_with_the_models_statistics_and_sc
     assert m["rows_scored"] == len(lines) and m["quarantined_type"] == m["quarantined_value"] == 1
     assert m["quarantined_malformed"] == m["quarantined_range"] == 1
     q = {r[key]: r for r in spark.read.parquet(infer.quarantine_path(out.as_uri())).collect()}
-    assert q["999001"].reason == "not a double: x1=abc" and q["999001"].model_version == int(mv["version"])
-    assert q["999002"].reason == "not an allowed value of segment: z"
+    assert q[999001].reason == "not a double: x1=abc" and q[999001].model_version == int(mv["version"])
+    assert q[999002].reason == "not an allowed value of segment: z"
+    assert q[999004].reason == "out of range [-50.0, 50.0]: x7=500.0" and q[999004].raw_line.endswith(",500.0,b")
     scored = {r[key]: r for r in spark.read.parquet(out.as_uri()).collect()}
     expected = {r[key]: r for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
     assert scored.keys() == expected.keys()
