@@ -199,8 +199,9 @@ class DatasetConfig(_Strict):
 
 
 class PreprocessConfig(_Strict):
-    row_group_size_mb: int = Field(8, gt=0)
-    num_files: int = Field(4, gt=0)
+    row_group_size_mb: int = Field(
+        8, gt=0, description="Parquet row group size of the Petastorm splits (the unit readers load and shuffle)"
+    )
 
 
 class ModelConfig(_Strict):

@@ -3,31 +3,35 @@
 Statistics (scaling, category vocabularies, class counts) are fitted on the training split only and saved
 beside the datasets (`_dlpipe_stats.json`), so every later stage applies exactly the same transform.
 Splits come from a hash of the key, so a row lands in the same split on every run and every cluster.
+
+Two passes over the clean data, nothing cached: one aggregation fits the statistics, then one write
+transforms every row and sends it to its split (dlpipe.parquet_io). Tabular features are computed inside
+the JVM and stored as a Parquet list of float32 (a fixed-shape tensor per row: Petastorm reads it as an
+ndarray field with no codec); images stay NdarrayCodec cells, scaled on the executors. Each split gets
+Petastorm's metadata (its Unischema and row groups per file, in `_common_metadata`), from the footers of
+what was written, so Petastorm's `make_reader` / `make_batch_reader` read it as they read their own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dlpipe import lineage
 from dlpipe.config import Config
-from dlpipe.ingest import AccountingError
+from dlpipe.ingest import AccountingError, read_clean
 from dlpipe.objective import label_spark_type
-from dlpipe.storage import (
-    FsspecFactory,
-    HadoopFS,
-    atomic_output,
-    dataset_paths,
-    register_s3a_paths_with_fsspec,
-    storage_settings,
-)
+from dlpipe.parquet_io import Output, PartFile, write_routed
+from dlpipe.session import job_description
+from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
 from dlpipe.tensors import decode_arrow, encode_arrow
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm\.")
 
 SPLITS = ("train", "val", "test")
+SPLIT = "_split"
 _BUCKETS = 1_000_000
+# A one-hot column without declared `values` learns its vocabulary from the train split, up to this many.
+MAX_LEARNED_VOCAB = 1000
 
 
 def split_column(cfg: Config) -> Column:
@@ -62,26 +69,37 @@ def _image_moments(shape: tuple[int, ...], image: str):
     return moments
 
 
+def _label_aggregates(cfg: Config) -> list[Column]:
+    """Class counts (classification) or the target's mean and std (regression), for the statistics' one
+    aggregation over the train split."""
+    label = F.col(cfg.dataset.column("label").name)
+    if cfg.dataset.task == "regression":  # targets are standardized while training (dlpipe.objective)
+        return [F.avg(label).alias("__label_mean"), F.stddev_pop(label).alias("__label_std")]
+    return [F.count_if(label == k).alias(f"__class_{k}") for k in range(cfg.dataset.num_classes or 0)]
+
+
 def fit_stats(train: DataFrame, cfg: Config) -> dict:
-    """Feature statistics and class counts, from the training split only."""
-    stats = _fit_image_stats(train, cfg) if cfg.dataset.source.format == "image" else _fit_tabular_stats(train, cfg)
-    label = cfg.dataset.column("label").name
+    """Feature statistics and class counts, from the training split only: one aggregation (tabular), plus
+    a bounded distinct for a category column whose values are not declared."""
+    if cfg.dataset.source.format == "image":
+        stats = _fit_image_stats(train, cfg)
+        row = train.agg(*_label_aggregates(cfg)).first().asDict()
+    else:
+        stats, row = _fit_tabular_stats(train, cfg, _label_aggregates(cfg))
     stats.update(
         {
             "feature_dim": int(np.prod(stats["feature_shape"])),
             "task": cfg.dataset.task,
             "num_classes": cfg.dataset.num_classes,
             "key": cfg.dataset.column("key").name,
-            "label": label,
+            "label": cfg.dataset.column("label").name,
         }
     )
-    if cfg.dataset.task == "regression":  # targets are standardized while training (dlpipe.objective)
-        m = train.agg(F.avg(label).alias("mean"), F.stddev_pop(label).alias("std")).first()
-        std = float(m["std"] or 0.0)
-        stats.update({"label_mean": float(m["mean"] or 0.0), "label_std": std if std > 1e-12 else 1.0})
+    if cfg.dataset.task == "regression":
+        std = float(row["__label_std"] or 0.0)
+        stats.update({"label_mean": float(row["__label_mean"] or 0.0), "label_std": std if std > 1e-12 else 1.0})
         return stats
-    counts = dict(train.groupBy(label).count().collect())
-    class_counts = [int(counts.get(k, 0)) for k in range(cfg.dataset.num_classes)]
+    class_counts = [int(row[f"__class_{k}"]) for k in range(cfg.dataset.num_classes)]
     stats.update({"class_counts_train": class_counts, "majority_class": int(np.argmax(class_counts))})
     return stats
 
@@ -102,33 +120,52 @@ def _fit_image_stats(train: DataFrame, cfg: Config) -> dict:
     }
 
 
-def _fit_tabular_stats(train: DataFrame, cfg: Config) -> dict:
-    aggs = []
+def _learned_vocab(train: DataFrame, name: str) -> list[str]:
+    seen = [
+        r[0]
+        for r in train.select(name).where(F.col(name).isNotNull()).distinct().limit(MAX_LEARNED_VOCAB + 1).collect()
+    ]
+    if len(seen) > MAX_LEARNED_VOCAB:
+        raise ValueError(
+            f"preprocess: one-hot column '{name}' has more than {MAX_LEARNED_VOCAB} values in the train split; "
+            "declare its `values:` in the dataset's YAML (others are quarantined), or give it transform: none"
+        )
+    return sorted(seen)
+
+
+def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = ()) -> tuple[dict, dict]:
+    aggs = list(more)
     for col in cfg.dataset.features:
-        if col.effective_transform == "standardize":
+        t = col.effective_transform
+        if t == "standardize":
             aggs += [F.avg(col.name).alias(f"{col.name}__mean"), F.stddev_pop(col.name).alias(f"{col.name}__std")]
-    moments = train.agg(*aggs).first().asDict() if aggs else {}
+        elif t == "onehot" and col.values is not None:  # which declared values the train split holds
+            aggs += [F.count_if(F.col(col.name) == v).alias(f"{col.name}__n{i}") for i, v in enumerate(col.values)]
+    row = train.agg(*aggs).first().asDict() if aggs else {}
     features, names = [], []
     for col in cfg.dataset.features:
         t = col.effective_transform
         if t == "standardize":
-            std = moments[f"{col.name}__std"] or 0.0
+            std = row[f"{col.name}__std"] or 0.0
             entry = {
                 "name": col.name,
                 "transform": t,
-                "mean": moments[f"{col.name}__mean"] or 0.0,
+                "mean": row[f"{col.name}__mean"] or 0.0,
                 "std": std if std > 1e-12 else 1.0,
             }
             names.append(col.name)
         elif t == "onehot":
-            vocab = sorted(r[0] for r in train.select(col.name).distinct().collect() if r[0] is not None)
+            if col.values is not None:
+                vocab = sorted(v for i, v in enumerate(col.values) if row[f"{col.name}__n{i}"])
+            else:
+                vocab = _learned_vocab(train, col.name)
             entry = {"name": col.name, "transform": t, "vocab": vocab}
             names += [f"{col.name}={v}" for v in vocab]
         else:
             entry = {"name": col.name, "transform": "none"}
             names.append(col.name)
         features.append(entry)
-    return {"features": features, "feature_names": names, "feature_shape": [len(names)]}
+    return {"features": features, "feature_names": names, "feature_shape": [len(names)]}, row
 
 
 def feature_vector(stats: dict) -> Column:
@@ -154,84 +191,86 @@ _NP_SPARK = {
 }
 
 
+def is_image(stats: dict) -> bool:
+    return stats["features"][0]["transform"] == "scale"
+
+
 def unischema(cfg: Config, stats: dict):
-    """The Petastorm Unischema of a split: key, features (float32 tensor, NdarrayCodec), label (int32 class
-    or float32 value)."""
+    """The Petastorm Unischema of a split: key, features (a float32 tensor: NdarrayCodec cells for images, a
+    plain Parquet list of floats for tabular rows), label (int32 class or float32 value)."""
     from petastorm.codecs import NdarrayCodec, ScalarCodec
     from petastorm.unischema import Unischema, UnischemaField
 
     key = cfg.dataset.column("key")
     np_key, spark_key = _NP_SPARK[key.type]
     np_label, spark_label = _NP_SPARK[label_spark_type(cfg.dataset.task)]
+    codec = NdarrayCodec() if is_image(stats) else None
     return Unischema(
         f"{cfg.dataset.name}_schema",
         [
             UnischemaField(key.name, np_key, (), ScalarCodec(spark_key), False),
-            UnischemaField("features", np.float32, tuple(stats["feature_shape"]), NdarrayCodec(), False),
+            UnischemaField("features", np.float32, tuple(stats["feature_shape"]), codec, False),
             UnischemaField("label", np_label, (), ScalarCodec(spark_label), False),
         ],
     )
 
 
-def _petastorm_batch(batch, key: str, cells):
-    """The Petastorm row layout of one Arrow batch: key, the features' NdarrayCodec cells, label."""
-    import pyarrow as pa
+def petastorm_metadata(schema, files: Sequence[PartFile]) -> dict[bytes, bytes]:
+    """What Petastorm's materialize_dataset stores in `_common_metadata`: the pickled Unischema and the
+    number of row groups in each file (its readers plan their work from these)."""
+    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY
 
-    return pa.RecordBatch.from_arrays([batch.column(key), cells, batch.column("label")], [key, "features", "label"])
-
-
-def _encode_batches(key: str, shape: tuple[int, ...]):
-    """array<float> features -> NdarrayCodec cells, an Arrow batch at a time (no pandas, no loop per row)."""
-
-    def encode(batches):
-        for batch in batches:
-            feats = batch.column("features")
-            x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            yield _petastorm_batch(batch, key, encode_arrow(x.reshape(len(batch), *shape)))
-
-    return encode
+    groups = {f.path: f.row_groups for f in files}
+    return {UNISCHEMA_KEY: pickle.dumps(schema), ROW_GROUPS_PER_FILE_KEY: json.dumps(groups).encode()}
 
 
 def _scale_images(key: str, image: str, shape: tuple[int, ...], mean: float, std: float, out_shape: tuple[int, ...]):
     """uint8 image cells -> float32 (C, H, W) cells scaled with the train split's pixel mean and std."""
+    import pyarrow as pa
 
     def scale(batches):
         for batch in batches:
-            x = decode_arrow(batch.column(image), np.uint8, shape).astype(np.float32) / 255.0
+            column = batch.column(image)
+            valid = column.is_valid().to_numpy(zero_copy_only=False)  # new rows that failed validation: null
+            x = decode_arrow(column.filter(pa.array(valid)), np.uint8, shape).astype(np.float32) / 255.0
             x = (x - mean) / std
             if len(shape) == 3:  # H, W, C -> C, H, W
                 x = np.moveaxis(x, -1, 1)
-            yield _petastorm_batch(batch, key, encode_arrow(np.ascontiguousarray(x).reshape(len(batch), *out_shape)))
+            cells = encode_arrow(np.ascontiguousarray(x).reshape(len(x), *out_shape))
+            if not valid.all():
+                it = iter(cells.to_pylist())
+                cells = pa.array([next(it) if ok else None for ok in valid], pa.binary())
+            carried = [n for n in batch.schema.names if n not in (key, image)]
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(key), cells, *(batch.column(n) for n in carried)], [key, "features", *carried]
+            )
 
     return scale
 
 
-def transform(clean: DataFrame, cfg: Config, stats: dict, label_optional: bool = False) -> DataFrame:
-    """Clean typed rows -> (key, features NdarrayCodec float32 tensor, label int32), the Petastorm layout.
+def transform(
+    clean: DataFrame, cfg: Config, stats: dict, label_optional: bool = False, carry: Sequence[str] = ()
+) -> DataFrame:
+    """Clean typed rows -> (key, features float32 tensor, label, *carry), the Petastorm layout.
 
     label_optional: new rows to score, whose label may be null (the schema then allows it)."""
-    key, label = stats["key"], F.col(stats["label"]).cast(label_spark_type(cfg.dataset.task)).alias("label")
-    schema = unischema(cfg, stats).as_spark_schema()
-    if label_optional:
-        schema = T.StructType([T.StructField(f.name, f.dataType, f.name == "label" or f.nullable) for f in schema])
-    if cfg.dataset.source.format == "image":
-        f = stats["features"][0]
-        fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
-        return clean.select(key, f["name"], label).mapInArrow(fn, schema=schema)
-    arrays = clean.select(F.col(key), feature_vector(stats).alias("features"), label)
-    return arrays.mapInArrow(_encode_batches(key, tuple(stats["feature_shape"])), schema=schema)
-
-
-def write_petastorm(spark: SparkSession, df: DataFrame, uri: str, cfg: Config, stats: dict) -> None:
-    from petastorm.etl.dataset_metadata import materialize_dataset
-
-    factory = None if uri.startswith("file:") else FsspecFactory(uri, storage_settings(cfg))
-    if uri.startswith("s3"):
-        register_s3a_paths_with_fsspec()
-    with materialize_dataset(
-        spark, uri, unischema(cfg, stats), cfg.preprocess.row_group_size_mb, filesystem_factory=factory
-    ):
-        df.repartition(cfg.preprocess.num_files).write.mode("overwrite").option("compression", "snappy").parquet(uri)
+    key = stats["key"]
+    label = F.col(stats["label"]).cast(label_spark_type(cfg.dataset.task)).alias("label")
+    if not is_image(stats):
+        return clean.select(F.col(key), feature_vector(stats).alias("features"), label, *carry)
+    f = stats["features"][0]
+    fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
+    rows = clean.select(key, f["name"], label, *carry)
+    fields = {fl.name: fl for fl in rows.schema.fields}
+    schema = T.StructType(
+        [
+            fields[key],
+            T.StructField("features", T.BinaryType(), False),
+            T.StructField("label", fields["label"].dataType, label_optional or fields["label"].nullable),
+            *(fields[c] for c in carry),
+        ]
+    )
+    return rows.mapInArrow(fn, schema=schema)
 
 
 def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
@@ -260,35 +299,47 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         log.info("preprocess: %s is up to date (fingerprint %s), skipping; use --force to redo", paths.petastorm, fp)
         lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=True)
         return {**done["metrics"], "skipped": 1}
-    clean = spark.read.parquet(paths.clean).withColumn("_split", split_column(cfg)).cache()
-    try:
-        rows_in = clean.count()
-        stats = fit_stats(clean.where(F.col("_split") == "train"), cfg)
-        log.info("preprocess: %d rows, features of shape %s after transform", rows_in, stats["feature_shape"])
-        fs = HadoopFS(spark)
-        with atomic_output(spark, paths.petastorm) as tmp:
-            rows = {}
-            for name in SPLITS:
-                part = transform(clean.where(F.col("_split") == name), cfg, stats)
-                write_petastorm(spark, part, f"{tmp}/{name}", cfg, stats)
-                rows[name] = spark.read.parquet(f"{tmp}/{name}").count()
-                log.info("preprocess: wrote %s split, %d rows", name, rows[name])
-            if sum(rows.values()) != rows_in:
-                raise AccountingError(
-                    f"preprocess: {rows_in} clean rows in, {sum(rows.values())} rows in splits {rows}"
-                )
-            stats["rows"] = rows
-            fs.write_json(f"{tmp}/_dlpipe_stats.json", stats)
-            metrics = {
-                "rows_in": rows_in,
-                **{f"rows_{k}": v for k, v in rows.items()},
-                "feature_dim": stats["feature_dim"],
-            }
-            lineage.write_meta(spark, tmp, "preprocess", fp, inputs, metrics)
-    finally:
-        clean.unpersist()
+    clean = read_clean(spark, cfg, paths.clean).withColumn(SPLIT, split_column(cfg))
+    with job_description(spark, "preprocess: fit statistics on the train split"):
+        stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
+    log.info("preprocess: statistics fitted on the train split; features of shape %s", stats["feature_shape"])
+    with (
+        atomic_output(spark, paths.petastorm) as tmp,
+        job_description(spark, "preprocess: transform and write the splits"),
+    ):
+        rows, rows_in = write_splits(spark, cfg, transform(clean, cfg, stats, carry=[SPLIT]), stats, tmp)
+        if sum(rows.values()) != rows_in:
+            raise AccountingError(f"preprocess: {rows_in} clean rows in, {sum(rows.values())} rows in splits {rows}")
+        stats["rows"] = rows
+        HadoopFS(spark).write_json(f"{tmp}/_dlpipe_stats.json", stats)
+        metrics = {"rows_in": rows_in, **{f"rows_{k}": v for k, v in rows.items()}, "feature_dim": stats["feature_dim"]}
+        lineage.write_meta(spark, tmp, "preprocess", fp, inputs, metrics)
     lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=False)
     return {**metrics, "skipped": 0}
+
+
+def write_splits(
+    spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, out: str
+) -> tuple[dict[str, int], int]:
+    """rows (key, features, label, _split) -> one Petastorm dataset per split under out, in one write.
+    Returns the rows of each split (from the footers) and the rows that went in (counted on the way)."""
+    schema = unischema(cfg, stats)
+    seen = Observation("preprocess")
+    metadata: Callable[[Sequence[PartFile]], dict[bytes, bytes]] = lambda files: petastorm_metadata(schema, files)  # noqa: E731
+    written = write_routed(
+        spark,
+        rows.observe(seen, F.count(F.lit(1)).alias("rows")),
+        SPLIT,
+        {name: Output(f"{out}/{name}", None, metadata) for name in SPLITS},
+        staging=f"{out}-routing",
+        settings=storage_settings(cfg),
+        row_group_mb=cfg.preprocess.row_group_size_mb,
+        options={"parquet.enable.dictionary": "false"},  # random floats: a dictionary only costs time
+    )
+    rows_per_split = {name: sum(f.rows for f in files) for name, files in written.items()}
+    for name, n in rows_per_split.items():
+        log.info("preprocess: wrote %s split, %d rows", name, n)
+    return rows_per_split, int(seen.get["rows"])
 
 
 def read_stats(spark: SparkSession, cfg: Config) -> dict:

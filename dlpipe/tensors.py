@@ -1,9 +1,14 @@
-"""Petastorm NdarrayCodec cells, encoded and decoded a whole column at a time.
+"""Feature tensors in Arrow columns, encoded and decoded a whole column at a time.
 
-NdarrayCodec stores each tensor as the bytes of `np.save(value)`: a header that depends only on dtype and
-shape, then the raw data. For a fixed-shape field every cell has the same header, so a batch can be built
-by one concatenation and decoded by one `frombuffer`, instead of one `np.save`/`np.load` per row. The bytes
-are identical to Petastorm's, so its readers and ours read the same datasets.
+Two layouts, both Petastorm fields:
+- a Parquet list of numbers per row (tabular features: Spark writes them from the JVM, Petastorm reads a
+  codec-less ndarray field): decoding is one reshape of the list's flat values;
+- NdarrayCodec cells (images): each tensor is the bytes of `np.save(value)`, a header that depends only on
+  dtype and shape, then the raw data. For a fixed-shape field every cell has the same header, so a batch
+  is built by one concatenation and decoded by one `frombuffer`, instead of one `np.save`/`np.load` per
+  row. The bytes are identical to Petastorm's, so its readers and ours read the same datasets.
+
+`decode_column` and `decode_column_checked` take either layout.
 """
 
 from __future__ import annotations
@@ -53,12 +58,15 @@ def encode_arrow(arr: np.ndarray):
     return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def decode_cells(cells: Sequence[bytes], dtype: str | np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """n NdarrayCodec cells of one dtype and shape -> an array (n, *shape), vectorized when possible."""
+def decode_cells(cells: Sequence, dtype: str | np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """n NdarrayCodec cells (or n rows of numbers, the list layout) of one dtype and shape -> an array
+    (n, *shape), vectorized when possible."""
     dtype = np.dtype(dtype)
     n = len(cells)
     if n == 0:
         return np.empty((0, *shape), dtype=dtype)
+    if not isinstance(cells[0], bytes | bytearray | memoryview):
+        return np.asarray([np.asarray(c, dtype=dtype) for c in cells]).reshape(n, *shape)
     header, cell_len = cell_layout(dtype, shape)
     joined = b"".join(cells)
     if len(joined) == n * cell_len and all(bytes(c[: len(header)]) == header for c in (cells[0], cells[-1])):
@@ -156,3 +164,89 @@ def decode_arrow_checked(column, dtype: str | np.dtype, shape: tuple[int, ...]) 
     reasons[nonfinite] = "features not finite (NaN or inf)"
     x[~ok] = 0
     return x, reasons
+
+
+def is_list_column(column) -> bool:
+    """Whether an Arrow column holds the list layout (a list of numbers per row) rather than cells."""
+    import pyarrow as pa
+
+    t = column.type
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _one_chunk(column):
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def _list_values(column, width: int) -> np.ndarray | None:
+    """(n, width) of a list column whose every row holds width non-null numbers, without a copy; else None."""
+    n = len(column)
+    if column.null_count:
+        return None
+    offsets = column.offsets.to_numpy()
+    if not (np.diff(offsets) == width).all():
+        return None
+    values = column.values.slice(offsets[0], n * width)
+    if values.null_count:
+        return None
+    return values.to_numpy(zero_copy_only=False).reshape(n, width)
+
+
+def decode_column(column, dtype: str | np.dtype, shape: tuple[int, ...], take: np.ndarray | None = None) -> np.ndarray:
+    """A feature column (either layout; Array or ChunkedArray) -> a new array (n, *shape) of dtype.
+
+    With `take` (row indices), returns those rows in that order, gathered in the one copy that is made
+    anyway (a shuffling loader pays nothing extra for its permutation)."""
+    if not is_list_column(column):
+        return decode_arrow(column, dtype, shape, take)
+    dtype = np.dtype(dtype)
+    column = _one_chunk(column)
+    width = int(np.prod(shape, dtype=np.int64))
+    flat = _list_values(column, width)
+    if flat is None:
+        flat = np.asarray(column.to_pylist(), dtype=dtype).reshape(len(column), width)  # ragged rows raise here
+    out = flat[take] if take is not None else flat.copy()
+    return out.astype(dtype, copy=False).reshape(len(out), *shape)
+
+
+def decode_column_checked(
+    column, dtype: str | np.dtype, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Like decode_column, for rows not yet trusted (scoring): (x, reasons) as decode_arrow_checked gives
+    them, for either layout. A list row is bad when it is missing, has another length, holds a null, or
+    holds NaN/inf."""
+    if not is_list_column(column):
+        return decode_arrow_checked(column, dtype, shape)
+    dtype = np.dtype(dtype)
+    column = _one_chunk(column)
+    n, width = len(column), int(np.prod(shape, dtype=np.int64))
+    flat = _list_values(column, width)
+    if flat is not None:
+        x = flat.astype(dtype, copy=False).reshape(n, *shape)
+        if dtype.kind != "f" or np.isfinite(x).all():
+            return x, None
+    # some row is bad (the fast path above returns every all-good batch): find which, and why
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy()
+    sized = (np.diff(offsets) == width) & ~null
+    values = column.values
+    value_null = values.is_null().to_numpy(zero_copy_only=False)
+    numbers = values.to_numpy(zero_copy_only=False)
+    idx = np.flatnonzero(sized)
+    gather = offsets[:-1][idx, None] + np.arange(width)
+    x = np.zeros((n, width), dtype=dtype)
+    x[idx] = numbers[gather]
+    holes = np.zeros(n, bool)
+    holes[idx] = value_null[gather].any(axis=1)
+    finite = np.isfinite(x).all(axis=1) if dtype.kind == "f" else np.ones(n, bool)
+    reasons = np.full(n, None, dtype=object)
+    reasons[null] = "features missing"
+    reasons[~sized & ~null] = f"features of the wrong size (not {width} values for a tensor of shape {tuple(shape)})"
+    reasons[sized & ~holes & ~finite] = "features not finite (NaN or inf)"
+    reasons[holes] = "features hold a missing value"
+    x[~sized | holes | ~finite] = 0
+    return x.reshape(n, *shape), reasons

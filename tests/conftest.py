@@ -28,7 +28,6 @@ def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | 
         f"project.root={root}",
         f"dataset.generator.rows={rows}",
         "spark.master=local[2]",
-        "preprocess.num_files=2",
         "train.epochs=3",
         *overrides,
     ]

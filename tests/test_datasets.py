@@ -149,7 +149,7 @@ def test_unchanged_stages_are_skipped_and_changes_or_force_redo_them(spark, tmp_
     assert ingest.run(spark, make_cfg(tmp_path, "dataset.max_bad_fraction=0.2", rows=600))["skipped"] == 0
     p1 = features.run(spark, cfg)
     assert p1["skipped"] == 0 and features.run(spark, cfg)["skipped"] == 1
-    assert features.run(spark, make_cfg(tmp_path, "preprocess.num_files=3", rows=600))["skipped"] == 0
+    assert features.run(spark, make_cfg(tmp_path, "preprocess.row_group_size_mb=4", rows=600))["skipped"] == 0
     # new raw data -> new ingest fingerprint -> preprocess must redo too
     part = next(local_path(paths.raw).glob("part-*.csv"))
     part.write_text(part.read_text() + "99999,0,0,0,0,0,0,0,0,a,1\n")
@@ -232,7 +232,6 @@ def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_pat
             f"project.root={tmp_path}",
             "train.epochs=15",
             "train.batch_size=32",
-            "preprocess.num_files=2",
         ],
         conf_dir=conf,
     )

@@ -1,9 +1,10 @@
 """Batch scoring in Spark, the model loaded once per Python worker (dlpipe.scoring caches it by URI).
 
-`score_frame` is what the infer job uses: a `mapInArrow` scorer that decodes the NdarrayCodec feature
-cells straight from Arrow buffers, scores a whole Arrow batch at once and builds the probability lists
-from one buffer, carrying the key columns through. `score_column` is the same scoring as an iterator
-pandas UDF, for when a column expression is handier (it pays pandas conversions: `make bench ONLY=inference`).
+`score_frame` is what the infer job uses: a `mapInArrow` scorer that decodes the feature tensors
+(dlpipe.tensors: list or NdarrayCodec layout) straight from Arrow buffers, scores a whole Arrow batch at once
+and builds the probability lists from one buffer, carrying the key columns through. `score_column` is the same
+scoring as an iterator pandas UDF, for when a column expression is handier (it pays pandas conversions: `make
+bench ONLY=inference`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from dlpipe.scoring import load_model, predict_proba, task_device
-from dlpipe.tensors import decode_arrow_checked, decode_cells
+from dlpipe.tensors import decode_cells, decode_column_checked
 
 RESULT_TYPE = "prediction int, probabilities array<float>"
 
@@ -54,7 +55,7 @@ def arrow_scorer(
         device = task_device()  # the task's GPU when it has one
         model = load_model(model_uri, tracking_uri, device)
         for batch in batches:
-            x, reasons = decode_arrow_checked(batch.column(len(keep)), np.float32, feature_shape)
+            x, reasons = decode_column_checked(batch.column(len(keep)), np.float32, feature_shape)
             bad = None if reasons is None else np.not_equal(reasons, None)
             probs = predict_proba(model, x, device).astype(np.float32, copy=False)
             yield pa.RecordBatch.from_arrays(
@@ -93,7 +94,7 @@ def score_frame(
 
 
 def scoring_udf(model_uri: str, feature_shape: tuple[int, ...], tracking_uri: str | None = None):
-    """A UDF over a column of NdarrayCodec feature cells -> struct(prediction, probabilities)."""
+    """A UDF over a column of feature tensors (either layout) -> struct(prediction, probabilities)."""
 
     @pandas_udf(RESULT_TYPE)
     def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:

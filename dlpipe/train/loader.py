@@ -1,10 +1,10 @@
 """Columnar, exact data feeding for one training rank.
 
-Each rank reads its own contiguous slice of a Petastorm dataset's rows, a row group at a time, straight
-from Parquet with pyarrow, and builds tensors a batch at a time (NdarrayCodec cells decoded per column,
-not per row). Every rank runs the same number of steps per epoch (its rows split as evenly as
-`np.array_split` would), so no rank waits in an allreduce that another never joins, and every row is used
-exactly once per epoch. Rows read are counted; the caller checks the sum across ranks.
+Each rank reads its own contiguous slice of a Petastorm dataset's rows, a row group at a time, straight from
+Parquet with pyarrow, and builds tensors a batch at a time (a column decoded at once, not per row). Every rank
+runs the same number of steps per epoch (its rows split as evenly as `np.array_split` would), so no rank waits
+in an allreduce that another never joins, and every row is used exactly once per epoch. Rows read are counted;
+the caller checks the sum across ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dlpipe.storage import StorageSettings, python_fs
-from dlpipe.tensors import decode_arrow
+from dlpipe.tensors import decode_column
 
 
 class ShortEpochError(RuntimeError):
@@ -104,7 +104,7 @@ class ShardLoader:
             .read_row_group(piece.row_group, columns=["features", "label"])
             .slice(piece.lo, piece.hi - piece.lo)
         )
-        x = decode_arrow(table.column("features"), np.float32, self.feature_shape, take=order)
+        x = decode_column(table.column("features"), np.float32, self.feature_shape, take=order)
         y = table.column("label").to_numpy().astype(self.label_dtype)
         return x, (y[order] if order is not None else y)
 
