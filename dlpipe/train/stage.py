@@ -274,8 +274,7 @@ def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example
         storage=spec.storage,
         label_dtype=objective.label_numpy_type(spec.task),
     )
-    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in loader.epoch(0)), strict=True)
-    m = quantize.compare(served, int8, np.concatenate(xs), np.concatenate(ys), spec.task)
+    m = quantize.compare(served, int8, ((x.numpy(), y.numpy()) for x, y in loader.epoch(0)), spec.task)
     if spec.task == objective.REGRESSION:
         change, limit = m["int8_rmse_increase"], cfg.quantize.max_rmse_increase
         what = f"RMSE {change:+.2%}"
