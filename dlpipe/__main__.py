@@ -1,8 +1,8 @@
 """The dlpipe command line.
 
-    python -m dlpipe run [--from STAGE] [--force] [--env NAME] [key.path=value ...]   the pipeline
-    python -m dlpipe stage NAME [--force] [--env NAME] [key.path=value ...]           one stage
-    python -m dlpipe status [--env NAME] [key.path=value ...]                         what each stage last did
+    python -m dlpipe run [--from STAGE] [--to STAGE] [--force] [--env NAME] [key.path=value ...]  the pipeline
+    python -m dlpipe stage NAME [--force] [--env NAME] [key.path=value ...]    one stage
+    python -m dlpipe status [--env NAME] [key.path=value ...]                  what each stage last did
 
 Stages whose inputs and config are unchanged since their last committed output are skipped (--force
 redoes them); train always trains a new model version. Progress (stage n/N, rows, epochs, ETA) goes to
@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = add_common(sub.add_parser("run", help="the whole pipeline, or from one stage on"))
     run.add_argument("--from", dest="start", choices=STAGES, help="start at this stage (its inputs must exist)")
+    run.add_argument("--to", dest="end", choices=STAGES, help="stop after this stage")
     stage = sub.add_parser("stage", help="one stage")
     stage.add_argument("name", choices=STAGES)
     add_common(stage)
@@ -49,7 +50,12 @@ def main(argv: list[str]) -> int:
             metrics = run_stage(spark, cfg, args.name, force=args.force)
             print(" ".join(f"{k}={v}" for k, v in metrics.items()))
             return 0
-        stages = STAGES[STAGES.index(args.start) :] if args.start else STAGES
+        first = STAGES.index(args.start) if args.start else 0
+        last = STAGES.index(args.end) if args.end else len(STAGES) - 1
+        if last < first:
+            print(f"dlpipe: --to {args.end} comes before --from {args.start}", file=sys.stderr)
+            return 2
+        stages = STAGES[first : last + 1]
         result = run_pipeline(spark, cfg, stages, force=args.force)
     finally:
         stop_spark(spark)

@@ -1,0 +1,50 @@
+"""Bounded memory: ingest and preprocess run on data several times the size of the driver's heap.
+
+A run of 10M rows once died in ingest with `OutOfMemoryError: Java heap space` on a 1 GiB heap: a
+persisted dataset read back into memory. No stage holds a dataset in memory now; this test gives the
+driver (which in local mode is also every executor) a 512 MiB heap, the least Spark accepts, and feeds
+it more than three times that in CSV. `make bench ONLY=scale` measures the same at 2M to 20M rows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+HEAP_MB = 512
+ROWS = 18_000_000  # about 1.75 GB of CSV
+
+
+def test_ingest_and_preprocess_run_on_data_several_times_a_small_driver_heap(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlpipe",
+        "run",
+        "--to",
+        "preprocess",
+        f"project.root={tmp_path}",
+        f"dataset.generator.rows={ROWS}",
+        "dataset.generator.files=8",
+        "spark.master=local[2]",
+        f"spark.conf.spark.driver.memory={HEAP_MB}m",
+        "spark.conf.spark.ui.enabled=false",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"spark: driver memory {HEAP_MB}m (your setting)" in log
+
+    warehouse = tmp_path / "data" / "warehouse" / "tabular_example"
+    csv_bytes = sum(p.stat().st_size for p in (tmp_path / "data" / "raw" / "tabular_example").glob("*.csv"))
+    assert csv_bytes > 3 * HEAP_MB * 1024**2, f"only {csv_bytes / 1024**2:.0f} MB of CSV"
+
+    ingest = json.loads((warehouse / "clean" / "_dlpipe_meta.json").read_text())["metrics"]
+    assert ingest["rows_in"] == ROWS == ingest["rows_kept"] + ingest["rows_quarantined"]
+    assert ingest["rows_quarantined"] == round(ROWS * 0.03)  # the generator's malformed lines
+    pre = json.loads((warehouse / "petastorm" / "_dlpipe_meta.json").read_text())["metrics"]
+    assert pre["rows_in"] == ingest["rows_kept"] == pre["rows_train"] + pre["rows_val"] + pre["rows_test"]
+    assert (warehouse / "petastorm" / "train" / "_common_metadata").is_file()
