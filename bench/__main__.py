@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("data", "training", "inference")
+GROUPS = ("data", "training", "inference", "scale")
 OUT = Path("data/bench")
 
 

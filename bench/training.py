@@ -1,14 +1,17 @@
 """Training group: data feeding and distributed training throughput, all measured in one run.
 
-On one synthetic Petastorm-layout dataset (BENCH_TRAIN_ROWS rows, default 500,000, of 64 float32
-features as NdarrayCodec cells + a label):
-- loader_vs_pyarrow: our ShardLoader (shuffled, exact shards) over a plain `pyarrow.dataset` batches ->
-  torch tensors loop on the same files (given the same vectorized cell decoding, or it would be no
-  baseline at all);
+On synthetic datasets in the pipeline's own Petastorm layout (a list of float32 features per row + a
+label), BENCH_TRAIN_ROWS rows (default 500,000) of 64 features:
+- loader_vs_pyarrow: our ShardLoader (shuffled each epoch, exact shards) over a plain `pyarrow.dataset`
+  batches -> torch tensors loop on the same files (no shuffle, no copy);
 - scaling_efficiency_2: training samples/s with 2 Horovod ranks over twice that with 1 rank (one torch
-  thread per rank either way);
-- horovod_vs_torch: 1-rank Horovod samples/s over a single-process PyTorch loop on the same data and
-  model.
+  thread per rank either way), on a model and batch where computation dominates: an MLP of two 512-wide
+  layers at batch 1024 (about 1.8 MFLOP a sample). `compute_share_2` says how much it dominates: a plain
+  single-thread PyTorch step's time over a 2-rank Horovod step's (1.0: every millisecond of the step is the
+  model's own work). The same figures for the pipeline's default model and batch (MLP 64-64, batch 128,
+  where per-step overhead dominates) are printed with the suffix `_default_model`;
+- horovod_vs_torch: 1-rank Horovod samples/s over a single-process PyTorch loop on the same data, model and
+  batch.
 Training rates come from epochs after the first (start-up and warm-up excluded).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +29,19 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from dlpipe.tensors import decode_arrow, encode_arrow
-
 ROOT = Path("data/bench/training-root").resolve()
-DIM, CLASSES, BATCH = 64, 4, 1024
+DIM, CLASSES, LOADER_BATCH = 64, 4, 1024
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A model and batch size to measure training at."""
+
+    name: str
+    hidden: tuple[int, ...]
+    batch: int
+    rows: int
+    epochs: int
 
 
 def _write_dataset(path: Path, rows: int, files: int = 8) -> None:
@@ -39,14 +52,18 @@ def _write_dataset(path: Path, rows: int, files: int = 8) -> None:
     for i, idx in enumerate(np.array_split(np.arange(rows), files)):
         x = rng.normal(size=(len(idx), DIM)).astype(np.float32)
         y = np.argmax(x @ w, axis=1).astype(np.int32)
-        table = pa.table({"id": pa.array(idx.astype(np.int64)), "features": encode_arrow(x), "label": pa.array(y)})
-        pq.write_table(table, path / f"part-{i:05d}.parquet", row_group_size=16384)
+        features = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, x.size + 1, DIM, dtype=np.int32)), pa.array(x.reshape(-1))
+        )
+        table = pa.table({"id": pa.array(idx.astype(np.int64)), "features": features, "label": pa.array(y)})
+        pq.write_table(table, path / f"part-{i:05d}.parquet", row_group_size=32768)
 
 
 def _pyarrow_loop(path: Path) -> float:
     started, rows, touched = time.perf_counter(), 0, 0.0
-    for batch in pads.dataset(str(path), format="parquet").to_batches(columns=["features", "label"], batch_size=BATCH):
-        x = torch.from_numpy(decode_arrow(batch.column(0), np.float32, (DIM,)))
+    dataset = pads.dataset(str(path), format="parquet")
+    for batch in dataset.to_batches(columns=["features", "label"], batch_size=LOADER_BATCH):
+        x = torch.from_numpy(batch.column(0).flatten().to_numpy().reshape(-1, DIM))
         y = torch.from_numpy(batch.column(1).to_numpy().astype(np.int64))
         rows, touched = rows + len(y), touched + float(x[:, 0].sum())
     return rows / (time.perf_counter() - started)
@@ -55,62 +72,87 @@ def _pyarrow_loop(path: Path) -> float:
 def _our_loader(path: Path, rows: int) -> float:
     from dlpipe.train.loader import ShardLoader
 
-    loader = ShardLoader(path.as_uri(), 0, 1, BATCH, (DIM,), shuffle=True, seed=1, expected_rows=rows)
-    started, rows_read, touched = time.perf_counter(), 0, 0.0
-    for x, y in loader.epoch(1):
-        rows_read, touched = rows_read + len(y), touched + float(x[:, 0].sum())
-    return rows_read / (time.perf_counter() - started)
+    loader = ShardLoader(path.as_uri(), 0, 1, LOADER_BATCH, (DIM,), shuffle=True, seed=1, expected_rows=rows)
+    rates = []
+    for epoch in (1, 2):
+        started, rows_read, touched = time.perf_counter(), 0, 0.0
+        for x, y in loader.epoch(epoch):
+            rows_read, touched = rows_read + len(y), touched + float(x[:, 0].sum())
+        rates.append(rows_read / (time.perf_counter() - started))
+    return float(np.median(rates))
 
 
-def _plain_torch(path: Path, rows: int, epochs: int) -> float:
-    """Single process, same loader, model, optimizer and batch: the ceiling without any framework."""
+def _plain_torch(path: Path, setup: Setup) -> tuple[float, float]:
+    """Single process, one thread, same loader, model, optimizer and batch: the ceiling without any
+    framework. Returns samples/s and milliseconds per step."""
     from dlpipe.train.loader import ShardLoader
     from dlpipe.train.models import build_mlp
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_mlp((DIM,), CLASSES, [128, 128])
+    model = build_mlp((DIM,), CLASSES, list(setup.hidden))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
-    loader = ShardLoader(path.as_uri(), 0, 1, BATCH, (DIM,), shuffle=True, seed=1, expected_rows=rows)
+    loader = ShardLoader(path.as_uri(), 0, 1, setup.batch, (DIM,), shuffle=True, seed=1, expected_rows=setup.rows)
     rates = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, setup.epochs + 1):
         started = time.perf_counter()
         for x, y in loader.epoch(epoch):
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
-        rates.append(rows / (time.perf_counter() - started))
-    return float(np.mean(rates[1:]))
+        rates.append(setup.rows / (time.perf_counter() - started))
+    rate = float(np.mean(rates[1:]))
+    return rate, 1000 * setup.batch / rate
 
 
-def _horovod(spark, path: Path, rows: int, ranks: int, epochs: int) -> float:
+def _horovod(spark, path: Path, setup: Setup, ranks: int) -> float:
     """Samples/s per rank of dlpipe's own training worker under the Horovod barrier-stage launcher."""
     from dlpipe.train.launcher import run_horovod
     from dlpipe.train.worker import TrainSpec, train_worker
 
+    checkpoints = ROOT / f"checkpoints-{setup.name}-{ranks}"
     spec = TrainSpec(
         train_uri=path.as_uri(),
-        val_uri=(path.parent / "val").as_uri(),
-        train_rows=rows,
+        val_uri=(ROOT / "val").as_uri(),
+        train_rows=setup.rows,
         val_rows=VAL_ROWS,
         feature_shape=(DIM,),
         num_classes=CLASSES,
-        model={"factory": "mlp", "hidden": [128, 128]},
-        epochs=epochs,
-        batch_size=BATCH,
+        model={"factory": "mlp", "hidden": list(setup.hidden)},
+        epochs=setup.epochs,
+        batch_size=setup.batch,
         lr=1e-3,
         seed=0,
         threads=1,
         patience=0,
-        checkpoint_uri=(ROOT / f"checkpoints-{ranks}").as_uri(),
+        checkpoint_uri=checkpoints.as_uri(),
     )
-    shutil.rmtree(ROOT / f"checkpoints-{ranks}", ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     history = run_horovod(spark, train_worker, (spec,), ranks)[0]["history"]
     return float(np.mean([h["samples_per_s_per_rank"] for h in history[1:]]))
 
 
 VAL_ROWS = 4096
+
+
+def _scaling(spark, setup: Setup) -> dict[str, float]:
+    data = ROOT / f"train-{setup.name}"
+    _write_dataset(data, setup.rows)
+    torch_rate, torch_step_ms = _plain_torch(data, setup)
+    one = _horovod(spark, data, setup, 1)
+    two = _horovod(spark, data, setup, 2)
+    suffix = "" if setup.name == "compute" else f"_{setup.name}"
+    return {
+        f"torch_1proc_samples_per_s{suffix}": torch_rate,
+        f"horovod_1rank_samples_per_s{suffix}": one,
+        f"horovod_2rank_samples_per_s_per_rank{suffix}": two,
+        f"scaling_efficiency_2{suffix}": (2 * two) / (2 * one),  # 2 ranks' total over twice one rank's
+        f"horovod_vs_torch{suffix}": one / torch_rate,
+        f"step_ms_torch_1thread{suffix}": torch_step_ms,
+        f"step_ms_horovod_2ranks{suffix}": 1000 * setup.batch / two,
+        f"compute_share_2{suffix}": torch_step_ms / (1000 * setup.batch / two),
+    }
 
 
 def run() -> dict[str, float]:
@@ -123,25 +165,23 @@ def run() -> dict[str, float]:
     _write_dataset(data, rows)
     _write_dataset(ROOT / "val", VAL_ROWS, files=1)
     _pyarrow_loop(data)  # warm the page cache for both readers
-    pyarrow_rate = _pyarrow_loop(data)
+    pyarrow_rate = float(np.median([_pyarrow_loop(data) for _ in range(3)]))
     loader_rate = _our_loader(data, rows)
-    torch_rate = _plain_torch(data, rows, epochs)
-
-    cfg = load_config("local", [f"project.root={ROOT}", "spark.conf.spark.ui.enabled=false"])
-    spark = build_spark(cfg)
-    try:
-        one = _horovod(spark, data, rows, 1, epochs)
-        two = _horovod(spark, data, rows, 2, epochs)
-    finally:
-        spark.stop()
-    return {
+    figures: dict[str, float] = {
         "rows": rows,
         "pyarrow_loop_rows_per_s": pyarrow_rate,
         "loader_rows_per_s": loader_rate,
         "loader_vs_pyarrow": loader_rate / pyarrow_rate,
-        "torch_1proc_samples_per_s": torch_rate,
-        "horovod_1rank_samples_per_s": one,
-        "horovod_2rank_samples_per_s_per_rank": two,
-        "scaling_efficiency_2": (2 * two) / (2 * one),  # 2 ranks' total over twice one rank's
-        "horovod_vs_torch": one / torch_rate,
     }
+    setups = [
+        Setup("compute", (512, 512), 1024, rows // 2, epochs),
+        Setup("default_model", (64, 64), 128, rows // 4, epochs),
+    ]
+    cfg = load_config("local", [f"project.root={ROOT}", "spark.conf.spark.ui.enabled=false"])
+    spark = build_spark(cfg)
+    try:
+        for setup in setups:
+            figures.update(_scaling(spark, setup))
+    finally:
+        spark.stop()
+    return figures
