@@ -24,7 +24,14 @@ from pyspark.sql import functions as F
 from dlpipe import lineage, tracking
 from dlpipe.config import Config
 from dlpipe.features import model_stats, read_stats, transform
-from dlpipe.ingest import QUARANTINE_COLUMNS, AccountingError, BadDataError, read_source, validate
+from dlpipe.ingest import (
+    QUARANTINE_COLUMNS,
+    AccountingError,
+    BadDataError,
+    quarantine_by_code,
+    read_source,
+    validate,
+)
 from dlpipe.objective import is_regression
 from dlpipe.parquet_io import Output, write_routed
 from dlpipe.promotion import CANDIDATE
@@ -88,15 +95,15 @@ def score_rows(
     return scored.select(key, "label", *_outputs(stats), "quarantine_reason", *carry, *_identity(mv))
 
 
-def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tuple[DataFrame, list[str]]:
+def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> DataFrame:
     """Raw rows at source, validated: (key, label, the validation's reason columns, features), features null
-    where the row failed validation; and the validation's reason codes."""
+    where the row failed validation."""
     checked = validate(read_source(spark, cfg, source, label_optional=True), cfg, scoring=True)
     rows = checked.df.select(*checked.typed(), *checked.reasons())
     valid = F.col("reason_code").isNull()
     cells = transform(rows, cfg, stats, label_optional=True, carry=list(QUARANTINE_COLUMNS))
     cells = cells.select(stats["key"], "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))
-    return cells, checked.codes()
+    return cells
 
 
 def _unify_reasons(scored: DataFrame, stats: dict, validated: bool) -> DataFrame:
@@ -146,16 +153,13 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         return {**done["metrics"], "skipped": 1}
     log.info("infer: scoring %s with %s (version %s, run %s)", source, uri, mv["version"], mv["run_id"])
     if cfg.infer.source:
-        rows, codes = _new_rows(spark, cfg, source, stats)
-        carry = QUARANTINE_COLUMNS
+        rows, carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
     else:
-        rows, codes, carry = spark.read.parquet(source), [], ()
-    seen_in, seen_out = Observation("infer-in"), Observation("infer-out")
-    rows = rows.observe(seen_in, F.count(F.lit(1)).alias("rows_in"))
+        rows, carry = spark.read.parquet(source), ()
+    seen = Observation("infer")  # rows in, counted on the way, apart from the outputs' footers
+    rows = rows.observe(seen, F.count(F.lit(1)).alias("rows_in"))
     scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
-    counts = [F.count_if(F.col("reason_code") == c).alias(f"quarantined_{c}") for c in [*codes, SCORING_FAILED]]
-    scored = scored.observe(seen_out, *counts)
-    metrics = _write(spark, cfg, scored, stats, out, quarantine, fp, inputs, seen_in, seen_out, bool(carry))
+    metrics = _write(spark, cfg, scored, stats, out, quarantine, fp, inputs, seen, bool(carry))
     lineage.log_lineage("infer", fp, inputs, [out, quarantine], skipped=False)
     log.info("infer: wrote %d predictions to %s", metrics["rows_scored"], out)
     return {**metrics, "skipped": 0}
@@ -170,8 +174,7 @@ def _write(
     quarantine: str,
     fp: str,
     inputs: dict[str, str],
-    seen_in: Observation,
-    seen_out: Observation,
+    seen: Observation,
     new_data: bool,
 ) -> dict:
     """Predictions and quarantine in one pass, checked against the rows that went in before either is
@@ -194,27 +197,22 @@ def _write(
             settings=storage_settings(cfg),
             partition_by=cfg.infer.partition_by,
         )
-        rows_in = int(seen_in.get["rows_in"])
+        n_in = int(seen.get["rows_in"])
         rows_out = sum(f.rows for f in written["scored"])
         rows_bad = sum(f.rows for f in written["quarantine"])
-        by_code = {k.removeprefix("quarantined_"): int(v) for k, v in seen_out.get.items() if v}
-        if rows_out + rows_bad != rows_in or rows_bad != sum(by_code.values()):
-            raise AccountingError(
-                f"infer: {rows_in} rows in, {rows_out} predictions + {rows_bad} quarantined written "
-                f"(by reason {by_code})"
-            )
+        if rows_out + rows_bad != n_in:
+            raise AccountingError(f"infer: {n_in} rows in, {rows_out} predictions + {rows_bad} quarantined written")
+        by_code = quarantine_by_code(spark, qtmp) if rows_bad else {}
         if rows_bad:
-            q = spark.read.parquet(qtmp)
-            reasons = q.groupBy("reason").count().orderBy(F.desc("count")).limit(10).collect()
-            log.warning("infer: %d rows quarantined to %s: %s", rows_bad, quarantine, {r[0]: r[1] for r in reasons})
-        if new_data and rows_in and rows_bad / rows_in > cfg.dataset.max_bad_fraction:
+            log.warning("infer: %d rows quarantined to %s, by reason %s", rows_bad, quarantine, by_code)
+        if new_data and n_in and rows_bad / n_in > cfg.dataset.max_bad_fraction:
             raise BadDataError(
-                f"infer: {rows_bad} of {rows_in} rows ({rows_bad / rows_in:.1%}) could not be scored, more than "
+                f"infer: {rows_bad} of {n_in} rows ({rows_bad / n_in:.1%}) could not be scored, more than "
                 f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}. Fix the input, "
                 "or raise dataset.max_bad_fraction to accept it. Nothing was written."
             )
         metrics = {
-            "rows_in": rows_in,
+            "rows_in": n_in,
             "rows_scored": rows_out,
             "rows_quarantined": rows_bad,
             **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
