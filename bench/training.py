@@ -6,10 +6,14 @@ label), BENCH_TRAIN_ROWS rows (default 500,000) of 64 features:
   batches -> torch tensors loop on the same files (no shuffle, no copy);
 - scaling_efficiency_2: training samples/s with 2 Horovod ranks over twice that with 1 rank (one torch
   thread per rank either way), on a model and batch where computation dominates: an MLP of two 512-wide
-  layers at batch 1024 (about 1.8 MFLOP a sample). `compute_share_2` says how much it dominates: a plain
-  single-thread PyTorch step's time over a 2-rank Horovod step's (1.0: every millisecond of the step is the
-  model's own work). The same figures for the pipeline's default model and batch (MLP 64-64, batch 128,
-  where per-step overhead dominates) are printed with the suffix `_default_model`;
+  layers at batch 4096 (about 1.8 MFLOP a sample, 100 ms a step on one core, against about 3 ms for a Gloo
+  allreduce of its 1.2 MB of gradients here), with train.horovod_cycle_ms=10 (on one core per rank,
+  Horovod's coordination cycle takes CPU from training: see the README). `compute_share_2` says how much
+  computation dominates: a plain single-thread PyTorch step's time over a 2-rank Horovod step's (1.0:
+  every millisecond of the step is the model's own work). `scaling_efficiency_2_torch_distributor` is the
+  same measure with the other launcher (PyTorch DDP). The figures for the pipeline's default model and
+  batch (MLP 64-64, batch 128, where per-step overhead dominates: 0.7 ms of computation against a 2 ms
+  allreduce) are printed with the suffix `_default_model`;
 - horovod_vs_torch: 1-rank Horovod samples/s over a single-process PyTorch loop on the same data, model and
   batch.
 Training rates come from epochs after the first (start-up and warm-up excluded).
@@ -42,6 +46,7 @@ class Setup:
     batch: int
     rows: int
     epochs: int
+    cycle_ms: float | None = None  # train.horovod_cycle_ms
 
 
 def _write_dataset(path: Path, rows: int, files: int = 8) -> None:
@@ -74,12 +79,12 @@ def _our_loader(path: Path, rows: int) -> float:
 
     loader = ShardLoader(path.as_uri(), 0, 1, LOADER_BATCH, (DIM,), shuffle=True, seed=1, expected_rows=rows)
     rates = []
-    for epoch in (1, 2):
+    for epoch in range(4):  # the first one opens the files and is not counted
         started, rows_read, touched = time.perf_counter(), 0, 0.0
         for x, y in loader.epoch(epoch):
             rows_read, touched = rows_read + len(y), touched + float(x[:, 0].sum())
         rates.append(rows_read / (time.perf_counter() - started))
-    return float(np.median(rates))
+    return float(np.median(rates[1:]))
 
 
 def _plain_torch(path: Path, setup: Setup) -> tuple[float, float]:
@@ -106,12 +111,12 @@ def _plain_torch(path: Path, setup: Setup) -> tuple[float, float]:
     return rate, 1000 * setup.batch / rate
 
 
-def _horovod(spark, path: Path, setup: Setup, ranks: int) -> float:
+def _horovod(spark, path: Path, setup: Setup, ranks: int, launcher: str = "horovod") -> float:
     """Samples/s per rank of dlpipe's own training worker under the Horovod barrier-stage launcher."""
-    from dlpipe.train.launcher import run_horovod
+    from dlpipe.train.launcher import run_horovod, run_torch_distributor
     from dlpipe.train.worker import TrainSpec, train_worker
 
-    checkpoints = ROOT / f"checkpoints-{setup.name}-{ranks}"
+    checkpoints = ROOT / f"checkpoints-{setup.name}-{ranks}-{launcher}"
     spec = TrainSpec(
         train_uri=path.as_uri(),
         val_uri=(ROOT / "val").as_uri(),
@@ -127,9 +132,14 @@ def _horovod(spark, path: Path, setup: Setup, ranks: int) -> float:
         threads=1,
         patience=0,
         checkpoint_uri=checkpoints.as_uri(),
+        launcher=launcher,
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
-    history = run_horovod(spark, train_worker, (spec,), ranks)[0]["history"]
+    if launcher == "horovod":
+        result = run_horovod(spark, train_worker, (spec,), ranks, cycle_ms=setup.cycle_ms)[0]
+    else:
+        result = run_torch_distributor(spark, train_worker, (spec,), ranks)[0]
+    history = result["history"]
     return float(np.mean([h["samples_per_s_per_rank"] for h in history[1:]]))
 
 
@@ -143,7 +153,13 @@ def _scaling(spark, setup: Setup) -> dict[str, float]:
     one = _horovod(spark, data, setup, 1)
     two = _horovod(spark, data, setup, 2)
     suffix = "" if setup.name == "compute" else f"_{setup.name}"
+    ddp = {}
+    if setup.name == "compute":  # the other launcher, same model and batch
+        ddp_one = _horovod(spark, data, setup, 1, "torch_distributor")
+        ddp_two = _horovod(spark, data, setup, 2, "torch_distributor")
+        ddp = {"scaling_efficiency_2_torch_distributor": ddp_two / ddp_one}
     return {
+        **ddp,
         f"torch_1proc_samples_per_s{suffix}": torch_rate,
         f"horovod_1rank_samples_per_s{suffix}": one,
         f"horovod_2rank_samples_per_s_per_rank{suffix}": two,
@@ -174,7 +190,7 @@ def run() -> dict[str, float]:
         "loader_vs_pyarrow": loader_rate / pyarrow_rate,
     }
     setups = [
-        Setup("compute", (512, 512), 1024, rows // 2, epochs),
+        Setup("compute", (512, 512), 4096, rows // 2, epochs, cycle_ms=10),
         Setup("default_model", (64, 64), 128, rows // 4, epochs),
     ]
     cfg = load_config("local", [f"project.root={ROOT}", "spark.conf.spark.ui.enabled=false"])

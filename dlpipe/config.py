@@ -246,6 +246,12 @@ class TrainConfig(_Strict):
     gloo_iface: str | None = Field(
         None, description="Network interface for Gloo; default: the one of the task's address."
     )
+    horovod_cycle_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Horovod's coordination cycle (HOROVOD_CYCLE_TIME, ms); null: Horovod's default. Every cycle "
+        "costs each rank CPU: with one core per rank and steps of tens of ms, about 10 leaves it to training",
+    )
     slot_wait_seconds: float = Field(
         60.0, ge=0, description="how long to wait for executors to register before failing for lack of slots"
     )

@@ -121,21 +121,25 @@ PROGRESS_EVERY_S = 30.0
 
 
 @contextmanager
-def job_description(spark: SparkSession, text: str, progress_every: float = PROGRESS_EVERY_S) -> Iterator[None]:
+def job_description(spark: SparkSession, text: str, progress_every: float | None = PROGRESS_EVERY_S) -> Iterator[None]:
     """Spark jobs started inside carry `text` (the Spark UI and event log show it: what a stage's job does),
     and while they run, the log says every `progress_every` seconds how many of their tasks are done and
-    when the rest should be (a pass over a big dataset is one long Spark job)."""
+    when the rest should be (a pass over a big dataset is one long Spark job). None: no progress lines
+    (training logs its own)."""
     sc = spark.sparkContext
     before = sc.getLocalProperty("spark.job.description")
     sc.setJobDescription(text)
     done = threading.Event()
-    reporter = threading.Thread(target=_report_progress, args=(spark, text, progress_every, done), daemon=True)
-    reporter.start()
+    reporter = None
+    if progress_every is not None:
+        reporter = threading.Thread(target=_report_progress, args=(spark, text, progress_every, done), daemon=True)
+        reporter.start()
     try:
         yield
     finally:
         done.set()
-        reporter.join()
+        if reporter is not None:
+            reporter.join()
         sc.setJobDescription(before)  # type: ignore[arg-type]
 
 

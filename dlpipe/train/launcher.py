@@ -95,7 +95,7 @@ def rank_plan(hosts: list[str]) -> list[Any]:
     return [by_host[h].pop(0) for h in hosts]
 
 
-def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
+def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None, cycle_ms: float | None = None):
     def task(_: Any):
         import threading
 
@@ -134,6 +134,8 @@ def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None):
         )
         if iface:
             os.environ["HOROVOD_GLOO_IFACE"] = iface
+        if cycle_ms is not None:
+            os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
         import horovod.torch as hvd
 
         gpus = ctx.resources().get("gpu")
@@ -163,17 +165,22 @@ def run_horovod(
     num_proc: int,
     gloo_iface: str | None = None,
     slot_wait_s: float = 60.0,
+    cycle_ms: float | None = None,
 ) -> list[Any]:
-    """Run fn(*args) on num_proc Horovod ranks in one barrier stage; return the results ordered by rank."""
+    """Run fn(*args) on num_proc Horovod ranks in one barrier stage; return the results ordered by rank.
+    cycle_ms: Horovod's coordination cycle (HOROVOD_CYCLE_TIME), None for Horovod's default."""
+    from dlpipe.session import job_description  # driver side only: executors import this module too
+
     sc = spark.sparkContext
     check_slots(sc, num_proc, slot_wait_s)
     log.info("train: launching %d Horovod ranks in a barrier stage (master %s)", num_proc, sc.master)
-    sc.setJobDescription(f"dlpipe train: {num_proc} Horovod ranks (barrier)")
-    ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(_barrier_task(fn, args, gloo_iface))
-    # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
-    # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
-    # that dies then costs a retry of the stage (from the last checkpoint), not the job.
-    results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
+    task = _barrier_task(fn, args, gloo_iface, cycle_ms)
+    with job_description(spark, f"train: {num_proc} Horovod ranks (barrier)", progress_every=None):
+        ranks = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(task)
+        # Spark retries a failed barrier stage only when it is a shuffle-map stage ("Could not recover from a
+        # failed barrier ResultStage"), so the ranks' results leave through a one-partition shuffle: a rank
+        # that dies then costs a retry of the stage (from the last checkpoint), not the job.
+        results = ranks.map(lambda r: (0, r)).partitionBy(1).values().collect()
     return [r for _, r in sorted(results, key=lambda r: r[0])]
 
 
@@ -185,9 +192,11 @@ def run_torch_distributor(
     released, with the same training function."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
+    from dlpipe.session import job_description
+
     sc = spark.sparkContext
     check_slots(sc, num_proc, slot_wait_s)
     use_gpu = tasks_have_gpus(sc)
     log.info("train: launching %d PyTorch DDP processes with TorchDistributor (master %s)", num_proc, sc.master)
-    sc.setJobDescription(f"dlpipe train: {num_proc} DDP processes (TorchDistributor, barrier)")
-    return [TorchDistributor(num_processes=num_proc, local_mode=False, use_gpu=use_gpu).run(fn, *args)]
+    with job_description(spark, f"train: {num_proc} DDP processes (TorchDistributor, barrier)", progress_every=None):
+        return [TorchDistributor(num_processes=num_proc, local_mode=False, use_gpu=use_gpu).run(fn, *args)]

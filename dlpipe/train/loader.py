@@ -10,6 +10,8 @@ the caller checks the sum across ranks.
 from __future__ import annotations
 
 import math
+import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ import torch
 
 from dlpipe.storage import StorageSettings, python_fs
 from dlpipe.tensors import decode_column
+
+PREFETCH = 2  # pieces (row groups) read ahead of the one being trained on
 
 
 class ShortEpochError(RuntimeError):
@@ -86,16 +90,20 @@ class ShardLoader:
                 self.pieces.append(Piece(path, g, lo - offset, hi - offset))
             offset += n
         self.rows_last_epoch = 0
-        self._files: dict[str, pq.ParquetFile] = {}
+        self._files = threading.local()
 
     def batch_sizes(self) -> list[int]:
         base, rem = divmod(self.local_rows, self.steps)
         return [base + 1 if i < rem else base for i in range(self.steps)]
 
     def _file(self, path: str) -> pq.ParquetFile:
-        if path not in self._files:
-            self._files[path] = pq.ParquetFile(self._fs.open_input_file(path))
-        return self._files[path]
+        """This thread's open reader of path (a ParquetFile is not for concurrent reads)."""
+        files = getattr(self._files, "open", None)
+        if files is None:
+            files = self._files.open = {}
+        if path not in files:
+            files[path] = pq.ParquetFile(self._fs.open_input_file(path))
+        return files[path]
 
     def _read(self, piece: Piece, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """One piece's rows (in `order`, if given) as contiguous arrays: decoding and shuffling are one copy."""
@@ -109,20 +117,21 @@ class ShardLoader:
         return x, (y[order] if order is not None else y)
 
     def _pieces(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The shard's pieces, decoded, in this epoch's order; the next one is read by a background thread
-        while the caller trains on this one (Parquet decoding releases the GIL)."""
+        """The shard's pieces, decoded, in this epoch's order; the next PREFETCH are read by background threads
+        while the caller trains on this one (Parquet decoding releases the GIL). Each piece's order is drawn as
+        it is read: memory holds a few row groups, whatever the shard's size."""
         rng = np.random.default_rng(self.seed * 100_003 + epoch * 7919 + self.rank)
         order = rng.permutation(len(self.pieces)) if self.shuffle else np.arange(len(self.pieces))
-        perms = [rng.permutation(self.pieces[i].hi - self.pieces[i].lo) if self.shuffle else None for i in order]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlpipe-loader") as pool:
-            ahead = None
-            for i, perm in zip(order, perms, strict=True):
-                job = pool.submit(self._read, self.pieces[i], perm)
-                if ahead is not None:
-                    yield ahead.result()
-                ahead = job
-            if ahead is not None:
-                yield ahead.result()
+        with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="dlpipe-loader") as pool:
+            pending: deque = deque()
+            for i in order:
+                piece = self.pieces[i]
+                perm = rng.permutation(piece.hi - piece.lo) if self.shuffle else None
+                pending.append(pool.submit(self._read, piece, perm))
+                if len(pending) > PREFETCH:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield exactly `self.steps` (features, labels) batches covering this rank's rows once.

@@ -56,8 +56,9 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
     with LogReceiver(host) as logs:
         spec = dataclasses.replace(spec, log_address=logs.address)
         if cfg.train.launcher == "horovod":
+            t = cfg.train
             return run_horovod(
-                spark, train_worker, (spec,), cfg.train.num_proc, cfg.train.gloo_iface, cfg.train.slot_wait_seconds
+                spark, train_worker, (spec,), t.num_proc, t.gloo_iface, t.slot_wait_seconds, t.horovod_cycle_ms
             )[0]
         for attempt in range(1, cfg.train.max_attempts + 1):
             try:
