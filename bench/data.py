@@ -8,7 +8,7 @@ and writes three Petastorm datasets.
 
 Like with like: each side runs once to warm the JVM up (a cold JIT runs 2-3x slower), then BENCH_REPS
 times (default 3), alternating, and the median counts. `data_path_vs_spark_csv` is our rows/s over the
-reference's. The Spark jobs of our last run are printed as a profile (per stage, per job: wall time, task
+reference's. The Spark jobs of our last round are printed as a profile (per stage, per job: wall time, task
 and CPU time, GC, rows) from Spark's event log.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.sparkprofile import event_log_conf, latest_log, profile_lines
 
 ROOT = Path("data/bench/data-root").resolve()
+ROUND = "dlpipe.bench.round"  # a Spark local property: which round a job belongs to, for the profile
 
 
 def _spark_csv_to_parquet(spark, cfg, raw: str, out: str) -> float:
@@ -67,6 +68,7 @@ def run() -> dict[str, float]:
     reference, ingest_s, preprocess_s = [], [], []
     try:
         for rep in range(reps + 1):  # the first round warms the JVM up and is not counted
+            spark.sparkContext.setLocalProperty(ROUND, str(rep))
             ref = _spark_csv_to_parquet(spark, cfg, paths.raw, str(ROOT / "spark-baseline"))
             t0 = time.perf_counter()
             ing = ingest.run(spark, cfg, force=True)
@@ -80,7 +82,7 @@ def run() -> dict[str, float]:
                 preprocess_s.append(t2 - t1)
     finally:
         spark.stop()
-    for line in profile_lines(latest_log(events), ("ingest", "preprocess")):
+    for line in profile_lines(latest_log(events), ("ingest", "preprocess"), {ROUND: str(reps)}):
         print(line)
     ref_s = statistics.median(reference)
     ours_s = statistics.median([a + b for a, b in zip(ingest_s, preprocess_s, strict=True)])

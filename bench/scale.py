@@ -53,10 +53,10 @@ class TreeSampler(threading.Thread):
         self.root, self.interval = psutil.Process(pid), interval
         self.stage = "start"
         self.peaks: dict[str, dict[str, int]] = defaultdict(lambda: {"jvm": 0, "python": 0, "total": 0})
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             jvm = python = 0
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
@@ -74,10 +74,10 @@ class TreeSampler(threading.Thread):
             peak = self.peaks[self.stage]
             peak["jvm"], peak["python"] = max(peak["jvm"], jvm), max(peak["python"], python)
             peak["total"] = max(peak["total"], jvm + python)
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 

@@ -23,6 +23,7 @@ class Job:
     label: str
     call_site: str
     seconds: float
+    properties: dict
     task_seconds: float = 0.0
     cpu_seconds: float = 0.0
     gc_seconds: float = 0.0
@@ -64,12 +65,13 @@ def latest_log(folder: Path) -> Path:
     return max(logs, key=lambda p: p.stat().st_mtime)
 
 
-def profile_lines(event_log: Path, labels: tuple[str, ...]) -> list[str]:
-    """One line per job whose label starts with one of labels, then the seconds per label."""
+def profile_lines(event_log: Path, labels: tuple[str, ...], where: dict[str, str] | None = None) -> list[str]:
+    """One line per job whose label starts with one of labels (and whose local properties hold `where`),
+    then the seconds per label."""
     lines, per_label = [], dict.fromkeys(labels, 0.0)
     for j in jobs(event_log):
         label = next((lb for lb in labels if j.label.startswith(lb)), None)
-        if label is None:
+        if label is None or any(j.properties.get(k) != v for k, v in (where or {}).items()):
             continue
         per_label[label] += j.seconds
         lines.append(

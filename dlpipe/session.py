@@ -89,11 +89,26 @@ def build_spark(cfg: Config) -> SparkSession:
 
 
 def memory_defaults(cfg: Config) -> dict[str, str]:
-    """spark.driver.memory for local mode when nobody chose one (conf, spark-submit): a share of this
-    machine. A driver already started (under spark-submit) cannot change its heap, so nothing is set there."""
+    """spark.driver.memory for local mode when nobody chose one (conf, spark-defaults.conf, SPARK_DRIVER_MEMORY,
+    spark-submit): a share of this machine. A driver already started (under spark-submit) cannot change its
+    heap, so nothing is set there."""
     if under_spark_submit() or not cfg.spark.master.startswith("local") or "spark.driver.memory" in cfg.spark.conf:
         return {}
+    if os.environ.get("SPARK_DRIVER_MEMORY") or _in_spark_defaults("spark.driver.memory"):
+        return {}
     return {"spark.driver.memory": driver_memory(machine_memory())}
+
+
+def _in_spark_defaults(key: str) -> bool:
+    """Whether Spark's own spark-defaults.conf (SPARK_CONF_DIR, else SPARK_HOME/conf, else pyspark's) sets key."""
+    import pyspark
+
+    home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
+    path = os.path.join(os.environ.get("SPARK_CONF_DIR") or os.path.join(home, "conf"), "spark-defaults.conf")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return any(line.split(None, 1)[0] == key for line in f if line.strip() and not line.lstrip().startswith("#"))
 
 
 def log_memory(spark: SparkSession, chosen: dict[str, str]) -> None:

@@ -282,47 +282,6 @@ def atomic_output(spark: SparkSession, final_uri: str) -> Iterator[str]:
     fs.rename(tmp, final_uri)
 
 
-@dataclass(frozen=True)
-class FsspecFactory:
-    """A picklable factory of a legacy-pyarrow-over-fsspec view of `python_fs(uri)`.
-
-    It is how Petastorm reaches s3a:// and hdfs:// here: its own resolver wants s3fs or libhdfs; we give
-    it the filesystems everything else uses.
-    """
-
-    uri: str
-    settings: StorageSettings
-
-    def __call__(self):
-        from fsspec.implementations.arrow import ArrowFSWrapper
-
-        from dlpipe.legacy_fs import FsspecLegacyFileSystem
-
-        return FsspecLegacyFileSystem(ArrowFSWrapper(python_fs(self.uri, self.settings)[0]))
-
-
-def register_s3a_paths_with_fsspec() -> None:
-    """Let fsspec turn s3a://bucket/key into bucket/key without s3fs.
-
-    Petastorm derives a dataset's path with `fsspec.core.strip_protocol`, which imports the protocol's
-    filesystem class; for s3/s3a that is s3fs (and botocore), which we do not need: the filesystem itself
-    comes from FsspecFactory. A real s3fs, if installed, is left in place.
-    """
-    import fsspec
-    from fsspec.spec import AbstractFileSystem
-
-    try:
-        import s3fs  # noqa: F401
-    except ImportError:
-
-        class S3PathsOnly(AbstractFileSystem):
-            protocol = ("s3", "s3a")
-            root_marker = ""
-
-        for proto in ("s3", "s3a"):
-            fsspec.register_implementation(proto, S3PathsOnly, clobber=True)
-
-
 def python_fs(uri: str, settings: StorageSettings | None = None):
     """(pyarrow FileSystem, path) for Python-side reads and writes on a driver or an executor.
 
