@@ -99,7 +99,7 @@ def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> Dat
     """Raw rows at source, validated: (key, label, the validation's reason columns, features), features null
     where the row failed validation."""
     checked = validate(read_source(spark, cfg, source, label_optional=True), cfg, scoring=True)
-    rows = checked.df.select(*checked.typed(), *checked.reasons())
+    rows = checked.rows()
     valid = F.col("reason_code").isNull()
     cells = transform(rows, cfg, stats, label_optional=True, carry=list(QUARANTINE_COLUMNS))
     cells = cells.select(stats["key"], "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))

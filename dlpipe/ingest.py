@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -62,23 +62,35 @@ def reader_options(cfg: Config) -> dict[str, str]:
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
 
 
+def q(name: str) -> str:
+    """A column name quoted for Spark SQL."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def sql_str(text: str) -> str:
+    """A Spark SQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 @dataclass(frozen=True)
 class Source:
-    """Raw rows as read, and how the checks see them.
+    """Raw rows as read, and how the checks see them, as Spark SQL text.
 
     `df` has a typed column `__t_<name>` per declared column (null where the text is not of the type),
     `_source_file` and `_pre_reason`. `raw(col)` is the value's text and `empty(col)` says it is missing;
     `malformed` marks a line that could not be split into the declared fields, whose text is `line`.
     Reasons and raw lines are built from these only for bad rows, so a good row pays for none of them.
+    The expressions are SQL text, not Column objects: one projection is then one call to the JVM, not
+    hundreds (each a round trip that costs milliseconds).
     """
 
     df: DataFrame
     columns: tuple[ColumnSpec, ...]  # declared
     read: tuple[ColumnSpec, ...]  # present in the files (new data to score may lack the label)
-    raw: Callable[[ColumnSpec], Column]
-    empty: Callable[[ColumnSpec], Column]
-    malformed: Column
-    line: Column
+    raw: Callable[[ColumnSpec], str]
+    empty: Callable[[ColumnSpec], str]
+    malformed: str
+    line: str
 
 
 def read_source(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = False) -> Source:
@@ -101,15 +113,15 @@ def read_source(spark: SparkSession, cfg: Config, uri: str, label_optional: bool
         df = _read_text(spark, cfg, uri, columns)
     if len(columns) < len(cfg.dataset.columns):
         df = df.withColumn(label, F.lit(None).cast("string"))
-    typed = df.select("*", *[_typed(c, f"`{c.name}`").alias(_t_name(c.name)) for c in cfg.dataset.columns])
+    typed = [f"{_typed(c, q(c.name))} AS {q(_t_name(c.name))}" for c in cfg.dataset.columns]
     return Source(
-        df=typed,
+        df=df.selectExpr("*", *typed),
         columns=tuple(cfg.dataset.columns),
         read=columns,
-        raw=lambda c: F.col(c.name),
-        empty=lambda c: _blank(F.col(c.name), c),
-        malformed=F.col(CORRUPT).isNotNull(),
-        line=F.col(CORRUPT),
+        raw=lambda c: q(c.name),
+        empty=lambda c: _blank(q(c.name), c),
+        malformed=f"{q(CORRUPT)} IS NOT NULL",
+        line=q(CORRUPT),
     )
 
 
@@ -129,10 +141,8 @@ def _read_text(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[Col
             raise SchemaMismatchError(
                 f"ingest: {uri} has no column(s) {missing} declared in dataset.columns; it has {df.columns}"
             )
-        df = df.select(
-            *[F.col(c.name).cast("string").alias(c.name) for c in columns], F.lit(None).cast("string").alias(CORRUPT)
-        )
-    return df.withColumn("_source_file", F.input_file_name()).withColumn(PRE_REASON, F.lit(None).cast("string"))
+        df = df.selectExpr(*[f"CAST({q(c.name)} AS STRING) AS {q(c.name)}" for c in columns], f"NULL AS {q(CORRUPT)}")
+    return df.selectExpr("*", "input_file_name() AS _source_file", f"CAST(NULL AS STRING) AS {PRE_REASON}")
 
 
 REPARSED = "_reparsed"
@@ -147,51 +157,52 @@ def _typed_csv(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[Col
     )
     reader = spark.read.schema(typed_schema).options(**{"header": "true", "enforceSchema": "false", **opts})
     df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(uri)
-    text_schema = ", ".join([*(f"`{c.name}` string" for c in columns), f"`{CORRUPT}` string"])
+    text_schema = ", ".join([*(f"{q(c.name)} string" for c in columns), f"{q(CORRUPT)} string"])
     line_opts = {k: v for k, v in opts.items() if k not in ("header", "enforceSchema")}
     line_opts.update(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT)
-    corrupt = F.col(CORRUPT).isNotNull()
-    reparsed = F.when(corrupt, F.from_csv(F.col(CORRUPT), text_schema, line_opts))
+    options = ", ".join(f"{sql_str(k)}, {sql_str(v)}" for k, v in line_opts.items())
+    ok = f"{q(CORRUPT)} IS NULL"
+    reparsed = f"CASE WHEN NOT {ok} THEN from_csv({q(CORRUPT)}, {sql_str(text_schema)}, map({options})) END"
     present = {c.name for c in columns}
-    df = df.select(
-        *[F.col(c.name).alias(_f_name(c.name)) for c in columns],
-        F.col(CORRUPT),
-        reparsed.alias(REPARSED),
-        F.input_file_name().alias("_source_file"),
-        F.lit(None).cast("string").alias(PRE_REASON),
+    df = df.selectExpr(
+        *[f"{q(c.name)} AS {q(_f_name(c.name))}" for c in columns],
+        q(CORRUPT),
+        f"{reparsed} AS {REPARSED}",
+        "input_file_name() AS _source_file",
+        f"CAST(NULL AS STRING) AS {PRE_REASON}",
     )
 
-    def text(c: ColumnSpec) -> Column:
-        return F.col(REPARSED).getField(c.name)
+    def text(c: ColumnSpec) -> str:
+        return f"{REPARSED}.{q(c.name)}"
 
     typed = []
     for c in cfg.dataset.columns:
         if c.name in present:
-            value = F.when(~corrupt, F.col(_f_name(c.name))).otherwise(_typed(c, f"{REPARSED}.`{c.name}`"))
+            value = f"CASE WHEN {ok} THEN {q(_f_name(c.name))} ELSE {_typed(c, text(c))} END"
         else:
-            value = F.lit(None).cast(SPARK_TYPES[c.type])
-        typed.append(value.alias(_t_name(c.name)))
+            value = f"CAST(NULL AS {SPARK_TYPES[c.type]})"
+        typed.append(f"{value} AS {q(_t_name(c.name))}")
 
-    def raw(c: ColumnSpec) -> Column:
+    def raw(c: ColumnSpec) -> str:
         if c.name not in present:
-            return F.lit(None).cast("string")
-        return F.when(~corrupt, F.col(_f_name(c.name)).cast("string")).otherwise(text(c))
+            return "CAST(NULL AS STRING)"
+        return f"CASE WHEN {ok} THEN CAST({q(_f_name(c.name))} AS STRING) ELSE {text(c)} END"
 
-    def empty(c: ColumnSpec) -> Column:
+    def empty(c: ColumnSpec) -> str:
         if c.name not in present:
-            return F.lit(True)
-        parsed = F.col(_f_name(c.name))
-        parsed_empty = _blank(parsed, c) if c.type == "string" else parsed.isNull()
-        return F.when(~corrupt, parsed_empty).otherwise(_blank(text(c), c))
+            return "true"
+        parsed = q(_f_name(c.name))
+        parsed_empty = _blank(parsed, c) if c.type == "string" else f"{parsed} IS NULL"
+        return f"CASE WHEN {ok} THEN {parsed_empty} ELSE {_blank(text(c), c)} END"
 
     return Source(
-        df=df.select("*", *typed),
+        df=df.selectExpr("*", *typed),
         columns=tuple(cfg.dataset.columns),
         read=tuple(columns),
         raw=raw,
         empty=empty,
-        malformed=F.col(REPARSED).getField(CORRUPT).isNotNull(),
-        line=F.col(CORRUPT),
+        malformed=f"{REPARSED}.{q(CORRUPT)} IS NOT NULL",
+        line=q(CORRUPT),
     )
 
 
@@ -203,8 +214,8 @@ def _f_name(name: str) -> str:
     return f"__f_{name}"
 
 
-def _blank(text: Column, col: ColumnSpec) -> Column:
-    return text.isNull() if col.type == "image" else (text.isNull() | (F.trim(text) == ""))
+def _blank(text: str, col: ColumnSpec) -> str:
+    return f"({text} IS NULL)" if col.type == "image" else f"({text} IS NULL OR trim({text}) = '')"
 
 
 def _has_column(spark: SparkSession, cfg: Config, uri: str, name: str) -> bool:
@@ -271,35 +282,35 @@ def _read_images(spark: SparkSession, cfg: Config, uri: str) -> DataFrame:
 
 
 # --- validating ----------------------------------------------------------------------------------------
-def _typed(col: ColumnSpec, ref: str) -> Column:
-    """The typed value of the text at SQL reference `ref`, or null when it is not of the declared type.
+def _typed(col: ColumnSpec, ref: str) -> str:
+    """SQL for the typed value of the text at `ref`, or null when it is not of the declared type.
 
     Integers also accept integral decimal text ("3.0", "1e3": what a float column or a spreadsheet export
     holds for a whole number), exactly within 2**53; "1.5" stays a type error.
     """
     if col.type in ("string", "image"):
-        return F.expr(ref)
+        return ref
     text = f"trim({ref})"
     if col.type in ("int", "long"):
         whole = f"try_cast({text} AS double)"
         via_double = (
             f"CASE WHEN {whole} = floor({whole}) AND abs({whole}) < 9007199254740992 THEN CAST({whole} AS bigint) END"
         )
-        return F.expr(f"try_cast(coalesce(try_cast({text} AS bigint), {via_double}) AS {SPARK_TYPES[col.type]})")
-    return F.expr(f"try_cast({text} AS {SPARK_TYPES[col.type]})")
+        return f"try_cast(coalesce(try_cast({text} AS bigint), {via_double}) AS {SPARK_TYPES[col.type]})"
+    return f"try_cast({text} AS {SPARK_TYPES[col.type]})"
 
 
-def _t(name: str) -> Column:
+def _t(name: str) -> str:
     """The typed value of a column, computed once per row by `read_source`."""
-    return F.col(_t_name(name))
+    return q(_t_name(name))
 
 
 @dataclass(frozen=True)
 class Check:
-    """One rule: rows where `when` holds fail it with the reason `message` + the text of column `value_of`
-    (a declared column, or PRE_REASON; None: the message alone)."""
+    """One rule: rows where `when` (SQL) holds fail it with the reason `message` + the text of column
+    `value_of` (a declared column, or PRE_REASON; None: the message alone)."""
 
-    when: Column
+    when: str
     message: str
     value_of: str | None
     code: str
@@ -313,7 +324,7 @@ def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
     """
     checks = [
         Check(src.malformed, "malformed line: wrong number of fields or bad syntax", None, "malformed"),
-        Check(F.col(PRE_REASON).isNotNull(), "", PRE_REASON, "image"),
+        Check(f"{PRE_REASON} IS NOT NULL", "", PRE_REASON, "image"),
     ]
     label = cfg.dataset.column("label")
     for col in src.columns:
@@ -324,21 +335,25 @@ def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
             checks.append(Check(empty, f"missing value: {name}", None, "missing"))
         if col.type in NUMERIC:
             article = "an" if col.type == "int" else "a"
-            checks.append(Check(~empty & typed.isNull(), f"not {article} {col.type}: {name}=", name, "type"))
+            type_error = f"NOT {empty} AND {typed} IS NULL"
+            checks.append(Check(type_error, f"not {article} {col.type}: {name}=", name, "type"))
             if col.type in ("float", "double"):
-                bad = F.isnan(typed) | (F.abs(typed) == float("inf"))
+                bad = f"(isnan({typed}) OR abs({typed}) = double('infinity'))"
                 checks.append(Check(bad, f"not finite: {name}=", name, "not_finite"))
             if col.min is not None or col.max is not None:
-                low = typed < F.lit(col.min) if col.min is not None else F.lit(False)
-                high = typed > F.lit(col.max) if col.max is not None else F.lit(False)
-                checks.append(Check(low | high, f"out of range [{col.min}, {col.max}]: {name}=", name, "range"))
+                low = f"{typed} < {float(col.min)!r}" if col.min is not None else "false"
+                high = f"{typed} > {float(col.max)!r}" if col.max is not None else "false"
+                checks.append(
+                    Check(f"({low} OR {high})", f"out of range [{col.min}, {col.max}]: {name}=", name, "range")
+                )
         if col.type == "string" and col.values is not None:
-            bad = ~empty & ~typed.isin(col.values)
+            allowed = ", ".join(sql_str(v) for v in col.values)
+            bad = f"NOT {empty} AND NOT {typed} IN ({allowed})"
             checks.append(Check(bad, f"not an allowed value of {name}: ", name, "value"))
     if scoring or cfg.dataset.task == "regression":  # a regression label is checked like any number
         return checks
     k, typed_label = cfg.dataset.num_classes, _t(label.name)
-    bad = (typed_label < 0) | (typed_label >= k)
+    bad = f"({typed_label} < 0 OR {typed_label} >= {k})"
     checks.append(Check(bad, f"label out of range [0, {k}): {label.name}=", label.name, "label_range"))
     return checks
 
@@ -351,35 +366,38 @@ class Checked:
     checks: list[Check]
     src: Source
 
-    @property
-    def bad(self) -> Column:
-        return F.col(CHECK).isNotNull()
-
-    def typed(self) -> list[Column]:
+    def typed(self) -> list[str]:
         """The declared columns' typed values, null in bad rows but for the key (null only where it is
-        itself unreadable): it names a quarantined row."""
-        return [
-            (_t(c.name) if c.role == "key" else F.when(~self.bad, _t(c.name))).alias(c.name) for c in self.src.columns
-        ]
+        itself unreadable): it names a quarantined row. SQL, for selectExpr."""
+        good_only = lambda c: f"CASE WHEN {CHECK} IS NULL THEN {_t(c.name)} END"  # noqa: E731
+        return [f"{_t(c.name) if c.role == 'key' else good_only(c)} AS {q(c.name)}" for c in self.src.columns]
 
-    def reasons(self) -> list[Column]:
+    def reasons(self) -> list[str]:
         """reason, reason_code, raw_line (the line as read, or its fields joined) and source_file; null in
         good rows. Each is a lookup by `_check` in arrays of literals, and the text of the few columns a
-        reason quotes: small generated code, whatever the number of rules."""
-        at = lambda values: F.element_at(F.array(*values), F.col(CHECK) + 1)  # noqa: E731
+        reason quotes: small generated code, whatever the number of rules. SQL, for selectExpr."""
+
+        def at(values: list[str]) -> str:
+            return f"element_at(array({', '.join(values)}), {CHECK} + 1)"
+
         spec = {c.name: c for c in self.src.columns}
         quoted = list(dict.fromkeys(c.value_of for c in self.checks if c.value_of))
-        texts = [F.lit(""), *(F.col(q) if q == PRE_REASON else self.src.raw(spec[q]) for q in quoted)]
-        which = at([F.lit(quoted.index(c.value_of) + 1 if c.value_of else 0) for c in self.checks])
-        reason = F.concat(at([F.lit(c.message) for c in self.checks]), F.element_at(F.array(*texts), which + 1))
-        text_cols = [c for c in self.src.read if c.type != "image"]
-        joined = F.concat_ws(",", *[F.coalesce(self.src.raw(c), F.lit("")) for c in text_cols])
+        texts = ["''", *(PRE_REASON if n == PRE_REASON else self.src.raw(spec[n]) for n in quoted)]
+        which = at([str(quoted.index(c.value_of) + 1 if c.value_of else 0) for c in self.checks])
+        quoted_text = f"element_at(array({', '.join(texts)}), {which} + 1)"
+        reason = f"concat({at([sql_str(c.message) for c in self.checks])}, {quoted_text})"
+        fields = ", ".join(f"coalesce({self.src.raw(c)}, '')" for c in self.src.read if c.type != "image")
+        bad = f"{CHECK} IS NOT NULL"
         return [
-            F.when(self.bad, reason).alias("reason"),
-            F.when(self.bad, at([F.lit(c.code) for c in self.checks])).alias("reason_code"),
-            F.when(self.bad, F.coalesce(self.src.line, joined)).alias("raw_line"),
-            F.when(self.bad, F.col("_source_file")).alias("source_file"),
+            f"CASE WHEN {bad} THEN {reason} END AS reason",
+            f"CASE WHEN {bad} THEN {at([sql_str(c.code) for c in self.checks])} END AS reason_code",
+            f"CASE WHEN {bad} THEN coalesce({self.src.line}, concat_ws(',', {fields})) END AS raw_line",
+            f"CASE WHEN {bad} THEN _source_file END AS source_file",
         ]
+
+    def rows(self) -> DataFrame:
+        """typed() and reasons(): what ingest and infer route to their outputs."""
+        return self.df.selectExpr(*self.typed(), *self.reasons())
 
 
 CHECK = "_check"
@@ -390,8 +408,8 @@ def validate(src: Source, cfg: Config, scoring: bool = False) -> Checked:
     """Add `_check` to the source's rows. A projection of its own, over the typed columns: Spark does not merge
     projections when that would repeat the casts, so each value is parsed once per row, not once per check."""
     checks = _checks(src, cfg, scoring)
-    check = F.coalesce(*[F.when(c.when, F.lit(i)) for i, c in enumerate(checks)])
-    return Checked(src.df.withColumn(CHECK, check), checks, src)
+    check = "coalesce(" + ", ".join(f"CASE WHEN {c.when} THEN {i} END" for i, c in enumerate(checks)) + ")"
+    return Checked(src.df.selectExpr("*", f"{check} AS {CHECK}"), checks, src)
 
 
 def quarantine_by_code(spark: SparkSession, uri: str) -> dict[str, int]:
@@ -451,7 +469,7 @@ def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, 
     or to quarantine (its reason); the counts come from that pass and from the footers of what it wrote."""
     checked = validate(read_source(spark, cfg, paths.raw), cfg)
     seen = Observation("ingest")  # rows in, counted on the way, apart from the outputs' footers
-    rows = checked.df.select(*checked.typed(), *checked.reasons()).observe(seen, F.count(F.lit(1)).alias("rows_in"))
+    rows = checked.rows().observe(seen, F.count(F.lit(1)).alias("rows_in"))
     settings = storage_settings(cfg)
     with (
         atomic_output(spark, paths.clean) as clean_tmp,

@@ -275,3 +275,12 @@ def test_credentials_come_from_env_or_file_and_are_never_logged(spark, tmp_path,
     from_file = storage_settings(cfg)
     assert (from_file.access_key, from_file.secret_key) == ("FILEKEY", "filesecret")
     assert "conf/credentials.yaml" in (REPO / ".gitignore").read_text()
+
+
+def test_names_and_values_reach_spark_sql_intact(spark):
+    """ingest builds its checks as Spark SQL text: quotes, backslashes and backticks survive it."""
+    from dlpipe.ingest import q, sql_str
+
+    for text in ["plain", "it's", 'say "hi"', "back\\slash", "tick`s", "new\nline", "%_*"]:
+        row = spark.sql(f"SELECT {sql_str(text)} AS {q(text)}").first()
+        assert row[0] == text and row.__fields__ == [text]
