@@ -40,7 +40,9 @@ def jobs(event_log: Path) -> list[Job]:
             kind = e["Event"]
             if kind == "SparkListenerJobStart":
                 props = e.get("Properties") or {}
-                job = Job(e["Job ID"], props.get("spark.job.description") or "", props.get("callSite.short", ""), 0.0)
+                job = Job(
+                    e["Job ID"], props.get("spark.job.description") or "", props.get("callSite.short", ""), 0.0, props
+                )
                 job.seconds = -e["Submission Time"] / 1000
                 out[job.id] = job
                 stage_of.update({s: job.id for s in e["Stage IDs"]})
