@@ -83,8 +83,18 @@ class ColumnSpec(_Strict):
     )
     min: float | None = Field(None, description="Smallest valid value; smaller values are quarantined.")
     max: float | None = Field(None, description="Largest valid value; larger values are quarantined.")
-    values: list[str] | None = Field(None, description="Allowed values of a string column.")
+    values: list[str] | None = Field(
+        None, description="Allowed values of a string column; of a string label: its classes, in this order."
+    )
     shape: list[int] | None = Field(None, description="Image columns: [height, width] or [height, width, channels].")
+    missing: Literal["quarantine", "impute", "indicator"] | None = Field(
+        None,
+        description="A missing value of a feature: quarantine the row (default), impute it (fitted on the train "
+        "split), or impute it and add a 0/1 feature `<name>_missing`. `required: false` means impute.",
+    )
+    impute: Literal["mean", "median", "most_frequent"] | None = Field(
+        None, description="What replaces a missing value; default: mean for numbers, most_frequent for strings."
+    )
 
     @property
     def effective_transform(self) -> str:
@@ -92,10 +102,34 @@ class ColumnSpec(_Strict):
             return self.transform
         return {"string": "onehot", "image": "scale"}.get(self.type, "standardize")
 
+    @property
+    def missing_policy(self) -> str:
+        """quarantine | impute | indicator: what a missing value in this column leads to."""
+        if self.missing is not None:
+            return self.missing
+        return "impute" if self.role == "feature" and not self.required else "quarantine"
+
+    @property
+    def impute_with(self) -> str:
+        return self.impute or ("most_frequent" if self.type == "string" else "mean")
+
     @model_validator(mode="after")
     def _image_shape(self) -> ColumnSpec:
         if self.type == "image" and (not self.shape or len(self.shape) not in (2, 3)):
             raise ValueError(f"image column '{self.name}' needs shape: [height, width] or [height, width, channels]")
+        return self
+
+    @model_validator(mode="after")
+    def _missing(self) -> ColumnSpec:
+        where = f"column '{self.name}'"
+        if self.missing in ("impute", "indicator") or self.impute is not None:
+            if self.role != "feature" or self.type == "image":
+                raise ValueError(
+                    f"{where}: missing: {self.missing or 'impute'} is for tabular features; a {self.role} column's "
+                    "missing value is always quarantined (remove missing/impute)"
+                )
+        if self.impute in ("mean", "median") and self.type not in ("int", "long", "float", "double"):
+            raise ValueError(f"{where} is a {self.type}: impute: {self.impute} needs numbers; use most_frequent")
         return self
 
 
@@ -107,7 +141,11 @@ class SourceConfig(_Strict):
 
 
 class GeneratorConfig(_Strict):
-    kind: Literal["tabular", "regression", "digits"] = "tabular"
+    kind: Literal["tabular", "regression", "digits", "penguins", "breast_cancer"] = Field(
+        "tabular",
+        description="tabular, regression, digits: made up (rows, files, ... apply); penguins, breast_cancer: real "
+        "tables that installed packages carry (palmerpenguins, scikit-learn), written as they are, plus an id",
+    )
     rows: int = Field(20000, gt=0)
     files: int = Field(4, gt=0)
     num_numeric: int = Field(8, gt=0)
@@ -138,9 +176,12 @@ class DatasetConfig(_Strict):
     name: str
     source: SourceConfig
     task: Literal["classification", "regression"] = Field(
-        "classification", description="classification: an integer label in [0, num_classes); regression: a number"
+        "classification",
+        description="classification: a class name (string label) or index in [0, num_classes); regression: a number",
     )
-    num_classes: int | None = Field(None, ge=2, description="classification only: how many classes")
+    num_classes: int | None = Field(
+        None, ge=2, description="integer labels only: how many classes (string labels: from their values or data)"
+    )
     columns: list[ColumnSpec] = Field(..., min_length=2)
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Ingest fails above this share of bad rows.")
@@ -170,10 +211,24 @@ class DatasetConfig(_Strict):
             raise ValueError("image columns need source.format: image")
         label = self.column("label")
         if self.task == "classification":
-            if self.num_classes is None:
-                raise ValueError("a classification dataset needs num_classes (2 or more)")
-            if label.type not in ("int", "long"):
-                raise ValueError(f"a classification label is an int; label column '{label.name}' is {label.type}")
+            if label.type not in ("int", "long", "string"):
+                raise ValueError(
+                    f"a classification label is a string (a class name) or an int (a class index); "
+                    f"label column '{label.name}' is {label.type}"
+                )
+            if label.type == "string" and label.values is not None:
+                if len(label.values) < 2 or len(set(label.values)) != len(label.values):
+                    raise ValueError(f"label column '{label.name}': values needs 2 or more distinct class names")
+                if self.num_classes is not None and self.num_classes != len(label.values):
+                    raise ValueError(
+                        f"num_classes is {self.num_classes} but label column '{label.name}' declares "
+                        f"{len(label.values)} values; remove num_classes (it follows from the values)"
+                    )
+            if label.type != "string" and self.num_classes is None:
+                raise ValueError(
+                    f"an integer label needs num_classes (2 or more): its classes are 0 .. num_classes-1; "
+                    f"or declare label column '{label.name}' as type: string with its values"
+                )
         else:
             if self.num_classes is not None:
                 raise ValueError("num_classes is for classification; remove it, or set task: classification")
@@ -183,6 +238,17 @@ class DatasetConfig(_Strict):
 
     def column(self, role: str) -> ColumnSpec:
         return next(c for c in self.columns if c.role == role)
+
+    @property
+    def declared_classes(self) -> list[str] | None:
+        """Class names in index order where the YAML fixes them: a string label's values, or 0..k-1 for an
+        integer label. None: a string label without values, whose classes preprocess learns (train split)."""
+        if self.task != "classification":
+            return None
+        label = self.column("label")
+        if label.type == "string":
+            return list(label.values) if label.values is not None else None
+        return [str(k) for k in range(self.num_classes or 0)]
 
     @property
     def features(self) -> list[ColumnSpec]:

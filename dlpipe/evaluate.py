@@ -6,18 +6,20 @@ RMSE, MAE, R² and a predicted-vs-true plot. Then the promotion gate against @pr
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from dlpipe.config import Config
-from dlpipe.features import read_stats
+from dlpipe.features import class_names, read_stats
 from dlpipe.generate import read_manifest
 from dlpipe.objective import is_regression
 from dlpipe.storage import dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
+METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # what MLflow does not allow in a metric name
 
 
 def confusion_matrix(spark_df, k: int) -> np.ndarray:
@@ -27,16 +29,20 @@ def confusion_matrix(spark_df, k: int) -> np.ndarray:
     return cm
 
 
-def scores(cm: np.ndarray) -> dict:
-    total = cm.sum()
+def per_class_f1(cm: np.ndarray) -> list[float]:
     tp = np.diag(cm).astype(float)
     precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
     recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
-    return {"accuracy": float(tp.sum() / total), "macro_f1": float(f1.mean())}
+    return [float(v) for v in f1]
 
 
-def plot_confusion(cm: np.ndarray):
+def scores(cm: np.ndarray) -> dict:
+    tp = np.diag(cm).astype(float)
+    return {"accuracy": float(tp.sum() / cm.sum()), "macro_f1": float(np.mean(per_class_f1(cm)))}
+
+
+def plot_confusion(cm: np.ndarray, names: list[str] | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +55,9 @@ def plot_confusion(cm: np.ndarray):
     ax.set(
         xlabel="predicted", ylabel="true", title="confusion matrix (test)", xticks=range(len(cm)), yticks=range(len(cm))
     )
+    if names is not None:
+        ax.set_xticklabels(names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
+        ax.set_yticklabels(names)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
@@ -114,7 +123,7 @@ def roc_curves(pos: np.ndarray, neg: np.ndarray) -> list[tuple[np.ndarray, np.nd
     return curves
 
 
-def plot_roc(pos: np.ndarray, neg: np.ndarray):
+def plot_roc(pos: np.ndarray, neg: np.ndarray, names: list[str] | None = None):
     """One-vs-rest ROC curve per class, with each class's AUC in the legend."""
     import matplotlib
 
@@ -125,7 +134,7 @@ def plot_roc(pos: np.ndarray, neg: np.ndarray):
     for c, (curve, auc) in enumerate(zip(roc_curves(pos, neg), class_aucs(pos, neg), strict=True)):
         if curve is not None:
             fpr, tpr = curve
-            ax.plot(fpr, tpr, label=f"class {c} (AUC {auc:.3f})")
+            ax.plot(fpr, tpr, label=f"{names[c] if names else f'class {c}'} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one vs rest (test)")
     ax.legend(loc="lower right", fontsize="small")
@@ -260,9 +269,12 @@ def _evaluate_classification(preds, stats: dict, manifest: dict | None) -> dict:
     metrics["predictions"] = int(cm.sum())
     if manifest and manifest.get("bayes_accuracy") is not None:
         metrics["bayes_accuracy"] = manifest["bayes_accuracy"]
-    _log_figure(plot_confusion(cm), "confusion_matrix.png")
-    mlflow.log_dict({"labels": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
-    _log_figure(plot_roc(*hist), "roc.png")
+    names = class_names(stats)
+    for name, f1 in zip(names, per_class_f1(cm), strict=True):
+        metrics["f1_" + METRIC_UNSAFE.sub("_", name)] = f1
+    _log_figure(plot_confusion(cm, names), "confusion_matrix.png")
+    mlflow.log_dict({"labels": names, "indices": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
+    _log_figure(plot_roc(*hist, names=names), "roc.png")
     log.info(
         "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f",
         metrics["accuracy"],

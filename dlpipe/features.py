@@ -26,9 +26,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dlpipe import lineage
-from dlpipe.config import Config
+from dlpipe.config import ColumnSpec, Config
 from dlpipe.ingest import AccountingError, read_clean
-from dlpipe.objective import label_spark_type
+from dlpipe.objective import is_regression, label_spark_type
 from dlpipe.parquet_io import Output, PartFile, write_routed
 from dlpipe.session import job_description
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
@@ -70,17 +70,19 @@ def _image_moments(shape: tuple[int, ...], image: str):
 
 
 def _label_aggregates(cfg: Config) -> list[Column]:
-    """Class counts (classification) or the target's mean and std (regression), for the statistics' one
-    aggregation over the train split."""
+    """Class counts (classification, where the YAML fixes the classes) or the target's mean and std
+    (regression), for the statistics' one aggregation over the train split."""
     label = F.col(cfg.dataset.column("label").name)
     if cfg.dataset.task == "regression":  # targets are standardized while training (dlpipe.objective)
         return [F.avg(label).alias("__label_mean"), F.stddev_pop(label).alias("__label_std")]
-    return [F.count_if(label == k).alias(f"__class_{k}") for k in range(cfg.dataset.num_classes or 0)]
+    classes = cfg.dataset.declared_classes or []
+    named = cfg.dataset.column("label").type == "string"
+    return [F.count_if(label == F.lit(name if named else k)).alias(f"__class_{k}") for k, name in enumerate(classes)]
 
 
 def fit_stats(train: DataFrame, cfg: Config) -> dict:
     """Feature statistics and class counts, from the training split only: one aggregation (tabular), plus
-    a bounded distinct for a category column whose values are not declared."""
+    a bounded distinct for a category column (or string label) whose values are not declared."""
     if cfg.dataset.source.format == "image":
         stats = _fit_image_stats(train, cfg)
         row = train.agg(*_label_aggregates(cfg)).first().asDict()
@@ -90,18 +92,70 @@ def fit_stats(train: DataFrame, cfg: Config) -> dict:
         {
             "feature_dim": int(np.prod(stats["feature_shape"])),
             "task": cfg.dataset.task,
-            "num_classes": cfg.dataset.num_classes,
             "key": cfg.dataset.column("key").name,
             "label": cfg.dataset.column("label").name,
+            "label_type": cfg.dataset.column("label").type,
         }
     )
     if cfg.dataset.task == "regression":
         std = float(row["__label_std"] or 0.0)
-        stats.update({"label_mean": float(row["__label_mean"] or 0.0), "label_std": std if std > 1e-12 else 1.0})
+        stats.update(
+            {
+                "num_classes": None,
+                "label_mean": float(row["__label_mean"] or 0.0),
+                "label_std": std if std > 1e-12 else 1.0,
+            }
+        )
         return stats
-    class_counts = [int(row[f"__class_{k}"]) for k in range(cfg.dataset.num_classes)]
-    stats.update({"class_counts_train": class_counts, "majority_class": int(np.argmax(class_counts))})
+    classes = cfg.dataset.declared_classes
+    if classes is not None:
+        class_counts = [int(row[f"__class_{k}"]) for k in range(len(classes))]
+    else:
+        classes, class_counts = _learned_classes(train, stats["label"])
+    stats.update(
+        {
+            "classes": classes,
+            "num_classes": len(classes),
+            "class_counts_train": class_counts,
+            "majority_class": int(np.argmax(class_counts)),
+        }
+    )
     return stats
+
+
+def _learned_classes(train: DataFrame, label: str) -> tuple[list[str], list[int]]:
+    """A string label's classes (sorted) and their counts in the train split: one small aggregation."""
+    rows = train.groupBy(label).count().where(F.col(label).isNotNull()).limit(MAX_LEARNED_VOCAB + 1).collect()
+    if len(rows) > MAX_LEARNED_VOCAB:
+        raise ValueError(
+            f"preprocess: label column '{label}' has more than {MAX_LEARNED_VOCAB} values in the train split: "
+            "is it really the class? Declare its classes with `values:` in the dataset's YAML"
+        )
+    if len(rows) < 2:
+        raise ValueError(
+            f"preprocess: label column '{label}' has {len(rows)} class(es) in the train split; a classifier needs 2 "
+            "or more: check the data, or declare the classes with `values:` in the dataset's YAML"
+        )
+    counts = dict(sorted((str(r[0]), int(r[1])) for r in rows))
+    return list(counts), list(counts.values())
+
+
+def class_names(stats: dict) -> list[str]:
+    """The model's classes in index order (statistics written before names existed: "0", "1", ...)."""
+    return list(stats.get("classes") or [str(k) for k in range(stats["num_classes"])])
+
+
+def label_index(stats: dict, column: str) -> Column:
+    """The class index of a label column as read (a class name, or an index for integer labels); null for a
+    value that is not one of the model's classes."""
+    c = F.col(column)
+    if is_regression(stats):
+        return c.cast("float")
+    if stats.get("label_type", "int") != "string":
+        k = stats["num_classes"]
+        return F.when((c >= 0) & (c < k), c.cast("int"))
+    position = F.call_function("array_position", F.array(*[F.lit(v) for v in stats["classes"]]), c)
+    return F.when(position > 0, (position - 1).cast("int"))
 
 
 def _fit_image_stats(train: DataFrame, cfg: Config) -> dict:
@@ -133,6 +187,17 @@ def _learned_vocab(train: DataFrame, name: str) -> list[str]:
     return sorted(seen)
 
 
+def _fill_aggregate(col: ColumnSpec, alias: str) -> Column:
+    """What replaces a missing value of col, fitted on the train split: mean, approximate median (bounded
+    memory), or the most frequent value."""
+    how = col.impute_with
+    if how == "mean":
+        return F.avg(col.name).alias(alias)
+    if how == "median":
+        return F.percentile_approx(col.name, 0.5, 10_000).alias(alias)
+    return F.mode(col.name).alias(alias)
+
+
 def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = ()) -> tuple[dict, dict]:
     aggs = list(more)
     for col in cfg.dataset.features:
@@ -141,6 +206,11 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
             aggs += [F.avg(col.name).alias(f"{col.name}__mean"), F.stddev_pop(col.name).alias(f"{col.name}__std")]
         elif t == "onehot" and col.values is not None:  # which declared values the train split holds
             aggs += [F.count_if(F.col(col.name) == v).alias(f"{col.name}__n{i}") for i, v in enumerate(col.values)]
+        if col.missing_policy != "quarantine":
+            nulls = F.count_if(F.col(col.name).isNull()).alias(f"{col.name}__nulls")
+            aggs += [_fill_aggregate(col, f"{col.name}__fill"), nulls]
+    if any(c.missing_policy != "quarantine" for c in cfg.dataset.features):
+        aggs.append(F.count(F.lit(1)).alias("__rows"))
     row = train.agg(*aggs).first().asDict() if aggs else {}
     features, names = [], []
     for col in cfg.dataset.features:
@@ -164,21 +234,37 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
         else:
             entry = {"name": col.name, "transform": "none"}
             names.append(col.name)
+        if col.missing_policy != "quarantine":
+            fill = row[f"{col.name}__fill"]
+            if fill is None:  # not one value in the train split: nothing to learn from
+                raise ValueError(
+                    f"preprocess: feature '{col.name}' is missing in every row of the train split; there is nothing "
+                    "to impute it with: drop it (role: ignore) or fix the data"
+                )
+            entry["fill"] = fill
+            entry["missing_share_train"] = row[f"{col.name}__nulls"] / max(row["__rows"], 1)
+            if col.missing_policy == "indicator":
+                entry["indicator"] = True
+                names.append(f"{col.name}_missing")
         features.append(entry)
     return {"features": features, "feature_names": names, "feature_shape": [len(names)]}, row
 
 
 def feature_vector(stats: dict) -> Column:
-    """array<float> of the transformed features, as fitted in stats."""
+    """array<float> of the transformed features, as fitted in stats: a missing value (null) imputed with
+    the train split's fill, and a 0/1 `<name>_missing` feature after the column's own where asked."""
     parts: list[Column] = []
     for f in stats["features"]:
-        c = F.col(f["name"])
+        raw = F.col(f["name"])
+        c = F.coalesce(raw, F.lit(f["fill"])) if "fill" in f else raw
         if f["transform"] == "standardize":
             parts.append(((c - F.lit(f["mean"])) / F.lit(f["std"])).cast("float"))
         elif f["transform"] == "onehot":
             parts += [F.when(c == F.lit(v), 1.0).otherwise(0.0).cast("float") for v in f["vocab"]]
         else:
             parts.append(c.cast("float"))
+        if f.get("indicator"):
+            parts.append(raw.isNull().cast("float"))
     return F.array(*parts)
 
 
@@ -255,7 +341,7 @@ def transform(
 
     label_optional: new rows to score, whose label may be null (the schema then allows it)."""
     key = stats["key"]
-    label = F.col(stats["label"]).cast(label_spark_type(cfg.dataset.task)).alias("label")
+    label = label_index(stats, stats["label"]).cast(label_spark_type(cfg.dataset.task)).alias("label")
     if not is_image(stats):
         return clean.select(F.col(key), feature_vector(stats).alias("features"), label, *carry)
     f = stats["features"][0]
@@ -303,43 +389,96 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     with job_description(spark, "preprocess: fit statistics on the train split"):
         stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
     log.info("preprocess: statistics fitted on the train split; features of shape %s", stats["feature_shape"])
+    seen = Observation("preprocess")
+    rows = _route_unknown_labels(clean, stats).observe(seen, *_observed(stats))
     with (
         atomic_output(spark, paths.petastorm) as tmp,
         job_description(spark, "preprocess: transform and write the splits"),
     ):
-        rows, rows_in = write_splits(spark, cfg, transform(clean, cfg, stats, carry=[SPLIT]), stats, tmp)
-        if sum(rows.values()) != rows_in:
-            raise AccountingError(f"preprocess: {rows_in} clean rows in, {sum(rows.values())} rows in splits {rows}")
-        stats["rows"] = rows
+        written = write_splits(spark, cfg, transform(rows, cfg, stats, carry=[SPLIT, *REASON_COLUMNS]), stats, tmp)
+        counts = seen.get
+        rows_in, quarantined = int(counts["rows"]), written.pop(QUARANTINE)
+        if sum(written.values()) + quarantined != rows_in:
+            raise AccountingError(
+                f"preprocess: {rows_in} clean rows in, {sum(written.values())} rows in splits {written} "
+                f"+ {quarantined} quarantined"
+            )
+        stats["rows"] = written
         HadoopFS(spark).write_json(f"{tmp}/_dlpipe_stats.json", stats)
-        metrics = {"rows_in": rows_in, **{f"rows_{k}": v for k, v in rows.items()}, "feature_dim": stats["feature_dim"]}
+        metrics = {
+            "rows_in": rows_in,
+            **{f"rows_{k}": v for k, v in written.items()},
+            "rows_quarantined": quarantined,
+            "feature_dim": stats["feature_dim"],
+            **{f"imputed_share_{f['name']}": counts[f"nulls_{f['name']}"] / max(rows_in, 1) for f in _imputed(stats)},
+        }
+        if quarantined:
+            log.warning(
+                "preprocess: %d rows have a label that is not among the classes learned from the train split %s; "
+                "they are in %s/%s",
+                quarantined,
+                stats["classes"],
+                paths.petastorm,
+                QUARANTINE,
+            )
         lineage.write_meta(spark, tmp, "preprocess", fp, inputs, metrics)
     lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=False)
     return {**metrics, "skipped": 0}
 
 
-def write_splits(
-    spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, out: str
-) -> tuple[dict[str, int], int]:
-    """rows (key, features, label, _split) -> one Petastorm dataset per split under out, in one write.
-    Returns the rows of each split (from the footers) and the rows that went in (counted on the way)."""
+QUARANTINE = "quarantine"  # beside the splits: rows whose label is not a class the train split taught
+REASON_COLUMNS = ("reason", "reason_code")
+
+
+def _imputed(stats: dict) -> list[dict]:
+    return [f for f in stats["features"] if "fill" in f]
+
+
+def _observed(stats: dict) -> list[Column]:
+    """Counted on the way through the write: the rows, and the missing values of each imputed feature."""
+    nulls = [F.count_if(F.col(f["name"]).isNull()).alias(f"nulls_{f['name']}") for f in _imputed(stats)]
+    return [F.count(F.lit(1)).alias("rows"), *nulls]
+
+
+def _route_unknown_labels(clean: DataFrame, stats: dict) -> DataFrame:
+    """A row whose label is not one of the classes (a string label learned from the train split, met again
+    in val or test with a class train never had) goes to the quarantine, with its reason."""
+    if is_regression(stats):
+        unknown = F.lit(False)
+    else:
+        unknown = label_index(stats, stats["label"]).isNull()
+    text = F.coalesce(F.col(stats["label"]).cast("string"), F.lit(""))
+    reason = F.concat(F.lit(f"label is not a class learned from the train split {stats.get('classes')}: "), text)
+    return clean.select(
+        "*",
+        F.when(unknown, reason).alias("reason"),
+        F.when(unknown, F.lit("label_value")).alias("reason_code"),
+    ).withColumn(SPLIT, F.when(unknown, F.lit(QUARANTINE)).otherwise(F.col(SPLIT)))
+
+
+def write_splits(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, out: str) -> dict[str, int]:
+    """rows (key, features, label, _split, reason, reason_code) -> one Petastorm dataset per split under out
+    (and the rows _split calls quarantine, with their reason), in one write. Returns the rows of each (from
+    the footers)."""
     schema = unischema(cfg, stats)
-    seen = Observation("preprocess")
     metadata: Callable[[Sequence[PartFile]], dict[bytes, bytes]] = lambda files: petastorm_metadata(schema, files)  # noqa: E731
+    key = stats["key"]
+    outputs = {name: Output(f"{out}/{name}", [key, "features", "label"], metadata) for name in SPLITS}
+    outputs[QUARANTINE] = Output(f"{out}/{QUARANTINE}", [key, *REASON_COLUMNS])
     written = write_routed(
         spark,
-        rows.observe(seen, F.count(F.lit(1)).alias("rows")),
+        rows,
         SPLIT,
-        {name: Output(f"{out}/{name}", None, metadata) for name in SPLITS},
+        outputs,
         staging=f"{out}-routing",
         settings=storage_settings(cfg),
         row_group_mb=cfg.preprocess.row_group_size_mb,
         options={"parquet.enable.dictionary": "false"},  # random floats: a dictionary only costs time
     )
     rows_per_split = {name: sum(f.rows for f in files) for name, files in written.items()}
-    for name, n in rows_per_split.items():
-        log.info("preprocess: wrote %s split, %d rows", name, n)
-    return rows_per_split, int(seen.get["rows"])
+    for name in SPLITS:
+        log.info("preprocess: wrote %s split, %d rows", name, rows_per_split[name])
+    return rows_per_split
 
 
 def read_stats(spark: SparkSession, cfg: Config) -> dict:

@@ -11,6 +11,10 @@ x w + b[segment] + x0 * x1 plus Gaussian noise of std `label_noise`, so the best
 
 Images (`kind: digits`): scikit-learn's 8x8 digits rendered to PNG files `<label>/<index>.png`, with a
 few corrupt files, wrong-sized images and unlabeled files (counted the same way).
+
+Real tables (`kind: penguins`, `kind: breast_cancer`): data that installed packages carry (palmerpenguins,
+scikit-learn), written as one CSV with an `id` column added; nothing is fetched. String class labels,
+missing values written `NA`: what a user's own file looks like.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
         images, facts = _digits(cfg)
         files = {name: iter([data]) for name, data in images.items()}
         summary: Callable[[], dict] = lambda: facts  # noqa: E731
+    elif g.kind in PACKAGE_TABLES:
+        name, data, facts = PACKAGE_TABLES[g.kind]()
+        files, summary = {name: iter([data])}, lambda: facts
     else:  # tabular or regression
         tabular = _Tabular(cfg)
         files, summary = tabular.files(), tabular.summary
@@ -188,6 +195,48 @@ class _Tabular:
             facts["majority_fraction"] = float(self.class_counts.max() / max(self.valid, 1))
         return facts
 
+
+def _with_id(lines: list[str]) -> bytes:
+    """CSV lines with an `id` column in front (1, 2, ...): a real table often has no key of its own."""
+    rows = [f"{i},{line}" for i, line in enumerate(lines[1:], start=1) if line]
+    return "\n".join([f"id,{lines[0]}", *rows, ""]).encode()
+
+
+def _table_facts(data: bytes, label: int) -> dict:
+    """Rows and the share of the most frequent class (the label is field `label` of each line)."""
+    lines = data.decode().splitlines()[1:]
+    classes = [line.split(",")[label] for line in lines]
+    top = max(classes.count(c) for c in set(classes))
+    return {"rows_written": len(lines), "malformed": {}, "malformed_total": 0, "majority_fraction": top / len(lines)}
+
+
+def _penguins() -> tuple[str, bytes, dict]:
+    """palmerpenguins' penguins.csv as shipped: species as names, `NA` where a value is missing."""
+    from importlib.resources import files
+
+    text = files("palmerpenguins").joinpath("data/penguins.csv").read_text(encoding="utf-8")
+    data = _with_id(text.splitlines())
+    return "penguins.csv", data, _table_facts(data, label=1)
+
+
+def _breast_cancer() -> tuple[str, bytes, dict]:
+    """scikit-learn's copy of the Wisconsin diagnostic breast cancer table, with the diagnosis written as the
+    class name (`benign` / `malignant`) and column names in snake_case."""
+    from sklearn.datasets import load_breast_cancer
+
+    ds = load_breast_cancer()
+    names = [n.replace(" ", "_") for n in ds.feature_names]
+    lines = [",".join([*names, "diagnosis"])]
+    for row, t in zip(ds.data, ds.target, strict=True):
+        lines.append(",".join([*(f"{v:.6g}" for v in row), ds.target_names[t]]))
+    data = _with_id(lines)
+    return "breast_cancer.csv", data, _table_facts(data, label=len(names) + 1)
+
+
+PACKAGE_TABLES: dict[str, Callable[[], tuple[str, bytes, dict]]] = {
+    "penguins": _penguins,
+    "breast_cancer": _breast_cancer,
+}
 
 DIGITS_MALFORMED = ("corrupt_file", "wrong_shape", "unlabeled")
 

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from dlpipe import lineage, tracking
 from dlpipe.config import Config
-from dlpipe.features import model_stats, read_stats, transform
+from dlpipe.features import class_names, model_stats, read_stats, transform
 from dlpipe.ingest import (
     QUARANTINE_COLUMNS,
     AccountingError,
@@ -71,7 +71,25 @@ def _identity(mv: dict) -> list:
 
 
 def _outputs(stats: dict) -> list[str]:
-    return ["prediction"] if is_regression(stats) else ["prediction", "probabilities"]
+    """A regressor's value; a classifier's class index, class name, probabilities (in class order) and the
+    same probabilities by class name."""
+    if is_regression(stats):
+        return ["prediction"]
+    return ["prediction", "predicted_class", "probabilities", "class_probabilities"]
+
+
+def _named(stats: dict) -> list:
+    """predicted_class and class_probabilities of a classifier's scored rows: the names come from the
+    statistics the model was trained with (integer labels: "0", "1", ...)."""
+    if is_regression(stats):
+        return []
+    classes = F.array(*[F.lit(c) for c in class_names(stats)])
+    return [
+        F.element_at(classes, F.col("prediction") + 1).alias("predicted_class"),
+        F.when(F.col("probabilities").isNotNull(), F.map_from_arrays(classes, F.col("probabilities"))).alias(
+            "class_probabilities"
+        ),
+    ]
 
 
 def score_rows(
@@ -92,6 +110,7 @@ def score_rows(
         tracking.tracking_uri(cfg),
         regression=is_regression(stats),
     )
+    scored = scored.select("*", *_named(stats))
     return scored.select(key, "label", *_outputs(stats), "quarantine_reason", *carry, *_identity(mv))
 
 

@@ -331,7 +331,7 @@ def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
         if scoring and col.name == label.name:
             continue
         typed, empty, name = _t(col.name), src.empty(col), col.name
-        if col.required or col.role in ("key", "label"):
+        if col.missing_policy == "quarantine":
             checks.append(Check(empty, f"missing value: {name}", None, "missing"))
         if col.type in NUMERIC:
             article = "an" if col.type == "int" else "a"
@@ -349,9 +349,12 @@ def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
         if col.type == "string" and col.values is not None:
             allowed = ", ".join(sql_str(v) for v in col.values)
             bad = f"NOT {empty} AND NOT {typed} IN ({allowed})"
-            checks.append(Check(bad, f"not an allowed value of {name}: ", name, "value"))
-    if scoring or cfg.dataset.task == "regression":  # a regression label is checked like any number
-        return checks
+            if col.name == label.name:
+                checks.append(Check(bad, f"label is not a declared class of {name}: ", name, "label_value"))
+            else:
+                checks.append(Check(bad, f"not an allowed value of {name}: ", name, "value"))
+    if scoring or cfg.dataset.task == "regression" or label.type == "string":
+        return checks  # a regression label is checked like any number; a string label by its values
     k, typed_label = cfg.dataset.num_classes, _t(label.name)
     bad = f"({typed_label} < 0 OR {typed_label} >= {k})"
     checks.append(Check(bad, f"label out of range [0, {k}): {label.name}=", label.name, "label_range"))
@@ -369,7 +372,13 @@ class Checked:
     def typed(self) -> list[str]:
         """The declared columns' typed values, null in bad rows but for the key (null only where it is
         itself unreadable): it names a quarantined row. SQL, for selectExpr."""
-        good_only = lambda c: f"CASE WHEN {CHECK} IS NULL THEN {_t(c.name)} END"  # noqa: E731
+
+        def good_only(c: ColumnSpec) -> str:
+            if c.missing_policy == "quarantine":
+                return f"CASE WHEN {CHECK} IS NULL THEN {_t(c.name)} END"
+            # a missing value let through (to be imputed): null, whatever blank text stood for it
+            return f"CASE WHEN {CHECK} IS NULL AND NOT {self.src.empty(c)} THEN {_t(c.name)} END"
+
         return [f"{_t(c.name) if c.role == 'key' else good_only(c)} AS {q(c.name)}" for c in self.src.columns]
 
     def reasons(self) -> list[str]:

@@ -142,7 +142,10 @@ def prediction_plot(spark: SparkSession, cfg: Config):
     preds = datasets(spark, cfg)["predictions"]
     if is_regression(cfg.dataset.task):
         return evaluate.plot_regression(preds)
-    return evaluate.plot_confusion(evaluate.confusion_matrix(preds, cfg.dataset.num_classes))
+    from dlpipe.features import class_names, read_stats
+
+    names = class_names(read_stats(spark, cfg))
+    return evaluate.plot_confusion(evaluate.confusion_matrix(preds, len(names)), names)
 
 
 def model_versions(cfg: Config) -> pd.DataFrame:

@@ -208,17 +208,16 @@ def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_pat
     names = [f"f{i}" for i in range(data.data.shape[1])]
     frame = pd.DataFrame(data.data, columns=names)
     frame.insert(0, "sample_id", np.arange(len(frame)))
-    frame["diagnosis"] = data.target
+    frame["diagnosis"] = data.target_names[data.target]  # malignant / benign, as the class names
     text = frame.to_csv(index=False)
-    text += "9001,oops\n9002," + ",".join(["1.0"] * 30) + ",5\n"  # two broken lines
+    text += "9001,oops\n9002," + ",".join(["1.0"] * 30) + ",unsure\n"  # two broken lines
     (raw / "bc.csv").write_text(text)
     columns = [{"name": "sample_id", "type": "long", "role": "key"}]
     columns += [{"name": n, "type": "double", "min": 0} for n in names]
-    columns += [{"name": "diagnosis", "type": "int", "role": "label"}]
+    columns += [{"name": "diagnosis", "type": "string", "role": "label", "values": ["benign", "malignant"]}]
     spec = {
         "name": "breast_cancer",
         "source": {"uri": str(raw), "format": "csv"},
-        "num_classes": 2,
         "columns": columns,
         "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1},
     }
@@ -239,8 +238,21 @@ def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_pat
     assert "generate" not in result.metrics
     ing, ev = result.metrics["ingest"], result.metrics["evaluate"]
     assert (ing["rows_in"], ing["rows_kept"], ing["rows_quarantined"]) == (571, 569, 2)
+    assert (ing["quarantined_malformed"], ing["quarantined_label_value"]) == (1, 1)
     assert ev["test_rows_without_prediction"] == 0
     assert ev["accuracy"] > 0.85 and ev["accuracy"] > ev["majority_baseline_accuracy"] + 0.2
+    assert {"f1_benign", "f1_malignant"} <= set(ev)
+    # predictions carry the class by name, in the declared order, with a probability per named class
+    paths = dataset_paths(cfg)
+    preds = spark.read.parquet(paths.predictions).toPandas()
+    names = np.array(["benign", "malignant"])
+    assert (preds["predicted_class"] == names[preds["prediction"]]).all()
+    for by_name, probs in zip(preds["class_probabilities"], preds["probabilities"], strict=True):
+        assert [dict(by_name)[n] for n in names] == list(probs)
+    truth = dict(zip(frame["sample_id"], frame["diagnosis"], strict=True))
+    assert (names[preds["label"]] == preds["sample_id"].map(truth)).all()  # the index means the class named
+    quarantine = spark.read.parquet(paths.quarantine).toPandas().set_index("sample_id")
+    assert quarantine.loc[9002, "reason"] == "label is not a declared class of diagnosis: unsure"
 
 
 def test_credentials_come_from_env_or_file_and_are_never_logged(spark, tmp_path, monkeypatch, caplog):

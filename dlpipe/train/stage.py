@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 
 from dlpipe import lineage, objective
 from dlpipe.config import Config
-from dlpipe.features import STATS_ARTIFACT, read_stats
+from dlpipe.features import STATS_ARTIFACT, class_names, read_stats
 from dlpipe.promotion import CANDIDATE
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
@@ -211,10 +211,11 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     with torch.no_grad():
         example_out = served(torch.from_numpy(example)).numpy()
     name = cfg.model_name
-    version = log_registered(served, "model", name, example, example_out)
+    meta = model_metadata(stats)
+    version = log_registered(served, "model", name, example, example_out, metadata=meta)
     mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     mlflow.set_tags({"dlpipe.model_name": name, "dlpipe.model_version": version})
-    quantized = register_int8(cfg, spec, served, example, example_out) if cfg.quantize.enabled else {}
+    quantized = register_int8(cfg, spec, served, example, example_out, meta) if cfg.quantize.enabled else {}
     log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
     lineage.log_lineage("train", fp, inputs, [f"models:/{name}/{version}"], skipped=False)
     last = history[-1]
@@ -257,7 +258,18 @@ def log_registered(model: torch.nn.Module, artifact: str, name: str, example, ex
     return str(info.registered_model_version)
 
 
-def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example, example_out) -> dict:
+def model_metadata(stats: dict) -> dict:
+    """Logged in the model's MLmodel file: its class names in output order, and where the statistics that
+    transform its inputs are (in its training run)."""
+    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.get("task", objective.CLASSIFICATION)}
+    if not objective.is_regression(stats):
+        meta["classes"] = class_names(stats)
+    return meta
+
+
+def register_int8(
+    cfg: Config, spec: TrainSpec, served: torch.nn.Module, example, example_out, metadata: dict | None = None
+) -> dict:
     """The int8 variant: compared with fp32 on the validation rows, registered (alias candidate-int8)
     when its accuracy drop (regression: relative RMSE increase) is within quantize's limit."""
     import mlflow
@@ -293,7 +305,9 @@ def register_int8(cfg: Config, spec: TrainSpec, served: torch.nn.Module, example
     if passed:
         name = cfg.model_name
         # TorchScript (pickle format): torch.export cannot trace the quantized kernels
-        version = log_registered(int8, "model_int8", name, example, example_out, serialization_format="pickle")
+        version = log_registered(
+            int8, "model_int8", name, example, example_out, serialization_format="pickle", metadata=metadata
+        )
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "dlpipe.variant", "int8")
         client.set_registered_model_alias(name, quantize.INT8_ALIAS, version)

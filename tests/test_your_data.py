@@ -1,0 +1,153 @@
+"""A user's own data described by YAML alone: class labels as names, missing values, real example tables."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from dlpipe import features, ingest
+from dlpipe.config import ConfigError, load_config
+from dlpipe.pipeline import run_pipeline
+from dlpipe.storage import dataset_paths
+from tests.conftest import REPO
+
+
+def _conf_with(tmp_path, name: str, spec: dict):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
+    (conf / "datasets" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return conf
+
+
+def _spec(label: dict, feature: dict | None = None, **more) -> dict:
+    return {
+        "name": "mine",
+        "source": {"uri": "data/raw/mine", "format": "csv"},
+        "columns": [
+            {"name": "id", "type": "long", "role": "key"},
+            feature or {"name": "x", "type": "double"},
+            {"name": "y", "role": "label", **label},
+        ],
+        **more,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (_spec({"type": "int"}), "an integer label needs num_classes"),
+        (_spec({"type": "string", "values": ["a", "b"]}, num_classes=3), "declares 2 values; remove num_classes"),
+        (_spec({"type": "string", "values": ["a", "a"]}), "2 or more distinct class names"),
+        (_spec({"type": "double"}), "a classification label is a string"),
+        (_spec({"type": "string"}, {"name": "x", "type": "string", "impute": "median"}), "impute: median needs"),
+        (_spec({"type": "string", "missing": "impute"}), "a label column's missing value is always quarantined"),
+    ],
+)
+def test_label_and_missing_value_declarations_are_checked_with_the_fix(tmp_path, spec, expected):
+    conf = _conf_with(tmp_path, "mine", spec)
+    with pytest.raises(ConfigError, match=expected):
+        load_config("local", ["dataset=mine", f"project.root={tmp_path}"], conf_dir=conf)
+
+
+def test_string_labels_need_no_num_classes_and_int_labels_keep_their_indices(tmp_path):
+    conf = _conf_with(tmp_path, "mine", _spec({"type": "string"}))
+    cfg = load_config("local", ["dataset=mine", f"project.root={tmp_path}"], conf_dir=conf)
+    assert cfg.dataset.declared_classes is None  # learned from the train split
+    tab = load_config("local", conf_dir=REPO / "conf")
+    assert tab.dataset.declared_classes == ["0", "1", "2"]
+
+
+def _write_csv(path, rows) -> None:
+    path.mkdir(parents=True)
+    (path / "part-0.csv").write_text("id,x,y\n" + "".join(f"{i},{x},{y}\n" for i, x, y in rows))
+
+
+def test_a_class_never_seen_in_train_is_quarantined_by_preprocess_with_its_reason(spark, tmp_path):
+    conf = _conf_with(tmp_path, "mine", _spec({"type": "string"}, split={"train": 0.6, "val": 0.2, "test": 0.2}))
+    cfg = load_config("local", ["dataset=mine", f"project.root={tmp_path}", "spark.master=local[2]"], conf_dir=conf)
+    ids = spark.range(400).withColumn("_s", features.split_column(cfg))
+    split_of = {r["id"]: r["_s"] for r in ids.collect()}
+    rare = [i for i in range(400) if split_of[i] != "train"][:3]  # "c" appears in val/test only
+    rows = [(i, i % 7, "c" if i in rare else ("a" if i % 2 else "b")) for i in range(400)]
+    _write_csv(tmp_path / "data" / "raw" / "mine", rows)
+    ingest.run(spark, cfg)
+    m = features.run(spark, cfg)
+    stats = features.read_stats(spark, cfg)
+    assert stats["classes"] == ["a", "b"] and stats["num_classes"] == 2
+    assert m["rows_quarantined"] == 3 and m["rows_in"] == 400
+    assert m["rows_train"] + m["rows_val"] + m["rows_test"] == 397
+    paths = dataset_paths(cfg)
+    q = spark.read.parquet(f"{paths.petastorm}/{features.QUARANTINE}").toPandas()
+    assert sorted(q["id"]) == rare and set(q["reason_code"]) == {"label_value"}
+    assert q["reason"].iloc[0] == "label is not a class learned from the train split ['a', 'b']: c"
+    labels = spark.read.parquet(paths.split("val")).select("label").toPandas()["label"]
+    assert set(labels) <= {0, 1}
+
+
+@pytest.fixture(scope="module")
+def penguins(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("penguins")
+    overrides = ["dataset=penguins", f"project.root={root}", "spark.master=local[2]", "train.epochs=40"]
+    cfg = load_config("local", [*overrides, "train.batch_size=32", "train.model.hidden=[32]"], conf_dir=REPO / "conf")
+    return cfg, run_pipeline(spark, cfg)
+
+
+def test_penguins_run_end_to_end_from_their_yaml_with_species_names_and_missing_values(spark, penguins):
+    cfg, result = penguins
+    ing, pre, ev = (result.metrics[s] for s in ("ingest", "preprocess", "evaluate"))
+    # palmerpenguins ships 344 rows: 2 with every measurement NA, 11 without sex; nothing is quarantined
+    assert (ing["rows_in"], ing["rows_kept"], ing["rows_quarantined"]) == (344, 344, 0)
+    assert pre["imputed_share_bill_length_mm"] == pytest.approx(2 / 344)
+    assert pre["imputed_share_sex"] == pytest.approx(11 / 344)
+    stats = features.read_stats(spark, cfg)
+    assert stats["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
+    assert "bill_length_mm_missing" in stats["feature_names"]
+    assert ev["accuracy"] > 0.9 and ev["accuracy"] > ev["majority_baseline_accuracy"] + 0.3
+    assert {"f1_Adelie", "f1_Chinstrap", "f1_Gentoo"} <= set(ev)
+    # the share imputed reaches MLflow with the preprocess run
+    mlflow.set_tracking_uri(result.tracking_uri)
+    assert mlflow.get_run(result.run_id).data.metrics["preprocess.imputed_share_sex"] == pytest.approx(11 / 344)
+    # the confusion matrix is logged with the class names
+    client = mlflow.MlflowClient()
+    eval_runs = client.search_runs(
+        [mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        "tags.dlpipe.stage = 'evaluate'",
+    )
+    cm = mlflow.artifacts.load_dict(f"runs:/{eval_runs[0].info.run_id}/confusion_matrix.json")
+    assert cm["labels"] == ["Adelie", "Chinstrap", "Gentoo"] and np.asarray(cm["matrix"]).sum() == ev["test_rows"]
+
+
+def test_a_missing_value_becomes_the_train_fill_and_the_indicator_says_so(spark, penguins):
+    cfg, _ = penguins
+    stats = features.read_stats(spark, cfg)
+    names, by_name = stats["feature_names"], {f["name"]: f for f in stats["features"]}
+    paths = dataset_paths(cfg)
+    rows = spark.read.parquet(*(paths.split(s) for s in features.SPLITS)).where("id = 4").collect()  # all NA
+    x = np.asarray(rows[0]["features"], dtype=np.float32)
+    depth = by_name["bill_depth_mm"]
+    assert x[names.index("bill_depth_mm")] == pytest.approx((depth["fill"] - depth["mean"]) / depth["std"], abs=1e-5)
+    assert x[names.index("bill_length_mm_missing")] == 1.0
+    assert x[names.index(f"sex={by_name['sex']['fill']}")] == 1.0
+    full = spark.read.parquet(*(paths.split(s) for s in features.SPLITS)).where("id = 1").collect()
+    assert np.asarray(full[0]["features"])[names.index("bill_length_mm_missing")] == 0.0
+
+
+def test_the_breast_cancer_example_keeps_its_declared_class_order(spark, tmp_path):
+    from dlpipe.generate import generate
+
+    cfg = load_config(
+        "local", ["dataset=breast_cancer", f"project.root={tmp_path}", "spark.master=local[2]"], conf_dir=REPO / "conf"
+    )
+    manifest = generate(cfg, dataset_paths(cfg).raw)
+    assert manifest["rows_written"] == 569
+    assert ingest.run(spark, cfg)["rows_kept"] == 569
+    features.run(spark, cfg)
+    stats = features.read_stats(spark, cfg)
+    assert stats["classes"] == ["benign", "malignant"]  # as declared in values:, not sorted or learned
+    train = spark.read.parquet(dataset_paths(cfg).split("train")).groupBy("label").count().collect()
+    assert {r["label"]: r["count"] for r in train} == dict(enumerate(stats["class_counts_train"]))
+    assert stats["class_counts_train"][0] > stats["class_counts_train"][1]  # 357 benign, 212 malignant in all
