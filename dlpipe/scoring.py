@@ -50,7 +50,9 @@ def load_model(model_uri: str, tracking_uri: str | None = None, device: torch.de
 
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
-            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+            from dlpipe.rawmodel import network_of
+
+            model = network_of(model_uri)  # a raw-record pyfunc's network, or a plain PyTorch model
             # MLflow 3 saves torch.export programs (no pickle); they come back as GraphModules that are
             # already in inference form and refuse .eval(). Pickled nn.Modules need it.
             if not isinstance(model, torch.fx.GraphModule):

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from dlpipe.processes import free_ports
 
@@ -66,14 +67,35 @@ class ModelServer:
         self.stop()
         raise ServingError(f"scoring server for {self.model_uri} not ready on {self.url}\n{tail}")
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """POST /invocations with a tensor input; the model's output (here: class probabilities)."""
-        body = json.dumps({"inputs": x.tolist()}).encode()
+    def invoke(self, payload: dict) -> tuple[int, dict]:
+        """POST /invocations; the HTTP status and the JSON answer (an error's too)."""
         req = urllib.request.Request(
-            f"{self.url}/invocations", data=body, headers={"Content-Type": "application/json"}, method="POST"
+            f"{self.url}/invocations",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
         )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return np.asarray(json.load(resp)["predictions"], dtype=np.float32)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def predict(self, records: pd.DataFrame) -> pd.DataFrame:
+        """The model's answers for raw records (a tabular model: class index, name and probabilities, or a
+        value); raises ServingError with the server's message for a refused request."""
+        payload = {"dataframe_split": json.loads(records.to_json(orient="split", index=False))}
+        status, body = self.invoke(payload)
+        if status != 200:
+            raise ServingError(f"{self.url} answered {status}: {body.get('message', body)}")
+        return pd.DataFrame(body["predictions"])
+
+    def predict_tensors(self, x: np.ndarray) -> np.ndarray:
+        """An image model's answers for a batch of tensors (probabilities per class)."""
+        status, body = self.invoke({"inputs": x.tolist()})
+        if status != 200:
+            raise ServingError(f"{self.url} answered {status}: {body.get('message', body)}")
+        return np.asarray(body["predictions"], dtype=np.float32)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None:

@@ -193,23 +193,23 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
 
 def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, inferred, tmp_path):
     """`mlflow models serve` on 127.0.0.1 (started here, stopped by pid) for the candidate version, fed the
-    same test rows: the same probabilities as the batch predictions."""
+    raw records of the same test rows: the same classes and probabilities as the batch predictions."""
     from dlpipe.processes import pid_alive
     from dlpipe.serving import ModelServer
-    from dlpipe.tensors import decode_cells
 
     stats = features.read_stats(spark, cfg)
     key = stats["key"]
-    test = spark.read.parquet(dataset_paths(cfg).split("test")).select(key, "features").limit(50).toPandas()
-    x = decode_cells(test["features"].tolist(), np.float32, tuple(stats["feature_shape"]))
-    batch = {r[key]: r.probabilities for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
+    test_keys = spark.read.parquet(dataset_paths(cfg).split("test")).select(key).limit(50)
+    rows = ingest.read_clean(spark, cfg).join(test_keys, key).orderBy(key).toPandas()
+    batch = {r[key]: r for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
     server = ModelServer(infer.model_uri(cfg), tracking.tracking_uri(cfg), tmp_path / "serve.log")
     with server:
-        served = server.predict(x)
+        served = server.predict(rows[[c.name for c in cfg.dataset.features]])
     assert not pid_alive(server.proc.pid)
-    expected = np.array([batch[k] for k in test[key]], dtype=np.float32)
-    assert served.shape == expected.shape == (len(x), stats["num_classes"])
-    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    expected = np.array([batch[k].probabilities for k in rows[key]], dtype=np.float32)
+    assert np.stack(served["probabilities"]).shape == expected.shape == (len(rows), stats["num_classes"])
+    np.testing.assert_allclose(np.stack(served["probabilities"]), expected, rtol=1e-5, atol=1e-6)
+    assert list(served["predicted_class"]) == [batch[k].predicted_class for k in rows[key]]
 
 
 def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg, trained):

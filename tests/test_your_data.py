@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import mlflow
@@ -151,3 +152,87 @@ def test_the_breast_cancer_example_keeps_its_declared_class_order(spark, tmp_pat
     train = spark.read.parquet(dataset_paths(cfg).split("train")).groupBy("label").count().collect()
     assert {r["label"]: r["count"] for r in train} == dict(enumerate(stats["class_counts_train"]))
     assert stats["class_counts_train"][0] > stats["class_counts_train"][1]  # 357 benign, 212 malignant in all
+
+
+def _raw_penguins(cfg):
+    """The raw file's rows as pandas reads a CSV (NA -> NaN), the label left out."""
+    import pandas as pd
+
+    return pd.read_csv(dataset_paths(cfg).raw.removeprefix("file://") + "/penguins.csv")
+
+
+def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, penguins, tmp_path):
+    """One set of raw rows (with NA values and strings) through the batch infer job on new data, the loaded
+    pyfunc, mlflow.pyfunc.spark_udf and the REST server: the same classes and probabilities."""
+    from dlpipe import infer
+    from dlpipe.pipeline import run_stage
+    from dlpipe.processes import pid_alive
+    from dlpipe.serving import ModelServer
+
+    cfg, result = penguins
+    mlflow.set_tracking_uri(result.tracking_uri)
+    raw = _raw_penguins(cfg)
+    names = [c.name for c in cfg.dataset.features]
+    src = tmp_path / "new"
+    src.mkdir()
+    raw.drop(columns=["species"]).to_csv(src / "new.csv", index=False, na_rep="NA")
+    new_cfg = cfg.model_copy(deep=True)
+    new_cfg.infer.source = str(src)
+    m = run_stage(spark, new_cfg, "infer", force=True)
+    assert m["rows_scored"] == len(raw) and m["rows_quarantined"] == 0
+    batch = spark.read.parquet(infer.output_path(new_cfg)).toPandas().set_index("id").loc[raw["id"]]
+    assert (batch["predicted_class"] == raw["species"].to_numpy()).mean() > 0.9
+    uri = f"models:/{cfg.model_name}@candidate"
+    model = mlflow.pyfunc.load_model(uri)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == names  # the raw columns, as declared
+    assert model.metadata.metadata["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
+    local = model.predict(raw[names])
+    assert list(local["predicted_class"]) == list(batch["predicted_class"])
+    assert list(local["prediction"]) == list(batch["prediction"])
+    np.testing.assert_allclose(np.stack(local["probabilities"]), np.stack(batch["probabilities"]), atol=1e-5)
+    result_type = "prediction int, predicted_class string, probabilities array<float>"
+    udf = mlflow.pyfunc.spark_udf(spark, uri, result_type=result_type, env_manager="local")
+    cols = raw[["id", *names]]
+    frame = spark.createDataFrame(
+        cols.astype(object).where(cols.notna(), None),
+        "id long, "
+        + ", ".join(f"{c.name} {'string' if c.type == 'string' else 'double'}" for c in cfg.dataset.features),
+    )
+    from_udf = frame.select("id", udf(*names).alias("p")).select("id", "p.*").toPandas().set_index("id")
+    assert list(from_udf.loc[raw["id"], "predicted_class"]) == list(batch["predicted_class"])
+    server = ModelServer(uri, result.tracking_uri, tmp_path / "serve.log")
+    with server:
+        served = server.predict(raw[names].head(40))
+        bad = raw[names].head(4).copy()
+        bad.loc[1, "sex"] = "unknown"  # sex declares its values; island's are learned (unknown: all zeros)
+        bad.loc[2, "body_mass_g"] = -5.0
+        bad.loc[3, "island"] = None
+
+        def send(frame):
+            return server.invoke({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))})
+
+        status, answer = send(bad)
+        untyped = bad.astype(object)
+        untyped.loc[0, "body_mass_g"] = "heavy"
+        type_status, type_answer = send(untyped)
+    assert not pid_alive(server.proc.pid)
+    assert list(served["predicted_class"]) == list(batch["predicted_class"].head(40))
+    assert status == 400, answer
+    assert "3 of 4 records cannot be scored" in answer["message"]
+    assert "record 1: not an allowed value of sex: unknown" in answer["message"]
+    assert "record 2: out of range [0.0, None]: body_mass_g=-5.0" in answer["message"]
+    assert "record 3: missing value: island" in answer["message"]
+    # a value of the wrong type is refused by the signature before the model sees it: 400, naming the column
+    assert type_status == 400 and "body_mass_g" in type_answer["message"], type_answer
+
+
+def test_the_int8_variant_takes_raw_records_too(penguins):
+    cfg, result = penguins
+    mlflow.set_tracking_uri(result.tracking_uri)
+    assert result.metrics["train"].get("int8_registered") == 1.0, "the int8 gate refused the penguins model"
+    raw = _raw_penguins(cfg)
+    names = [c.name for c in cfg.dataset.features]
+    int8 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate-int8").predict(raw[names])
+    fp32 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate").predict(raw[names])
+    assert set(int8["predicted_class"]) <= {"Adelie", "Chinstrap", "Gentoo"}
+    assert (int8["predicted_class"] == fp32["predicted_class"]).mean() > 0.97

@@ -212,10 +212,13 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         example_out = served(torch.from_numpy(example)).numpy()
     name = cfg.model_name
     meta = model_metadata(stats)
-    version = log_registered(served, "model", name, example, example_out, metadata=meta)
+    records = raw_example(spark, cfg)
+    version = log_registered(served, "model", name, example, example_out, stats, cfg, records, metadata=meta)
     mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     mlflow.set_tags({"dlpipe.model_name": name, "dlpipe.model_version": version})
-    quantized = register_int8(cfg, spec, served, example, example_out, meta) if cfg.quantize.enabled else {}
+    quantized = (
+        register_int8(cfg, spec, served, example, example_out, stats, records, meta) if cfg.quantize.enabled else {}
+    )
     log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
     lineage.log_lineage("train", fp, inputs, [f"models:/{name}/{version}"], skipped=False)
     last = history[-1]
@@ -238,14 +241,49 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     }
 
 
-def log_registered(model: torch.nn.Module, artifact: str, name: str, example, example_out, **kwargs) -> str:
-    """Log model to the active run (signature, input example, honest pip requirements) as a new version
-    of the registered model `name`; returns the version."""
+def raw_example(spark, cfg: Config):
+    """A few clean rows' raw feature columns: the registered model's input example (None for images, whose
+    model takes tensors)."""
+    if cfg.dataset.source.format == "image":
+        return None
+    from dlpipe.ingest import read_clean
+
+    return read_clean(spark, cfg).select(*[c.name for c in cfg.dataset.features]).limit(5).toPandas()
+
+
+def log_registered(
+    model: torch.nn.Module,
+    artifact: str,
+    name: str,
+    example,
+    example_out,
+    stats: dict,
+    cfg: Config,
+    records=None,
+    **kwargs,
+) -> str:
+    """Log model to the active run as a new version of the registered model `name`; returns the version.
+    A tabular model is wrapped to take raw records (dlpipe.rawmodel); an image model takes tensors. Either
+    way with a signature, an input example and honest pip requirements."""
     import mlflow
     from mlflow.models import infer_signature
 
     from dlpipe import tracking
+    from dlpipe.rawmodel import input_columns, log_raw_model
 
+    if records is not None:
+        return log_raw_model(
+            model,
+            stats,
+            input_columns(cfg),
+            artifact,
+            name,
+            records,
+            example,
+            tracking.pip_requirements(),
+            metadata=kwargs.get("metadata"),
+            serialization_format=kwargs.get("serialization_format"),
+        )
     info = mlflow.pytorch.log_model(
         model,
         name=artifact,
@@ -268,7 +306,14 @@ def model_metadata(stats: dict) -> dict:
 
 
 def register_int8(
-    cfg: Config, spec: TrainSpec, served: torch.nn.Module, example, example_out, metadata: dict | None = None
+    cfg: Config,
+    spec: TrainSpec,
+    served: torch.nn.Module,
+    example,
+    example_out,
+    stats: dict,
+    records=None,
+    metadata: dict | None = None,
 ) -> dict:
     """The int8 variant: compared with fp32 on the validation rows, registered (alias candidate-int8)
     when its accuracy drop (regression: relative RMSE increase) is within quantize's limit."""
@@ -306,7 +351,16 @@ def register_int8(
         name = cfg.model_name
         # TorchScript (pickle format): torch.export cannot trace the quantized kernels
         version = log_registered(
-            int8, "model_int8", name, example, example_out, serialization_format="pickle", metadata=metadata
+            int8,
+            "model_int8",
+            name,
+            example,
+            example_out,
+            stats,
+            cfg,
+            records,
+            serialization_format="pickle",
+            metadata=metadata,
         )
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "dlpipe.variant", "int8")

@@ -1,0 +1,262 @@
+"""The registered model as users call it: raw records in, class names (or values) out.
+
+A tabular model is logged as an MLflow pyfunc model that holds the network (an MLflow PyTorch model, as an
+artifact), the statistics it was trained with and the declarations of its input columns. `predict` takes a
+DataFrame of the dataset's raw feature columns, checks each record as ingest checks a row (missing value,
+type, range, allowed values: the same reasons), transforms it exactly as preprocess does (dlpipe.features:
+imputation, scaling, one-hot, missing indicators), and answers the class index, its name and the
+probabilities in class order, or a regressor's value. `mlflow.pyfunc.load_model`, `mlflow models serve`
+and `mlflow.pyfunc.spark_udf` all take raw rows. A record that cannot be scored fails the call with every
+bad record's reason (the REST server answers 400, never 500).
+
+The batch infer job does not go through `predict`: it transforms rows inside Spark and scores the network
+directly (`network_of`), much faster; tests hold the two to the same answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+try:
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the module importable anywhere
+    PythonModel = object  # type: ignore[assignment,misc]
+
+NUMERIC = {"int", "long", "float", "double"}
+SIGNATURE_TYPES = {"int": "integer", "long": "long", "float": "float", "double": "double", "string": "string"}
+
+
+class BadRecordsError(ValueError):
+    """Records that cannot be scored, each with its reason."""
+
+    def __init__(self, reasons: dict[int, str], total: int):
+        self.reasons = reasons
+        shown = "; ".join(f"record {i}: {r}" for i, r in list(reasons.items())[:20])
+        more = f" (and {len(reasons) - 20} more)" if len(reasons) > 20 else ""
+        super().__init__(f"{len(reasons)} of {total} records cannot be scored: {shown}{more}")
+
+
+def _missing(values: pd.Series) -> np.ndarray:
+    text = values.astype("string")
+    return (values.isna() | text.str.strip().eq("")).to_numpy(dtype=bool)
+
+
+def _check_and_fill(col: dict, entry: dict, values: pd.Series, reasons: list[str | None]) -> pd.Series:
+    """The column's values ready to transform (missing ones filled), recording the first reason per bad
+    record in `reasons`: the checks, their order and their words are ingest's."""
+    name, kind = col["name"], col["type"]
+    missing = _missing(values)
+
+    def fail(mask: np.ndarray, why) -> None:
+        for i in np.flatnonzero(mask):
+            if reasons[i] is None:
+                reasons[i] = why(i)
+
+    if col["missing"] == "quarantine":
+        fail(missing, lambda i: f"missing value: {name}")
+    text = values.astype("string").str.strip()
+    if kind in NUMERIC:
+        number = pd.to_numeric(text.where(~missing), errors="coerce").astype("float64")
+        bad_type = ~missing & number.isna().to_numpy()
+        if kind in ("int", "long"):
+            whole = number.fillna(0).to_numpy()
+            limit = 2**31 if kind == "int" else 2**53  # ingest's casts: int32, or exact in a double
+            integral = np.isfinite(whole) & (np.floor(whole) == whole) & (np.abs(whole) < limit)
+            bad_type |= ~missing & ~integral
+        article = "an" if kind == "int" else "a"
+        fail(bad_type, lambda i: f"not {article} {kind}: {name}={text.iloc[i]}")
+        if kind in ("float", "double"):
+            fail(
+                ~missing & ~bad_type & ~np.isfinite(number.fillna(0).to_numpy()),
+                lambda i: f"not finite: {name}={text.iloc[i]}",
+            )
+        low = number.lt(col["min"]).to_numpy() if col.get("min") is not None else np.zeros(len(values), bool)
+        high = number.gt(col["max"]).to_numpy() if col.get("max") is not None else np.zeros(len(values), bool)
+        fail(low | high, lambda i: f"out of range [{col.get('min')}, {col.get('max')}]: {name}={text.iloc[i]}")
+        return number.where(~missing, entry.get("fill", math.nan))
+    if col.get("values") is not None:
+        fail(
+            ~missing & ~text.isin(col["values"]).fillna(False).to_numpy(),
+            lambda i: f"not an allowed value of {name}: {text.iloc[i]}",
+        )
+    return values.astype("object").where(~missing, entry.get("fill"))
+
+
+def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+    """Raw records -> (n, features) float32, as `dlpipe.features.feature_vector` computes it in Spark, and
+    a reason per record that cannot be scored (None for the others; their rows of the array are zeros)."""
+    n = len(records)
+    reasons: list[str | None] = [None] * n
+    by_name = {c["name"]: c for c in columns}
+    parts: list[np.ndarray] = []
+    for entry in stats["features"]:
+        col = by_name[entry["name"]]
+        raw = records[col["name"]] if col["name"] in records.columns else pd.Series([None] * n, dtype="object")
+        raw = raw.reset_index(drop=True)
+        values = _check_and_fill(col, entry, raw, reasons)
+        if entry["transform"] == "standardize":
+            parts.append(((values.to_numpy(np.float64) - entry["mean"]) / entry["std"])[:, None])
+        elif entry["transform"] == "onehot":
+            v = values.astype("string").fillna("").to_numpy(dtype=object)
+            parts.append(np.stack([v == word for word in entry["vocab"]], axis=1).astype(np.float64))
+        else:
+            parts.append(pd.to_numeric(values, errors="coerce").to_numpy(np.float64)[:, None])
+        if entry.get("indicator"):
+            parts.append(_missing(raw)[:, None].astype(np.float64))
+    x = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((n, 0), np.float32)
+    bad = np.array([r is not None for r in reasons], dtype=bool)
+    x[bad] = 0.0
+    return np.nan_to_num(x, copy=False), reasons
+
+
+def answers(scores: np.ndarray, stats: dict) -> pd.DataFrame:
+    """What predict returns: a regressor's value; a classifier's index, class name and probabilities."""
+    if stats.get("task") == "regression":
+        return pd.DataFrame({"prediction": scores.reshape(-1).astype(np.float64)})
+    classes = np.asarray(stats.get("classes") or [str(k) for k in range(scores.shape[1])], dtype=object)
+    index = scores.argmax(1).astype(np.int32)
+    return pd.DataFrame(
+        {"prediction": index, "predicted_class": classes[index], "probabilities": list(scores.astype(np.float32))}
+    )
+
+
+class RawRecordModel(PythonModel):
+    """The pyfunc form of a tabular model (see the module's docstring)."""
+
+    def load_context(self, context) -> None:
+        import mlflow
+
+        self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location="cpu")
+        if hasattr(self.network, "eval") and not _is_graph_module(self.network):
+            self.network.eval()
+        self.stats = json.loads(Path(context.artifacts["stats"]).read_text())
+        self.columns = json.loads(Path(context.artifacts["columns"]).read_text())
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from dlpipe.scoring import predict_proba
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        x, reasons = transform_records(model_input, self.stats, self.columns)
+        bad = {i: r for i, r in enumerate(reasons) if r is not None}
+        if bad:
+            raise MlflowException(str(BadRecordsError(bad, len(reasons))), error_code=INVALID_PARAMETER_VALUE)
+        return answers(predict_proba(self.network, x), self.stats)
+
+
+def _is_graph_module(model) -> bool:
+    import torch
+
+    return isinstance(model, torch.fx.GraphModule)
+
+
+def input_columns(cfg) -> list[dict]:
+    """The declarations a record is checked against: each feature's name, type, range, values, policy."""
+    return [
+        {
+            "name": c.name,
+            "type": c.type,
+            "min": c.min,
+            "max": c.max,
+            "values": c.values,
+            "missing": c.missing_policy,
+        }
+        for c in cfg.dataset.features
+    ]
+
+
+def signature(columns: list[dict], example_out: pd.DataFrame):
+    """Raw columns with the YAML's types. A column whose missing value is imputed is optional; an integer
+    one is declared double, since a record's missing integer reaches pandas as NaN."""
+    from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    specs = []
+    for c in columns:
+        optional = c["missing"] != "quarantine"
+        kind = "double" if optional and c["type"] in ("int", "long") else SIGNATURE_TYPES[c["type"]]
+        specs.append(ColSpec(kind, c["name"], required=not optional))
+    out = infer_signature(None, example_out).outputs if example_out is not None else None
+    from mlflow.models import ModelSignature
+
+    return ModelSignature(inputs=Schema(specs), outputs=out)
+
+
+def log_raw_model(
+    network,
+    stats: dict,
+    columns: list[dict],
+    artifact: str,
+    registered_name: str,
+    example: pd.DataFrame,
+    tensor_example: np.ndarray,
+    pip_requirements: list[str],
+    metadata: dict | None = None,
+    serialization_format: str | None = None,
+) -> str:
+    """Log the pyfunc raw-record model to the active run as a new version of `registered_name`."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory(prefix="dlpipe-model-") as tmp:
+        net_dir = Path(tmp) / "network"
+        with torch.no_grad():
+            tensor_out = network(torch.from_numpy(tensor_example)).numpy()
+        kwargs = {"serialization_format": serialization_format} if serialization_format else {}
+        mlflow.pytorch.save_model(
+            network,
+            str(net_dir),
+            signature=infer_signature(tensor_example, tensor_out),
+            input_example=tensor_example,
+            pip_requirements=pip_requirements,
+            **kwargs,
+        )
+        (Path(tmp) / "stats.json").write_text(json.dumps(stats))
+        (Path(tmp) / "columns.json").write_text(json.dumps(columns))
+        model = RawRecordModel()
+        x, _ = transform_records(example, stats, columns)
+        with torch.no_grad():
+            example_out = answers(network(torch.from_numpy(x)).numpy(), stats)
+        info = mlflow.pyfunc.log_model(
+            name=artifact,
+            python_model=model,
+            artifacts={
+                "network": str(net_dir),
+                "stats": str(Path(tmp) / "stats.json"),
+                "columns": str(Path(tmp) / "columns.json"),
+            },
+            signature=signature(columns, example_out),
+            input_example=example,
+            pip_requirements=pip_requirements,
+            registered_model_name=registered_name,
+            metadata=metadata,
+        )
+    return str(info.registered_model_version)
+
+
+def network_of(model_uri: str):
+    """The network inside a registered model: the raw-record pyfunc's, or a plain PyTorch model's."""
+    import mlflow
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if model_uri.startswith("file:"):  # Model.load tests os.path.exists on the URI itself, which fails for file:
+        model_uri = local_file_uri_to_path(model_uri)
+    info = mlflow.models.get_model_info(model_uri)
+    if (
+        "python_function" in info.flavors
+        and info.flavors["python_function"].get("loader_module") == "mlflow.pyfunc.model"
+    ):
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().network
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
