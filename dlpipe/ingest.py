@@ -505,8 +505,11 @@ def _typed_csv(
             [T.StructField(f, types.get(declared_of.get(f, ""), T.StringType())) for f in lay.fields]
             + [T.StructField(CORRUPT, T.StringType())]
         )
-        # the header's names are the schema's: enforceSchema only spares Spark checking them again
-        reader = spark.read.schema(schema).options(**{"header": "true", **opts, "enforceSchema": "true"})
+        # the header's names are the schema's: enforceSchema only spares Spark checking them again.
+        # columnPruning off: Spark 3.5 otherwise parses only the selected fields and no longer sees that a
+        # line has too few fields for its header (the undeclared ones are never selected)
+        forced = {"enforceSchema": "true", "columnPruning": "false"}
+        reader = spark.read.schema(schema).options(**{"header": "true", **opts, **forced})
         df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(lay.where(uri))
         text_schema = ", ".join([*(f"{q(f)} string" for f in lay.fields), f"{q(CORRUPT)} string"])
         reparsed = f"CASE WHEN NOT {ok} THEN from_csv({q(CORRUPT)}, {sql_str(text_schema)}, map({options})) END"
