@@ -253,7 +253,11 @@ def _input_files(spark: SparkSession, uri: str, opts: dict[str, str]) -> list[st
     """The files Spark reads at uri (its own listing: hidden files skipped, pathGlobFilter and
     recursiveFileLookup applied), without reading them."""
     listing = {k: v for k, v in opts.items() if k in _FILE_OPTIONS.values()}
-    return sorted(spark.read.options(**listing).format("text").load(uri).inputFiles())
+    files = spark.read.options(**listing).format("text").load(uri).inputFiles()
+    # as Hadoop path strings, which is what a reader takes (inputFiles() gives URIs: a space is %20)
+    to_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
+    uri_of = spark.sparkContext._jvm.java.net.URI
+    return sorted(str(to_path(uri_of(f)).toString()) for f in files)
 
 
 def _per_file(spark: SparkSession, files: Sequence[str], read: Callable) -> list:
@@ -264,7 +268,7 @@ def _per_file(spark: SparkSession, files: Sequence[str], read: Callable) -> list
     conf = spark.sparkContext._jsc.hadoopConfiguration()
 
     def one(f: str):
-        return read(jvm, conf, jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(f)))
+        return read(jvm, conf, jvm.org.apache.hadoop.fs.Path(f))
 
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
         return list(pool.map(one, files))

@@ -173,19 +173,19 @@ def test_rows_of_a_csv_file_that_lacks_a_column_are_quarantined_naming_it(spark,
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.csv").write_text("id,x,name,label\n1,1.0,a,0\n2,2.0,b,1\n3,1.0,a,9\n")
-    (raw / "b.csv").write_text("id,label,x\n4,0,1.0\n5,1,1.0\n")  # no `name`
+    (raw / "b 2.csv").write_text("id,label,x\n4,0,1.0\n5,1,1.0\n")  # no `name`; a space in its name
     (raw / "c.csv").write_text("label,id\n0,6\n")  # no `x`, no `name`
     cfg = _cfg(tmp_path, raw, options={"header": True})
     with caplog.at_level(logging.WARNING, logger="dlpipe.ingest"):
         m = ingest.run(spark, cfg)
     _books(m, 6, 2, missing_column=3, label_range=1)
     q = _quarantine(spark, cfg)
-    assert q[4]["reason"] == f"missing column name in file {(raw / 'b.csv').as_uri()}"
+    assert q[4]["reason"] == f"missing column name in file {(raw / 'b 2.csv').as_uri()}"
     assert q[6]["reason"] == f"missing columns x, name in file {(raw / 'c.csv').as_uri()}"
-    assert q[5]["source_file"].endswith("b.csv") and q[4]["raw_line"] == "4,1.0,,0"
+    assert q[5]["source_file"].endswith("b%202.csv") and q[4]["raw_line"] == "4,1.0,,0"
     assert any("2 file(s) lack declared column(s) ['name', 'x']" in r.getMessage() for r in caplog.records)
     with pytest.raises(SchemaMismatchError, match=r"no file has the column\(s\) \['x', 'name'\]"):
-        ingest.run(spark, _cfg(tmp_path / "c", tmp_path / "raw" / "c.csv", options={"header": True}))
+        ingest.run(spark, _cfg(tmp_path / "c", raw / "c.csv", options={"header": True}))
 
 
 def test_parquet_files_with_differing_schemas_and_types_are_cast_when_exact(spark, tmp_path):
