@@ -280,10 +280,13 @@ def _csv_header(opts: dict[str, str]) -> Callable:
     its separator and quote; a UTF-8 byte order mark is dropped. None for a file without one."""
     charset = opts.get("encoding", "UTF-8")
     comment = _unescape(opts.get("comment", ""))
+    codecs: dict = {}  # one CompressionCodecFactory (it scans the codec classes when made)
 
     def read(jvm, conf, path) -> list[str] | None:
         stream = path.getFileSystem(conf).open(path)
-        codec = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(conf).getCodec(path)
+        if "factory" not in codecs:
+            codecs["factory"] = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(conf)
+        codec = codecs["factory"].getCodec(path)
         if codec is not None:
             stream = codec.createInputStream(stream)
         reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, charset))
