@@ -95,6 +95,7 @@ class ColumnSpec(_Strict):
     impute: Literal["mean", "median", "most_frequent"] | None = Field(
         None, description="What replaces a missing value; default: mean for numbers, most_frequent for strings."
     )
+    path: str | None = Field(None, description="jsonl: dotted path of a nested field; default: the name")
 
     @property
     def effective_transform(self) -> str:
@@ -112,6 +113,13 @@ class ColumnSpec(_Strict):
     @property
     def impute_with(self) -> str:
         return self.impute or ("most_frequent" if self.type == "string" else "mean")
+
+    @field_validator("path")
+    @classmethod
+    def _dotted(cls, path: str | None) -> str | None:
+        if path is not None and (not path or any(not part.strip() for part in path.split("."))):
+            raise ValueError(f"path '{path}' is not a dotted path of field names, e.g. patient.age")
+        return path
 
     @model_validator(mode="after")
     def _image_shape(self) -> ColumnSpec:
@@ -201,6 +209,7 @@ class DatasetConfig(_Strict):
         unknown = sorted(set(self.split.keys or []) - set(names))
         if unknown:
             raise ValueError(f"dataset.split.keys {unknown} are not columns of the dataset")
+        self._check_paths()
         images = [c for c in self.columns if c.type == "image"]
         if self.source.format == "image":
             if len(images) != 1 or images[0].role != "feature" or len(self.features) != 1:
@@ -235,6 +244,24 @@ class DatasetConfig(_Strict):
             if label.type not in ("int", "long", "float", "double"):
                 raise ValueError(f"a regression label is a number; label column '{label.name}' is {label.type}")
         return self
+
+    def _check_paths(self) -> None:
+        """`path` addresses a field nested in a JSON line; no path may lie inside another (one JSON value
+        cannot be both a field and an object holding fields)."""
+        with_path = [c.name for c in self.columns if c.path is not None]
+        if with_path and self.source.format != "jsonl":
+            raise ValueError(
+                f"columns {with_path} have a path, which is for source.format: jsonl (this source is "
+                f"{self.source.format}); remove path, or name the column as it is in the files"
+            )
+        paths = {c.name: (c.path.split(".") if c.path else [c.name]) for c in self.columns}
+        for a, pa in paths.items():
+            for b, pb in paths.items():
+                if a != b and len(pa) < len(pb) and pb[: len(pa)] == pa:
+                    raise ValueError(
+                        f"column '{a}' (path {'.'.join(pa)}) holds column '{b}' (path {'.'.join(pb)}): "
+                        "a JSON value cannot be both a field and an object of fields"
+                    )
 
     def column(self, role: str) -> ColumnSpec:
         return next(c for c in self.columns if c.role == role)

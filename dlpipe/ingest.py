@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dlpipe import lineage
-from dlpipe.config import ColumnSpec, Config
+from dlpipe.config import ColumnSpec, Config, ConfigError
 from dlpipe.parquet_io import Output, write_routed
 from dlpipe.session import job_description
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
@@ -57,9 +57,106 @@ class SchemaMismatchError(ValueError):
 
 
 # --- reading ---------------------------------------------------------------------------------------------
+# Spark 3.5's reader options per format (lower case: Spark matches option names case-insensitively). Spark
+# ignores an option it does not know, so a typo would silently read the files wrong: ingest refuses it.
+_FILE_OPTIONS = {
+    "pathglobfilter": "pathGlobFilter",
+    "recursivefilelookup": "recursiveFileLookup",
+    "modifiedbefore": "modifiedBefore",
+    "modifiedafter": "modifiedAfter",
+    "ignorecorruptfiles": "ignoreCorruptFiles",
+    "ignoremissingfiles": "ignoreMissingFiles",
+}
+_FORMAT_OPTIONS = {
+    "csv": """sep encoding quote escape comment header ignoreLeadingWhiteSpace ignoreTrailingWhiteSpace nullValue
+        emptyValue nanValue positiveInf negativeInf dateFormat timestampFormat timestampNTZFormat
+        enableDateTimeParsingFallback maxColumns maxCharsPerColumn multiLine charToEscapeQuoteEscaping locale
+        lineSep unescapedQuoteHandling timeZone""",
+    "jsonl": """encoding timeZone primitivesAsString prefersDecimal allowComments allowUnquotedFieldNames
+        allowSingleQuotes allowNumericLeadingZeros allowBackslashEscapingAnyCharacter allowUnquotedControlChars
+        allowNonNumericNumbers dateFormat timestampFormat timestampNTZFormat enableDateTimeParsingFallback
+        multiLine lineSep locale""",
+    "parquet": "datetimeRebaseMode int96RebaseMode mergeSchema",
+    "image": "",
+}
+_ALIASES = {"delimiter": "sep", "charset": "encoding"}  # Spark's own aliases, one spelling for ingest
+_OWNED = {"mode", "columnnameofcorruptrecord", "enforceschema", "inferschema", "samplingratio", "schema"}
+
+
 def reader_options(cfg: Config) -> dict[str, str]:
-    """dataset.source.options as Spark reader options (YAML booleans as Spark's "true"/"false")."""
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.dataset.source.options.items()}
+    """dataset.source.options as Spark reader options (YAML booleans as Spark's "true"/"false"), with Spark's
+    aliases under one name (delimiter -> sep, charset -> encoding). Unknown options, options ingest sets
+    itself and impossible values raise a ConfigError naming dataset.source.options."""
+    fmt = cfg.dataset.source.format
+    known = {**_FILE_OPTIONS, **{name.lower(): name for name in _FORMAT_OPTIONS[fmt].split()}}
+    out: dict[str, str] = {}
+    for key, value in cfg.dataset.source.options.items():
+        low = _ALIASES.get(key.lower(), key.lower())
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if low in _OWNED:
+            raise ConfigError(
+                f"dataset.source.options.{key}: ingest sets this option itself (it reads every row and "
+                "quarantines the bad ones with their reason); remove it"
+            )
+        if low not in known:
+            raise ConfigError(
+                f"dataset.source.options.{key}: not a Spark {fmt} reader option (Spark would ignore it "
+                f"silently); allowed: {', '.join(sorted(known.values()))}"
+            )
+        name = known[low]
+        if name in out:
+            raise ConfigError(f"dataset.source.options: {name} is given twice (as {key} and another spelling)")
+        out[name] = text
+    if fmt == "csv":
+        for name in ("quote", "escape"):
+            if name in out and len(_unescape(out[name])) > 1:
+                raise ConfigError(f"dataset.source.options.{name}: one character, got {out[name]!r}")
+        if "sep" in out and not _unescape(out["sep"]):
+            raise ConfigError("dataset.source.options.sep: the delimiter cannot be empty")
+        if out.get("header", "true") not in ("true", "false"):
+            raise ConfigError(f"dataset.source.options.header: true or false, got {out['header']!r}")
+    return out
+
+
+def _unescape(text: str) -> str:
+    """A separator or quote as Spark reads it: `\\t` is a tab, `\\u0001` that character."""
+    if text.startswith("\\") and len(text) > 1:
+        import codecs
+
+        try:
+            return codecs.decode(text, "unicode_escape")
+        except UnicodeDecodeError:
+            return text
+    return text
+
+
+def _java_charset(spark: SparkSession, name: str) -> str:
+    """The charset name Spark (Java) knows for `name`; Python spellings such as latin-1 or utf-8-sig are
+    translated. A ConfigError names dataset.source.options.encoding if there is none."""
+    import codecs
+
+    charset = spark.sparkContext._jvm.java.nio.charset.Charset
+    candidates = [name]
+    try:
+        python = codecs.lookup(name).name  # latin-1 -> iso8859-1, cp1252 -> cp1252
+        candidates += ["UTF-8"] if python == "utf-8-sig" else [python]  # Spark drops a UTF-8 BOM itself
+    except LookupError:
+        pass
+    for candidate in candidates:
+        try:
+            if charset.isSupported(candidate):
+                return candidate
+        except Exception:  # IllegalCharsetNameException  # noqa: BLE001
+            continue
+    raise ConfigError(f"dataset.source.options.encoding: unknown charset {name!r} (e.g. UTF-8, ISO-8859-1, cp1252)")
+
+
+def _spark_options(spark: SparkSession, cfg: Config) -> dict[str, str]:
+    """reader_options with the charset spelled as Java knows it."""
+    opts = reader_options(cfg)
+    if "encoding" in opts:
+        opts["encoding"] = _java_charset(spark, opts["encoding"])
+    return opts
 
 
 def q(name: str) -> str:
@@ -93,24 +190,51 @@ class Source:
     line: str
 
 
+MISSING_COLUMN = "missing column"  # the start of a _pre_reason: a file lacks a declared column
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Files that share one header (CSV) or one schema (Parquet), read together with their own schema.
+
+    `fields`: the read schema's names in the files' order (header names, made unique); `columns`: declared
+    name -> field, for the declared columns these files have; `files`: None for every file at the uri."""
+
+    files: tuple[str, ...] | None
+    fields: tuple[str, ...]
+    columns: dict[str, str]
+
+    def where(self, uri: str) -> str | list[str]:
+        return uri if self.files is None else list(self.files)
+
+
 def read_source(spark: SparkSession, cfg: Config, uri: str, label_optional: bool = False) -> Source:
     """The rows at uri, in the dataset's format. label_optional (scoring new data): files may lack the label
     column; it then reads as null. The caller has checked that uri exists (it must, to fingerprint it first).
 
     CSV is parsed straight to the declared types by Spark's own reader (what a plain typed CSV read costs);
     only lines it cannot parse are parsed again as text, to find which field is wrong and why. JSON lines,
-    Parquet and images are read as text (or decoded) first and cast here."""
+    Parquet and images are read as text (or decoded) first and cast here.
+
+    CSV and Parquet columns are found by name, file by file (the CSV header, the Parquet footer): columns
+    may come in any order and undeclared ones are ignored. Files with the same columns are read together,
+    each set with its own schema, and the sets are unioned: still one pass over the data. The rows of a
+    file that lacks a declared column are quarantined with a reason naming the column and the file; a
+    declared column that no file has is a SchemaMismatchError."""
     fmt = cfg.dataset.source.format
     columns = tuple(cfg.dataset.columns)
     label = cfg.dataset.column("label").name
-    if label_optional and not _has_column(spark, cfg, uri, label):
-        columns = tuple(c for c in columns if c.name != label)
-    if fmt == "csv":
-        return _typed_csv(spark, cfg, uri, columns)
     if fmt == "image":
         df = _read_images(spark, cfg, uri)
     else:
-        df = _read_text(spark, cfg, uri, columns)
+        opts = _spark_options(spark, cfg)
+        layouts = _layouts(spark, cfg, uri, opts)
+        if layouts is not None:
+            columns = _present(cfg, uri, layouts, label if label_optional else None)
+        optional = {label} if label_optional else set()
+        if fmt == "csv":
+            return _typed_csv(spark, cfg, uri, columns, layouts, opts, optional)
+        df = _read_text(spark, cfg, uri, columns, layouts, opts, optional)
     if len(columns) < len(cfg.dataset.columns):
         df = df.withColumn(label, F.lit(None).cast("string"))
     typed = [f"{_typed(c, q(c.name))} AS {q(_t_name(c.name))}" for c in cfg.dataset.columns]
@@ -125,55 +249,311 @@ def read_source(spark: SparkSession, cfg: Config, uri: str, label_optional: bool
     )
 
 
-def _read_text(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[ColumnSpec]) -> DataFrame:
-    """JSON lines or Parquet: the declared columns as text, the malformed record and the source file."""
-    opts = reader_options(cfg)
-    if cfg.dataset.source.format == "jsonl":
-        schema = T.StructType(
-            [T.StructField(c.name, T.StringType()) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
+def _input_files(spark: SparkSession, uri: str, opts: dict[str, str]) -> list[str]:
+    """The files Spark reads at uri (its own listing: hidden files skipped, pathGlobFilter and
+    recursiveFileLookup applied), without reading them."""
+    listing = {k: v for k, v in opts.items() if k in _FILE_OPTIONS.values()}
+    files = spark.read.options(**listing).format("text").load(uri).inputFiles()
+    # as Hadoop path strings, which is what a reader takes (inputFiles() gives URIs: a space is %20)
+    to_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
+    uri_of = spark.sparkContext._jvm.java.net.URI
+    return sorted(str(to_path(uri_of(f)).toString()) for f in files)
+
+
+def _per_file(spark: SparkSession, files: Sequence[str], read: Callable) -> list:
+    """read(jvm, conf, path) for each file, a few at a time (each is a small remote read on S3 or HDFS)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+
+    def one(f: str):
+        return read(jvm, conf, jvm.org.apache.hadoop.fs.Path(f))
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
+        return list(pool.map(one, files))
+
+
+def _csv_header(opts: dict[str, str]) -> Callable:
+    """A reader of one CSV file's header: its first line that is neither empty nor a comment, decompressed
+    by the file's extension (as Spark does: .gz, .bz2, ...), decoded with the source's encoding, split with
+    its separator and quote; a UTF-8 byte order mark is dropped. None for a file without one."""
+    charset = opts.get("encoding", "UTF-8")
+    comment = _unescape(opts.get("comment", ""))
+    codecs: dict = {}  # one CompressionCodecFactory (it scans the codec classes when made)
+
+    def read(jvm, conf, path) -> list[str] | None:
+        stream = path.getFileSystem(conf).open(path)
+        if "factory" not in codecs:
+            codecs["factory"] = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(conf)
+        codec = codecs["factory"].getCodec(path)
+        if codec is not None:
+            stream = codec.createInputStream(stream)
+        reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, charset))
+        try:
+            for _ in range(1000):
+                line = reader.readLine()
+                if line is None:
+                    return None
+                line = line.lstrip("\ufeff")
+                if line.strip() and not (comment and line.startswith(comment)):
+                    return _split_header(line, opts)
+            return None
+        finally:
+            reader.close()
+
+    return read
+
+
+def _split_header(line: str, opts: dict[str, str]) -> list[str]:
+    import csv
+
+    sep, quote = _unescape(opts.get("sep", ",")), _unescape(opts.get("quote", '"'))
+    escape = _unescape(opts.get("escape", "\\"))
+    if len(sep) != 1:  # Spark takes a multi-character separator; Python's csv does not
+        fields = [f.strip().strip(quote) if quote else f for f in line.split(sep)]
+    elif quote:
+        esc = escape if escape and escape != quote else None
+        fields = next(csv.reader([line], delimiter=sep, quotechar=quote, escapechar=esc))
+    else:
+        fields = next(csv.reader([line], delimiter=sep, quoting=csv.QUOTE_NONE))
+    return [f.strip() for f in fields]
+
+
+def _parquet_schema(jvm, conf, path) -> str:
+    """One Parquet file's schema (names and types), from its footer."""
+    footer = jvm.org.apache.parquet.hadoop.ParquetFileReader.readFooter(conf, path)
+    return str(footer.getFileMetaData().getSchema().toString())
+
+
+def _parquet_names(jvm, conf, path) -> list[str]:
+    """One Parquet file's top-level column names, from its footer."""
+    footer = jvm.org.apache.parquet.hadoop.ParquetFileReader.readFooter(conf, path)
+    return [str(f.getName()) for f in footer.getFileMetaData().getSchema().getFields()]
+
+
+def _layouts(spark: SparkSession, cfg: Config, uri: str, opts: dict[str, str]) -> list[_Layout] | None:
+    """The files at uri grouped by their columns (CSV: the header; Parquet: the footer's schema, types
+    included, since Spark reads one schema per scan). None where columns are not named in the files
+    (JSON lines: each line names its own fields; CSV without a header: by position)."""
+    fmt = cfg.dataset.source.format
+    if fmt == "jsonl" or (fmt == "csv" and opts.get("header", "true") == "false"):
+        return None
+    files = _input_files(spark, uri, opts)
+    read = _csv_header(opts) if fmt == "csv" else _parquet_schema
+    groups: dict[object, list[str]] = {}
+    for f, key in zip(files, _per_file(spark, files, read), strict=True):
+        if key is not None:  # an empty CSV file has no header and no rows
+            groups.setdefault(tuple(key) if isinstance(key, list) else key, []).append(f)
+    case_sensitive = spark.conf.get("spark.sql.caseSensitive", "false") == "true"
+    layouts = []
+    for key, members in groups.items():
+        where = None if len(groups) == 1 else tuple(members)
+        names = list(key) if fmt == "csv" else _per_file(spark, members[:1], _parquet_names)[0]
+        fields, matched = _match(names, cfg.dataset.columns, case_sensitive)
+        layouts.append(_Layout(where, tuple(fields), matched))
+    return layouts
+
+
+def _match(names: Sequence[str], declared: Sequence[ColumnSpec], case_sensitive: bool) -> tuple[list[str], dict]:
+    """Read-schema fields for the file columns `names` (unique; a blank or repeated name gets a placeholder)
+    and declared name -> field, matching names as Spark does (case-insensitively unless
+    spark.sql.caseSensitive)."""
+    fold = (lambda s: s) if case_sensitive else str.lower  # noqa: E731
+    by_name = {fold(c.name): c.name for c in declared}
+    fields: list[str] = []
+    matched: dict[str, str] = {}
+    for i, name in enumerate(names):
+        field = name if name and fold(name) not in {fold(f) for f in fields} else f"__extra_{i}"
+        fields.append(field)
+        col = by_name.get(fold(name))
+        if col is not None and col not in matched and field == name:
+            matched[col] = field
+    return fields, matched
+
+
+def _present(cfg: Config, uri: str, layouts: list[_Layout], optional_label: str | None) -> tuple[ColumnSpec, ...]:
+    """The declared columns some file has. A declared column that no file has is a SchemaMismatchError
+    (but for the label of new data to score); undeclared file columns are named once in the log."""
+    declared = cfg.dataset.columns
+    if not layouts:  # only empty files: nothing to check, and no rows
+        return tuple(declared)
+    found = {name for lay in layouts for name in lay.columns}
+    headers = sorted({f for lay in layouts for f in lay.fields})
+    absent = [c.name for c in declared if c.name not in found and c.name != optional_label]
+    if absent:
+        raise SchemaMismatchError(
+            f"ingest: {uri}: no file has the column(s) {absent} declared in dataset.columns; the files have "
+            f"{headers}. Rename the columns in dataset.columns, or fix the files"
         )
+    extra = sorted({f for lay in layouts for f in lay.fields if f not in lay.columns.values()})
+    if extra:
+        log.info("ingest: %s: column(s) %s are not in dataset.columns; ignored", uri, extra)
+    return tuple(c for c in declared if c.name in found)
+
+
+def _lacking(spark: SparkSession, uri: str, layouts: list[_Layout], columns, optional: set[str]) -> list[list[str]]:
+    """Per layout, the declared columns its files lack (their rows are quarantined); logged once."""
+    lacking = [[c.name for c in columns if c.name not in lay.columns and c.name not in optional] for lay in layouts]
+    files = [f for lay, miss in zip(layouts, lacking, strict=True) if miss for f in lay.files or [uri]]
+    if files:
+        names = sorted({n for miss in lacking for n in miss})
+        log.warning(
+            "ingest: %d file(s) lack declared column(s) %s; their rows are quarantined (reason_code "
+            "missing_column), e.g. %s",
+            len(files),
+            names,
+            files[:3],
+        )
+    return lacking
+
+
+def _pre_reason(missing: Sequence[str]) -> str:
+    """SQL: the reading reason of a row from a file that lacks the declared columns `missing`."""
+    if not missing:
+        return "CAST(NULL AS STRING)"
+    what = f"{MISSING_COLUMN}{'s' if len(missing) > 1 else ''} {', '.join(missing)} in file "
+    return f"concat({sql_str(what)}, input_file_name())"
+
+
+def _union(parts: list[DataFrame]) -> DataFrame:
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.union(part)
+    return out
+
+
+def _json_schema(columns: Sequence[ColumnSpec]) -> tuple[T.StructType, list[str]]:
+    """JSON lines: the read schema (declared fields as text, nested where a column has a dotted `path`) and
+    the selection of each column under its own name."""
+    tree: dict = {}
+    select = []
+    for c in columns:
+        parts = c.path.split(".") if c.path else [c.name]
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = None
+        select.append(f"{'.'.join(q(p) for p in parts)} AS {q(c.name)}")
+
+    def struct(node: dict) -> T.StructType:
+        return T.StructType([T.StructField(k, T.StringType() if v is None else struct(v)) for k, v in node.items()])
+
+    return struct(tree), select
+
+
+def _read_text(
+    spark: SparkSession,
+    cfg: Config,
+    uri: str,
+    columns: Sequence[ColumnSpec],
+    layouts: list[_Layout] | None,
+    opts: dict[str, str],
+    optional: set[str],
+) -> DataFrame:
+    """JSON lines or Parquet: the declared columns as text, the malformed record, the source file and the
+    reading reason (a file that lacks a column)."""
+    tail = ["input_file_name() AS _source_file"]
+    if cfg.dataset.source.format == "jsonl":
+        schema, select = _json_schema(columns)
+        schema = schema.add(T.StructField(CORRUPT, T.StringType()))
         reader = spark.read.schema(schema).options(**opts).option("mode", "PERMISSIVE")
         df = reader.option("columnNameOfCorruptRecord", CORRUPT).json(uri)
-    else:  # parquet: typed already; check the columns exist, then the same text-first checks
-        df = spark.read.options(**opts).parquet(uri)
-        missing = [c.name for c in columns if c.name not in df.columns]
-        if missing:
-            raise SchemaMismatchError(
-                f"ingest: {uri} has no column(s) {missing} declared in dataset.columns; it has {df.columns}"
-            )
-        df = df.selectExpr(*[f"CAST({q(c.name)} AS STRING) AS {q(c.name)}" for c in columns], f"NULL AS {q(CORRUPT)}")
-    return df.selectExpr("*", "input_file_name() AS _source_file", f"CAST(NULL AS STRING) AS {PRE_REASON}")
+        return df.selectExpr(*select, q(CORRUPT), *tail, f"CAST(NULL AS STRING) AS {PRE_REASON}")
+    # parquet: typed already; each set of files with one schema is read with it, then the same text-first checks
+    layouts = layouts or [_Layout(None, tuple(c.name for c in columns), {c.name: c.name for c in columns})]
+    lacking = _lacking(spark, uri, layouts, columns, optional)
+    parts = []
+    for lay, missing in zip(layouts, lacking, strict=True):
+        df = spark.read.options(**opts).parquet(*(lay.files or [uri]))
+        cells = [
+            f"CAST({q(lay.columns[c.name])} AS STRING) AS {q(c.name)}"
+            if c.name in lay.columns
+            else f"CAST(NULL AS STRING) AS {q(c.name)}"
+            for c in columns
+        ]
+        parts.append(df.selectExpr(*cells, f"NULL AS {q(CORRUPT)}", *tail, f"{_pre_reason(missing)} AS {PRE_REASON}"))
+    return _union(parts)
 
 
 REPARSED = "_reparsed"
+REPARSE_FAILED = "_reparse_failed"  # the line is malformed even as text: wrong number of fields, bad quoting
+_NOT_FOR_LINES = {"header", "enforceSchema", "encoding", "lineSep", "multiLine", *_FILE_OPTIONS.values()}
 
 
-def _typed_csv(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[ColumnSpec]) -> Source:
+def _typed_csv(
+    spark: SparkSession,
+    cfg: Config,
+    uri: str,
+    columns: Sequence[ColumnSpec],
+    layouts: list[_Layout] | None,
+    opts: dict[str, str],
+    optional: set[str],
+) -> Source:
     """CSV read with the declared types. A line Spark cannot parse keeps its text in CORRUPT; only those
-    lines are split again into text fields (`from_csv`, same options) and checked like JSON's text."""
-    opts = reader_options(cfg)
-    typed_schema = T.StructType(
-        [T.StructField(c.name, SPARK_DATA_TYPES[c.type]) for c in columns] + [T.StructField(CORRUPT, T.StringType())]
-    )
-    reader = spark.read.schema(typed_schema).options(**{"header": "true", "enforceSchema": "false", **opts})
-    df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(uri)
-    text_schema = ", ".join([*(f"{q(c.name)} string" for c in columns), f"{q(CORRUPT)} string"])
-    line_opts = {k: v for k, v in opts.items() if k not in ("header", "enforceSchema")}
+    lines are split again into text fields (`from_csv`, same options) and checked like JSON's text.
+    Each layout (files with one header) is read with a schema of its own header's columns, in its order
+    (undeclared ones as text, dropped after parsing), then the layouts are unioned."""
+    if not layouts:  # no header (header: false) or only empty files: the declared columns, in order
+        names = [c.name for c in columns]
+        layouts = [_Layout(None, tuple(names), {n: n for n in names})]
+        lacking = [[] for _ in layouts]
+    else:
+        lacking = _lacking(spark, uri, layouts, columns, optional)
+    types = {c.name: SPARK_DATA_TYPES[c.type] for c in columns}
+    line_opts = {k: v for k, v in opts.items() if k not in _NOT_FOR_LINES}
     line_opts.update(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT)
     options = ", ".join(f"{sql_str(k)}, {sql_str(v)}" for k, v in line_opts.items())
     ok = f"{q(CORRUPT)} IS NULL"
-    reparsed = f"CASE WHEN NOT {ok} THEN from_csv({q(CORRUPT)}, {sql_str(text_schema)}, map({options})) END"
+    parts = []
+    for lay, missing in zip(layouts, lacking, strict=True):
+        declared_of = {field: name for name, field in lay.columns.items()}
+        schema = T.StructType(
+            [T.StructField(f, types.get(declared_of.get(f, ""), T.StringType())) for f in lay.fields]
+            + [T.StructField(CORRUPT, T.StringType())]
+        )
+        # the header's names are the schema's: enforceSchema only spares Spark checking them again.
+        # columnPruning off: Spark 3.5 otherwise parses only the selected fields and no longer sees that a
+        # line has too few fields for its header (the undeclared ones are never selected)
+        forced = {"enforceSchema": "true", "columnPruning": "false"}
+        reader = spark.read.schema(schema).options(**{"header": "true", **opts, **forced})
+        df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(lay.where(uri))
+        text_schema = ", ".join([*(f"{q(f)} string" for f in lay.fields), f"{q(CORRUPT)} string"])
+        reparsed = f"CASE WHEN NOT {ok} THEN from_csv({q(CORRUPT)}, {sql_str(text_schema)}, map({options})) END"
+        df = df.selectExpr(
+            *[
+                f"{q(lay.columns[c.name])} AS {q(_f_name(c.name))}"
+                if c.name in lay.columns
+                else f"CAST(NULL AS {SPARK_TYPES[c.type]}) AS {q(_f_name(c.name))}"
+                for c in columns
+            ],
+            q(CORRUPT),
+            f"{reparsed} AS {REPARSED}",
+            "input_file_name() AS _source_file",
+            f"{_pre_reason(missing)} AS {PRE_REASON}",
+        )
+        # the same columns for every layout, so that they union (from_csv stays in the projection above,
+        # evaluated once per line: Spark does not inline an expensive expression used more than once)
+        parts.append(
+            df.selectExpr(
+                *[q(_f_name(c.name)) for c in columns],
+                q(CORRUPT),
+                *[
+                    f"{REPARSED}.{q(lay.columns[c.name])} AS {q(_r_name(c.name))}"
+                    if c.name in lay.columns
+                    else f"CAST(NULL AS STRING) AS {q(_r_name(c.name))}"
+                    for c in columns
+                ],
+                f"{REPARSED}.{q(CORRUPT)} IS NOT NULL AS {REPARSE_FAILED}",
+                "_source_file",
+                PRE_REASON,
+            )
+        )
+    df = _union(parts)
     present = {c.name for c in columns}
-    df = df.selectExpr(
-        *[f"{q(c.name)} AS {q(_f_name(c.name))}" for c in columns],
-        q(CORRUPT),
-        f"{reparsed} AS {REPARSED}",
-        "input_file_name() AS _source_file",
-        f"CAST(NULL AS STRING) AS {PRE_REASON}",
-    )
 
     def text(c: ColumnSpec) -> str:
-        return f"{REPARSED}.{q(c.name)}"
+        return q(_r_name(c.name))
 
     typed = []
     for c in cfg.dataset.columns:
@@ -201,7 +581,7 @@ def _typed_csv(spark: SparkSession, cfg: Config, uri: str, columns: Sequence[Col
         read=tuple(columns),
         raw=raw,
         empty=empty,
-        malformed=f"{REPARSED}.{q(CORRUPT)} IS NOT NULL",
+        malformed=f"coalesce({REPARSE_FAILED}, false)",
         line=q(CORRUPT),
     )
 
@@ -214,20 +594,12 @@ def _f_name(name: str) -> str:
     return f"__f_{name}"
 
 
+def _r_name(name: str) -> str:
+    return f"__r_{name}"
+
+
 def _blank(text: str, col: ColumnSpec) -> str:
     return f"({text} IS NULL)" if col.type == "image" else f"({text} IS NULL OR trim({text}) = '')"
-
-
-def _has_column(spark: SparkSession, cfg: Config, uri: str, name: str) -> bool:
-    """Whether the files at uri have column `name`: the CSV header or the Parquet schema (JSON lines
-    need no answer: a field absent from a line reads as null)."""
-    fmt = cfg.dataset.source.format
-    opts = reader_options(cfg)
-    if fmt == "csv":
-        return name in spark.read.options(**{"header": "true", **opts}).csv(uri).columns
-    if fmt == "parquet":
-        return name in spark.read.options(**opts).parquet(uri).columns
-    return True
 
 
 def _decode_images(shape: tuple[int, ...], image: str):
@@ -324,6 +696,9 @@ def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
     """
     checks = [
         Check(src.malformed, "malformed line: wrong number of fields or bad syntax", None, "malformed"),
+        # issue 12: a file lacks a declared column (read_source's reason names it and the file); before the
+        # image line, which takes any other reason found while reading
+        Check(f"startswith({PRE_REASON}, {sql_str(MISSING_COLUMN)})", "", PRE_REASON, "missing_column"),
         Check(f"{PRE_REASON} IS NOT NULL", "", PRE_REASON, "image"),
     ]
     label = cfg.dataset.column("label")

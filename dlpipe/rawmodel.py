@@ -248,7 +248,6 @@ def log_raw_model(
 def network_of(model_uri: str):
     """The network inside a registered model: the raw-record pyfunc's, or a plain PyTorch model's."""
     import mlflow
-
     from mlflow.utils.file_utils import local_file_uri_to_path
 
     if model_uri.startswith("file:"):  # Model.load tests os.path.exists on the URI itself, which fails for file:
