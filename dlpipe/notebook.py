@@ -191,6 +191,18 @@ def sample_test_rows(spark: SparkSession, cfg: Config, n: int = 8) -> tuple[pd.D
     return rows[[stats["key"], "label"]], x
 
 
+def sample_raw_records(spark: SparkSession, cfg: Config, n: int = 5) -> pd.DataFrame:
+    """n test rows as a user would send them to the registered model: the key and the raw feature columns,
+    as the clean dataset holds them (before any scaling or encoding)."""
+    from dlpipe.features import read_stats
+    from dlpipe.ingest import read_clean
+
+    key = read_stats(spark, cfg)["key"]
+    test_keys = datasets(spark, cfg)["test"].select(key).orderBy(key).limit(n)
+    clean = read_clean(spark, cfg).select(key, *[c.name for c in cfg.dataset.features])
+    return clean.join(test_keys, key).orderBy(key).toPandas()
+
+
 def score_in_memory(model, x) -> Any:
     """The model's answer for x, in this process (what the batch job computes per Arrow batch)."""
     from dlpipe.scoring import predict_proba

@@ -46,3 +46,4 @@ def test_quickstart_then_model_exploration_run_headless(tmp_path, monkeypatch):
     assert not _outputs(explore, "error")
     tables = [o.data["text/plain"] for o in _outputs(explore, "execute_result") if "text/plain" in o.data]
     assert any("production" in t for t in tables)  # the versions table shows the promoted alias
+    assert any("predicted_class" in t for t in tables)  # the production model answered raw records by name
