@@ -56,3 +56,23 @@ def test_predictions_are_values_and_the_model_is_promoted_on_rmse(spark, pipelin
         "tags.`dlpipe.stage` = 'evaluate'",
     )[0]
     assert "predicted_vs_true.png" in {a.path for a in client.list_artifacts(evaluate_run.info.run_id)}
+
+
+def test_the_registered_regressor_answers_raw_records_in_label_units(spark, pipeline):
+    """The pyfunc model takes the raw feature columns and answers the value the batch job predicted."""
+    import numpy as np
+
+    from dlpipe.features import read_stats
+    from dlpipe.ingest import read_clean
+
+    cfg, result = pipeline
+    mlflow.set_tracking_uri(result.tracking_uri)
+    key = read_stats(spark, cfg)["key"]
+    test_keys = spark.read.parquet(dataset_paths(cfg).split("test")).select(key).limit(30)
+    rows = read_clean(spark, cfg).join(test_keys, key).orderBy(key).toPandas()
+    batch = spark.read.parquet(dataset_paths(cfg).predictions).toPandas().set_index(key)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate")
+    answered = model.predict(rows[[c.name for c in cfg.dataset.features]])
+    assert list(answered.columns) == ["prediction"]
+    np.testing.assert_allclose(answered["prediction"], batch.loc[rows[key], "prediction"], rtol=1e-5, atol=1e-5)
+    assert np.corrcoef(answered["prediction"], rows[cfg.dataset.column("label").name])[0, 1] > 0.9  # label units
