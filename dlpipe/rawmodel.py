@@ -23,11 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-try:
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the module importable anywhere
-    PythonModel = object  # type: ignore[assignment,misc]
+from mlflow.pyfunc import PythonModel
 
 NUMERIC = {"int", "long", "float", "double"}
 SIGNATURE_TYPES = {"int": "integer", "long": "long", "float": "float", "double": "double", "string": "string"}
@@ -178,7 +174,7 @@ def input_columns(cfg) -> list[dict]:
 def signature(columns: list[dict], example_out: pd.DataFrame):
     """Raw columns with the YAML's types. A column whose missing value is imputed is optional; an integer
     one is declared double, since a record's missing integer reaches pandas as NaN."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, Schema
 
     specs = []
@@ -187,8 +183,6 @@ def signature(columns: list[dict], example_out: pd.DataFrame):
         kind = "double" if optional and c["type"] in ("int", "long") else SIGNATURE_TYPES[c["type"]]
         specs.append(ColSpec(kind, c["name"], required=not optional))
     out = infer_signature(None, example_out).outputs if example_out is not None else None
-    from mlflow.models import ModelSignature
-
     return ModelSignature(inputs=Schema(specs), outputs=out)
 
 
