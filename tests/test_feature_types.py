@@ -321,3 +321,33 @@ def test_the_signature_takes_json_booleans_and_dates_as_text(mixed):
         columns,
     )
     assert list(example["day"]) == ["02/03/2021", None] and list(example["at"]) == ["2021-03-02 10:00:00", None]
+
+
+@pytest.mark.parametrize(
+    ("kind", "pattern"),
+    [
+        ("date", "dd/MM/yyyy"),
+        ("date", "d.M.yyyy"),
+        ("date", "yyyy-MM-dd"),
+        ("timestamp", "yyyy-MM-dd HH:mm:ss"),
+        ("timestamp", "yyyy-MM-dd'T'H:m:s.SSS"),
+    ],
+)
+def test_spark_and_the_registered_model_parse_the_same_text_the_same_way(spark, kind, pattern):
+    from dlpipe.config import ColumnSpec
+
+    texts = [
+        "01/02/2020", "1/2/2020", "31/02/2020", "29/02/2024", "29/02/2023", "01/02/20", "1.2.2020", "01.02.2020",
+        "31.12.1999", "2020-01-02", "2020-1-2", "2020-12-31", "2020-13-01", "2020-01-02 03:04:05", "2020-01-02 3:04:05",
+        "2020-01-02 24:00:00", "2020-01-02T03:04:05.123", "2020-01-02T3:4:5.678", "2020-01-02T03:04:05", " 01/02/2020 ",
+        "0001-01-01", "abc", "01/02/2020x", "1999-12-31 23:59:59", "2020-01-02T23:59:59.999",
+    ]  # fmt: skip
+    col = ColumnSpec(name="v", type=kind, format=pattern)
+    df = spark.createDataFrame([(t,) for t in texts], "v string")
+    from_spark = [r[0] for r in df.selectExpr(ingest._typed(col, "v")).collect()]
+    fmt = rawmodel.DatetimeFormat(pattern)
+    from_python = [fmt.parse(t.strip()) for t in texts]
+    if kind == "date":
+        from_python = [p.date() if p else None for p in from_python]
+    assert from_spark == from_python
+    assert sum(p is not None for p in from_python) >= 2  # the pattern does parse some of them
