@@ -21,7 +21,7 @@ from tests.conftest import REPO
 FLAG_WORDS = ["true", "No", " YES ", "1", "0", "t", "F", "y", "n", "False"]
 
 
-def _cfg(tmp_path, columns: list[dict], fmt: str = "csv", **more):
+def _cfg(tmp_path, columns: list[dict], fmt: str = "csv", overrides: tuple[str, ...] = (), **more):
     conf = tmp_path / "conf"
     shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
     spec = {
@@ -37,8 +37,8 @@ def _cfg(tmp_path, columns: list[dict], fmt: str = "csv", **more):
         **more,
     }
     (conf / "datasets" / "types.yaml").write_text(yaml.safe_dump(spec))
-    overrides = ["dataset=types", f"project.root={tmp_path}", "spark.master=local[2]"]
-    return load_config("local", overrides, conf_dir=conf)
+    base = ["dataset=types", f"project.root={tmp_path}", "spark.master=local[2]"]
+    return load_config("local", [*base, *overrides], conf_dir=conf)
 
 
 def _raw_dir(cfg):
@@ -351,3 +351,63 @@ def test_spark_and_the_registered_model_parse_the_same_text_the_same_way(spark, 
         from_python = [p.date() if p else None for p in from_python]
     assert from_spark == from_python
     assert sum(p is not None for p in from_python) >= 2  # the pattern does parse some of them
+
+
+def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_end(spark, tmp_path):
+    """A CSV written here: ingest quarantines the bad booleans and dates, preprocess expands the rest, the
+    pipeline trains, scores and registers a model that takes the raw records."""
+    import mlflow
+
+    from dlpipe.pipeline import run_pipeline
+
+    columns = [
+        {"name": "member", "type": "boolean"},
+        {"name": "joined", "type": "date", "format": "dd/MM/yyyy"},
+        {"name": "city", "type": "string", "top_k": 4},
+    ]
+    overrides = (
+        "train.epochs=10",
+        "train.lr=0.03",
+        "train.batch_size=32",
+        "train.model.hidden=[16]",
+        "quantize.enabled=false",
+    )
+    cfg = _cfg(tmp_path, columns, overrides=overrides, max_bad_fraction=0.1)
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(600):
+        member = bool(rng.integers(0, 2))
+        joined = dt.date(2010, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5000)))
+        city = f"city{int(rng.integers(0, 4))}" if i % 3 else f"town{i}"  # 4 big cities, 200 towns of one row
+        words = ("yes", "no") if i % 2 else ("TRUE", "false")
+        rows.append([i, words[0] if member else words[1], joined.strftime("%d/%m/%Y"), city, int(member)])
+    rows[7][1], rows[8][2], rows[9][2] = "perhaps", "2020-01-31", "30/02/2020"
+    _write_csv(cfg, ["id", "member", "joined", "city", "y"], rows)
+
+    result = run_pipeline(spark, cfg)
+    ing, pre, ev = (result.metrics[s] for s in ("ingest", "preprocess", "evaluate"))
+    assert (ing["rows_in"], ing["rows_kept"], ing["rows_quarantined"]) == (600, 597, 3)
+    assert ing["quarantined_type"] == 3
+    q = _quarantine(spark, cfg)
+    assert q == {
+        7: ("not a boolean: member=perhaps", "type"),
+        8: ("not a date: joined=2020-01-31", "type"),
+        9: ("not a date: joined=30/02/2020", "type"),
+    }
+    stats = features.read_stats(spark, cfg)
+    cities = [f"city=city{k}" for k in range(4)]
+    joined = [f"joined_{p}" for p in ("year", "month_sin", "month_cos", "dow_sin", "dow_cos", "doy")]
+    assert stats["feature_names"] == ["member", *joined, *cities, "city=__other__"]
+    assert pre["feature_dim"] == 12 and pre["rows_in"] == 597
+    assert ev["accuracy"] > 0.9  # the label is the boolean: learnable only if it reached the features
+    # the registered model takes raw records: JSON booleans, dates as text in their format, unknown cities
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate")
+    records = pd.DataFrame(
+        [
+            {"member": True, "joined": "02/03/2015", "city": "city1"},
+            {"member": False, "joined": "02/03/2015", "city": "nowhere"},
+        ]
+    )
+    answer = model.predict(records)
+    assert list(answer["prediction"]) == [1, 0]
