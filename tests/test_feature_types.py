@@ -411,3 +411,20 @@ def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_en
     )
     answer = model.predict(records)
     assert list(answer["prediction"]) == [1, 0]
+    # new raw data for the infer job: the same checks, an unknown city is __other__, and the same answers
+    from dlpipe import infer
+    from dlpipe.pipeline import run_stage
+
+    src = tmp_path / "new"
+    src.mkdir()
+    new_rows = "id,member,joined,city\n1,y,02/03/2015,city1\n2,N,02/03/2015,nowhere\n3,maybe,02/03/2015,city1\n"
+    (src / "new.csv").write_text(new_rows)
+    new_cfg = cfg.model_copy(deep=True)
+    new_cfg.infer.source = str(src)
+    new_cfg.dataset.max_bad_fraction = 0.5  # one bad row of three, on purpose
+    m = run_stage(spark, new_cfg, "infer", force=True)
+    assert (m["rows_scored"], m["rows_quarantined"]) == (2, 1)
+    scored = spark.read.parquet(infer.output_path(new_cfg)).select("id", "prediction").collect()
+    assert {r["id"]: r["prediction"] for r in scored} == {1: 1, 2: 0}
+    bad = spark.read.parquet(infer.output_path(new_cfg) + "_quarantine").select("id", "reason").collect()
+    assert [(r["id"], r["reason"]) for r in bad] == [(3, "not a boolean: member=maybe")]
