@@ -70,7 +70,61 @@ class TrackingConfig(_Strict):
     registered_model: str | None = Field(None, description="Default: <dataset.name>-classifier")
 
 
-ColumnType = Literal["int", "long", "float", "double", "string", "image"]
+ColumnType = Literal["int", "long", "float", "double", "string", "boolean", "date", "timestamp", "image"]
+NUMERIC_TYPES = ("int", "long", "float", "double")
+DATETIME_TYPES = ("date", "timestamp")
+# The default `format` of a date or timestamp column (a Spark datetime pattern).
+DEFAULT_DATETIME_FORMATS = {"date": "yyyy-MM-dd", "timestamp": "yyyy-MM-dd HH:mm:ss"}
+# The letters a `format` may use: each parses the same in Spark SQL and in the registered model's Python
+# (dlpipe.rawmodel), by a regular expression of its exact shape and strptime. Longest first.
+DATETIME_TOKENS = ("yyyy", "SSS", "MM", "dd", "HH", "mm", "ss", "M", "d", "H", "m", "s")
+
+
+def datetime_pattern_parts(pattern: str) -> list[tuple[str, str]]:
+    """A Spark datetime pattern as (kind, text) parts: ("token", "dd") or ("literal", "/"). Quoted text
+    ('T') is a literal. A ValueError names a letter outside DATETIME_TOKENS."""
+    parts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "'":
+            end = pattern.find("'", i + 1)
+            if end < 0:
+                raise ValueError(f"format {pattern!r} has an unclosed quote")
+            parts.append(("literal", pattern[i + 1 : end] if end > i + 1 else "'"))
+            i = end + 1
+        elif ch.isalpha():
+            token = next((t for t in DATETIME_TOKENS if pattern.startswith(t, i)), None)
+            run = len(pattern[i:]) - len(pattern[i:].lstrip(ch))
+            if token is None or run != len(token):
+                raise ValueError(
+                    f"format {pattern!r}: {pattern[i : i + run]!r} is not supported; use yyyy, MM or M, dd or d, "
+                    "HH or H, mm or m, ss or s, SSS, and literal separators (quote letters: 'T')"
+                )
+            parts.append(("token", token))
+            i += len(token)
+        else:
+            parts.append(("literal", ch))
+            i += 1
+    if not any(kind == "token" for kind, _ in parts):
+        raise ValueError(f"format {pattern!r} has no date or time fields (e.g. dd/MM/yyyy)")
+    return parts
+
+
+_DATETIME_DIGITS = {"yyyy": "[0-9]{4}", "SSS": "[0-9]{3}", "M": "[0-9]{1,2}", "d": "[0-9]{1,2}", "H": "[0-9]{1,2}"}
+
+
+def datetime_regex(pattern: str) -> str:
+    """The exact shape of text a pattern parses, as a regular expression that Java (Spark's rlike) and Python
+    read alike: digits only where the pattern has fields, its literals elsewhere. Spark's parser sees only
+    text of this shape (other text throws SparkUpgradeException in Spark 3.5, even in try_to_timestamp)."""
+    out = []
+    for kind, text in datetime_pattern_parts(pattern):
+        if kind == "token":
+            out.append(_DATETIME_DIGITS.get(text, "[0-9]{1,2}" if len(text) == 1 else "[0-9]{2}"))
+        else:
+            out.append("".join("\\" + ch if ch in ".+*?()|{}$[]^\\" else ch for ch in text))
+    return "^" + "".join(out) + "$"
 
 
 class ColumnSpec(_Strict):
@@ -78,8 +132,17 @@ class ColumnSpec(_Strict):
     type: ColumnType
     role: Literal["key", "feature", "label", "ignore"] = "feature"
     required: bool = True
-    transform: Literal["standardize", "onehot", "scale", "none"] | None = Field(
-        None, description="Feature transform; default: standardize numbers, one-hot strings, scale images."
+    transform: Literal["standardize", "onehot", "hash", "scale", "none"] | None = Field(
+        None,
+        description="Feature transform; default: standardize numbers, one-hot strings, scale images, 0/1 for "
+        "booleans, the date expansion for dates and timestamps. hash: a string's bucket of `buckets`, one-hot.",
+    )
+    top_k: int | None = Field(
+        None, ge=1, description="one-hot strings: the k most frequent values of the train split, others -> __other__"
+    )
+    buckets: int | None = Field(None, ge=2, description="transform: hash: how many buckets (one 0/1 feature each)")
+    format: str | None = Field(
+        None, description="date/timestamp text: a Spark datetime pattern; default yyyy-MM-dd (HH:mm:ss)"
     )
     min: float | None = Field(None, description="Smallest valid value; smaller values are quarantined.")
     max: float | None = Field(None, description="Largest valid value; larger values are quarantined.")
@@ -101,7 +164,15 @@ class ColumnSpec(_Strict):
     def effective_transform(self) -> str:
         if self.transform is not None:
             return self.transform
-        return {"string": "onehot", "image": "scale"}.get(self.type, "standardize")
+        defaults = {"string": "onehot", "image": "scale", "boolean": "none", "date": "date", "timestamp": "date"}
+        return defaults.get(self.type, "standardize")
+
+    @property
+    def datetime_format(self) -> str | None:
+        """The Spark datetime pattern of a date or timestamp column's text (None for other types)."""
+        if self.type not in DATETIME_TYPES:
+            return None
+        return self.format or DEFAULT_DATETIME_FORMATS[self.type]
 
     @property
     def missing_policy(self) -> str:
@@ -112,7 +183,7 @@ class ColumnSpec(_Strict):
 
     @property
     def impute_with(self) -> str:
-        return self.impute or ("most_frequent" if self.type == "string" else "mean")
+        return self.impute or ("mean" if self.type in NUMERIC_TYPES else "most_frequent")
 
     @field_validator("path")
     @classmethod
@@ -136,8 +207,43 @@ class ColumnSpec(_Strict):
                     f"{where}: missing: {self.missing or 'impute'} is for tabular features; a {self.role} column's "
                     "missing value is always quarantined (remove missing/impute)"
                 )
-        if self.impute in ("mean", "median") and self.type not in ("int", "long", "float", "double"):
+        if self.impute in ("mean", "median") and self.type not in NUMERIC_TYPES:
             raise ValueError(f"{where} is a {self.type}: impute: {self.impute} needs numbers; use most_frequent")
+        return self
+
+    @model_validator(mode="after")
+    def _feature_types(self) -> ColumnSpec:
+        """The options of booleans, dates and many-valued strings, each with the column and the fix."""
+        where = f"column '{self.name}'"
+        if self.format is not None:
+            if self.type not in DATETIME_TYPES:
+                raise ValueError(f"{where}: format is for type: date or timestamp (this is {self.type}); remove it")
+            datetime_pattern_parts(self.format)
+        if self.type in ("boolean", *DATETIME_TYPES) and self.transform is not None:
+            becomes = "one 0/1 feature" if self.type == "boolean" else "year, month, day of week, ... features"
+            raise ValueError(f"{where}: a {self.type} column becomes {becomes}; remove transform: {self.transform}")
+        if self.type in ("boolean", *DATETIME_TYPES) and (self.min is not None or self.max is not None):
+            raise ValueError(f"{where}: min/max are for numbers; remove them from this {self.type} column")
+        if self.top_k is not None:
+            if self.type != "string" or self.effective_transform != "onehot":
+                raise ValueError(
+                    f"{where}: top_k is for one-hot string features (this is a {self.type} with transform "
+                    f"{self.effective_transform}); remove top_k"
+                )
+            if self.values is not None:
+                raise ValueError(
+                    f"{where}: top_k learns the vocabulary and values: declares it; keep one (values: for a short "
+                    "closed list, whose other values are quarantined; top_k: for many values, others -> __other__)"
+                )
+        if self.transform == "hash":
+            if self.type != "string":
+                raise ValueError(f"{where}: transform: hash is for string columns (this is {self.type})")
+            if self.buckets is None:
+                raise ValueError(f"{where}: transform: hash needs buckets: <int> (how many, e.g. 64)")
+            if self.values is not None:
+                raise ValueError(f"{where}: transform: hash takes any value; remove values: (or use one-hot)")
+        elif self.buckets is not None:
+            raise ValueError(f"{where}: buckets is for transform: hash; add transform: hash or remove buckets")
         return self
 
 
@@ -206,6 +312,9 @@ class DatasetConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"dataset.columns has duplicate names {dupes}")
+        key = self.column("key")
+        if key.type not in ("int", "long", "string"):
+            raise ValueError(f"key column '{key.name}' is {key.type}; a key is an int, long or string")
         unknown = sorted(set(self.split.keys or []) - set(names))
         if unknown:
             raise ValueError(f"dataset.split.keys {unknown} are not columns of the dataset")

@@ -187,6 +187,39 @@ def _learned_vocab(train: DataFrame, name: str) -> list[str]:
     return sorted(seen)
 
 
+def _most_frequent(train: DataFrame, name: str, k: int) -> list:
+    """The k most frequent non-null values of a column in the train split, most frequent first (ties: the
+    smaller value first): a groupBy and count, then Spark's top k (a bounded sort), k rows collected."""
+    counts = train.where(F.col(name).isNotNull()).groupBy(name).count()
+    return [r[0] for r in counts.orderBy(F.desc("count"), F.asc(name)).limit(k).collect()]
+
+
+def _many_valued(col: ColumnSpec) -> bool:
+    """A string feature with top_k or hashed: too many values for the one aggregation's mode (which holds a
+    count per distinct value): its most frequent value comes from a bounded top-1 query instead."""
+    return col.top_k is not None or col.effective_transform == "hash"
+
+
+DATE_PARTS = ("year", "month_sin", "month_cos", "dow_sin", "dow_cos", "doy")
+TIME_PARTS = ("hour_sin", "hour_cos")
+
+
+def date_feature_names(name: str, kind: str) -> list[str]:
+    """The features a date (or timestamp: also the hour of the day) becomes, in order."""
+    return [f"{name}_{p}" for p in (*DATE_PARTS, *(TIME_PARTS if kind == "timestamp" else ()))]
+
+
+def _json_value(value):
+    """A fill value as JSON keeps it: dates and timestamps as ISO text (yyyy-MM-dd[ HH:mm:ss[.ffffff]])."""
+    import datetime as dt
+
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return value
+
+
 def _fill_aggregate(col: ColumnSpec, alias: str) -> Column:
     """What replaces a missing value of col, fitted on the train split: mean, approximate median (bounded
     memory), or the most frequent value."""
@@ -206,9 +239,14 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
             aggs += [F.avg(col.name).alias(f"{col.name}__mean"), F.stddev_pop(col.name).alias(f"{col.name}__std")]
         elif t == "onehot" and col.values is not None:  # which declared values the train split holds
             aggs += [F.count_if(F.col(col.name) == v).alias(f"{col.name}__n{i}") for i, v in enumerate(col.values)]
+        elif t == "date":  # the year is standardized; the rest are cycles (see feature_vector)
+            year = F.year(F.col(col.name))
+            aggs += [F.avg(year).alias(f"{col.name}__year_mean"), F.stddev_pop(year).alias(f"{col.name}__year_std")]
         if col.missing_policy != "quarantine":
             nulls = F.count_if(F.col(col.name).isNull()).alias(f"{col.name}__nulls")
-            aggs += [_fill_aggregate(col, f"{col.name}__fill"), nulls]
+            if not _many_valued(col):
+                aggs.append(_fill_aggregate(col, f"{col.name}__fill"))
+            aggs.append(nulls)
     if any(c.missing_policy != "quarantine" for c in cfg.dataset.features):
         aggs.append(F.count(F.lit(1)).alias("__rows"))
     row = train.agg(*aggs).first().asDict() if aggs else {}
@@ -225,12 +263,35 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
             }
             names.append(col.name)
         elif t == "onehot":
-            if col.values is not None:
-                vocab = sorted(v for i, v in enumerate(col.values) if row[f"{col.name}__n{i}"])
+            if col.top_k is not None:  # the k most frequent values of the train split; the rest are __other__
+                top = _most_frequent(train, col.name, col.top_k)
+                entry = {"name": col.name, "transform": t, "vocab": sorted(top), "other": True}
+                names += [f"{col.name}={v}" for v in entry["vocab"]] + [f"{col.name}={OTHER}"]
+                if col.missing_policy != "quarantine":
+                    row[f"{col.name}__fill"] = top[0] if top else None
             else:
-                vocab = _learned_vocab(train, col.name)
-            entry = {"name": col.name, "transform": t, "vocab": vocab}
-            names += [f"{col.name}={v}" for v in vocab]
+                if col.values is not None:
+                    vocab = sorted(v for i, v in enumerate(col.values) if row[f"{col.name}__n{i}"])
+                else:
+                    vocab = _learned_vocab(train, col.name)
+                entry = {"name": col.name, "transform": t, "vocab": vocab}
+                names += [f"{col.name}={v}" for v in vocab]
+        elif t == "hash":
+            entry = {"name": col.name, "transform": t, "buckets": col.buckets, "hash": HASH}
+            names += [f"{col.name}#{b}" for b in range(col.buckets)]
+            if col.missing_policy != "quarantine":
+                top = _most_frequent(train, col.name, 1)
+                row[f"{col.name}__fill"] = top[0] if top else None
+        elif t == "date":
+            std = row[f"{col.name}__year_std"] or 0.0
+            entry = {
+                "name": col.name,
+                "transform": t,
+                "kind": col.type,
+                "year_mean": row[f"{col.name}__year_mean"] or 0.0,
+                "year_std": std if std > 1e-12 else 1.0,
+            }
+            names += date_feature_names(col.name, col.type)
         else:
             entry = {"name": col.name, "transform": "none"}
             names.append(col.name)
@@ -241,7 +302,7 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
                     f"preprocess: feature '{col.name}' is missing in every row of the train split; there is nothing "
                     "to impute it with: drop it (role: ignore) or fix the data"
                 )
-            entry["fill"] = fill
+            entry["fill"] = _json_value(fill)
             entry["missing_share_train"] = row[f"{col.name}__nulls"] / max(row["__rows"], 1)
             if col.missing_policy == "indicator":
                 entry["indicator"] = True
@@ -250,22 +311,81 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
     return {"features": features, "feature_names": names, "feature_shape": [len(names)]}, row
 
 
+OTHER = "__other__"  # the one-hot column of a top_k feature's values outside its vocabulary
+HASH = "crc32_utf8"  # a hashed value's bucket: pmod(crc32(its UTF-8 bytes), buckets); zlib.crc32 in Python
+
+
+def hash_bucket(c: Column, buckets: int) -> Column:
+    """The bucket of a string value: crc32 of its UTF-8 bytes (an unsigned 32-bit number) mod buckets, the
+    same as `zlib.crc32(value.encode("utf-8")) % buckets` (dlpipe.rawmodel)."""
+    return F.pmod(F.crc32(F.encode(c, "UTF-8")), F.lit(buckets))
+
+
+def _one_hot(index: Column, size: int) -> Column:
+    """array<float> of `size` with 1.0 at the 0-based index (none where index is null or out of range):
+    one higher-order function, not one expression per column, so a thousand columns stay one expression."""
+    i = F.coalesce(index, F.lit(-1))
+    return F.transform(F.sequence(F.lit(0), F.lit(size - 1)), lambda b: (b == i).cast("float"))
+
+
+def _date_parts(c: Column, f: dict) -> list[Column]:
+    """A date (or timestamp) as numbers: the year standardized with the train split's mean and std; the
+    month, the day of the week (Monday = 0) and, for timestamps, the hour of the day (hour + minute/60 +
+    second/3600) as the sine and cosine of their angle on their cycle; the day of the year as (day - 1)/366."""
+    two_pi = 2.0 * np.pi
+
+    def cycle(value: Column, period: float) -> list[Column]:
+        angle = value.cast("double") * F.lit(two_pi / period)
+        return [F.sin(angle), F.cos(angle)]
+
+    parts = [(F.year(c) - F.lit(f["year_mean"])) / F.lit(f["year_std"])]
+    parts += cycle(F.month(c) - 1, 12.0) + cycle(F.call_function("weekday", c), 7.0)
+    parts.append((F.dayofyear(c) - 1) / F.lit(366.0))
+    if f["kind"] == "timestamp":
+        parts += cycle(F.hour(c) + F.minute(c) / 60.0 + F.second(c) / 3600.0, 24.0)
+    return [p.cast("float") for p in parts]
+
+
 def feature_vector(stats: dict) -> Column:
     """array<float> of the transformed features, as fitted in stats: a missing value (null) imputed with
     the train split's fill, and a 0/1 `<name>_missing` feature after the column's own where asked."""
-    parts: list[Column] = []
+    pieces: list[Column] = []  # array<float> columns, concatenated in order
+    parts: list[Column] = []  # scalar features not yet in a piece
+
+    def flush() -> None:
+        if parts:
+            pieces.append(F.array(*parts))
+            parts.clear()
+
     for f in stats["features"]:
         raw = F.col(f["name"])
-        c = F.coalesce(raw, F.lit(f["fill"])) if "fill" in f else raw
+        fill = F.lit(f.get("fill"))
+        if f["transform"] == "date":  # the fill is ISO text
+            fill = fill.cast("date" if f["kind"] == "date" else "timestamp_ntz")
+        c = F.coalesce(raw, fill) if "fill" in f else raw
         if f["transform"] == "standardize":
             parts.append(((c - F.lit(f["mean"])) / F.lit(f["std"])).cast("float"))
+        elif f["transform"] == "onehot" and f.get("other"):
+            vocab = F.array(*[F.lit(v) for v in f["vocab"]]) if f["vocab"] else F.array().cast("array<string>")
+            position = F.coalesce(F.call_function("array_position", vocab, c), F.lit(0))  # 0: not in vocab
+            flush()
+            pieces.append(_one_hot(position - 1, len(f["vocab"])) if f["vocab"] else F.array().cast("array<float>"))
+            parts.append((position == 0).cast("float"))
         elif f["transform"] == "onehot":
             parts += [F.when(c == F.lit(v), 1.0).otherwise(0.0).cast("float") for v in f["vocab"]]
+        elif f["transform"] == "hash":
+            flush()
+            pieces.append(_one_hot(hash_bucket(c, f["buckets"]), f["buckets"]))
+        elif f["transform"] == "date":
+            parts += _date_parts(c, f)
         else:
             parts.append(c.cast("float"))
         if f.get("indicator"):
             parts.append(raw.isNull().cast("float"))
-    return F.array(*parts)
+    if not pieces:
+        return F.array(*parts)
+    flush()
+    return pieces[0] if len(pieces) == 1 else F.concat(*pieces)
 
 
 _NP_SPARK = {

@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dlpipe import lineage
-from dlpipe.config import ColumnSpec, Config, ConfigError
+from dlpipe.config import ColumnSpec, Config, ConfigError, datetime_regex
 from dlpipe.parquet_io import Output, write_routed
 from dlpipe.session import job_description
 from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
@@ -39,9 +39,17 @@ SPARK_DATA_TYPES = {
     "float": T.FloatType(),
     "double": T.DoubleType(),
     "string": T.StringType(),
+    "boolean": T.BooleanType(),
+    "date": T.DateType(),
+    "timestamp": T.TimestampNTZType(),  # the wall-clock time as written: no time zone shifts its hour
 }
 SPARK_TYPES = {name: t.simpleString() for name, t in SPARK_DATA_TYPES.items()}  # as SQL names: long -> bigint
 NUMERIC = {"int", "long", "float", "double"}
+# Parsed from text by ingest (`_typed`), never by a reader: CSV reads them as strings, so that yes/no or a
+# date in dd/MM/yyyy is parsed by the dataset's own rules, and a bad value gets its reason.
+PARSED_FROM_TEXT = {"boolean", "date", "timestamp"}
+TRUE_WORDS = ("true", "yes", "1", "t", "y")
+FALSE_WORDS = ("false", "no", "0", "f", "n")
 
 
 class AccountingError(RuntimeError):
@@ -500,7 +508,8 @@ def _typed_csv(
         lacking = [[] for _ in layouts]
     else:
         lacking = _lacking(spark, uri, layouts, columns, optional)
-    types = {c.name: SPARK_DATA_TYPES[c.type] for c in columns}
+    # booleans, dates and timestamps are read as text and parsed by `_typed`, like the other formats' text
+    types = {c.name: T.StringType() if c.type in PARSED_FROM_TEXT else SPARK_DATA_TYPES[c.type] for c in columns}
     line_opts = {k: v for k, v in opts.items() if k not in _NOT_FOR_LINES}
     line_opts.update(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT)
     options = ", ".join(f"{sql_str(k)}, {sql_str(v)}" for k, v in line_opts.items())
@@ -524,7 +533,7 @@ def _typed_csv(
             *[
                 f"{q(lay.columns[c.name])} AS {q(_f_name(c.name))}"
                 if c.name in lay.columns
-                else f"CAST(NULL AS {SPARK_TYPES[c.type]}) AS {q(_f_name(c.name))}"
+                else f"CAST(NULL AS {types[c.name].simpleString()}) AS {q(_f_name(c.name))}"
                 for c in columns
             ],
             q(CORRUPT),
@@ -558,7 +567,8 @@ def _typed_csv(
     typed = []
     for c in cfg.dataset.columns:
         if c.name in present:
-            value = f"CASE WHEN {ok} THEN {q(_f_name(c.name))} ELSE {_typed(c, text(c))} END"
+            parsed = _typed(c, q(_f_name(c.name))) if c.type in PARSED_FROM_TEXT else q(_f_name(c.name))
+            value = f"CASE WHEN {ok} THEN {parsed} ELSE {_typed(c, text(c))} END"
         else:
             value = f"CAST(NULL AS {SPARK_TYPES[c.type]})"
         typed.append(f"{value} AS {q(_t_name(c.name))}")
@@ -572,7 +582,8 @@ def _typed_csv(
         if c.name not in present:
             return "true"
         parsed = q(_f_name(c.name))
-        parsed_empty = _blank(parsed, c) if c.type == "string" else f"{parsed} IS NULL"
+        as_text = c.type == "string" or c.type in PARSED_FROM_TEXT
+        parsed_empty = _blank(parsed, c) if as_text else f"{parsed} IS NULL"
         return f"CASE WHEN {ok} THEN {parsed_empty} ELSE {_blank(text(c), c)} END"
 
     return Source(
@@ -663,6 +674,17 @@ def _typed(col: ColumnSpec, ref: str) -> str:
     if col.type in ("string", "image"):
         return ref
     text = f"trim({ref})"
+    if col.type == "boolean":
+        word = f"lower({text})"
+        yes, no = (", ".join(sql_str(w) for w in ws) for ws in (TRUE_WORDS, FALSE_WORDS))
+        return f"CASE WHEN {word} IN ({yes}) THEN true WHEN {word} IN ({no}) THEN false END"
+    if col.type in ("date", "timestamp"):
+        # only text of the pattern's exact shape reaches the parser: Spark 3.5 throws on other text
+        fmt, shape = sql_str(col.datetime_format), sql_str(datetime_regex(col.datetime_format))
+        parsed = f"try_to_timestamp({text}, {fmt})"  # null for an impossible day (31/02): no exception
+        if col.type == "timestamp":  # the same wall-clock time, without a zone (to_timestamp_ntz can throw)
+            parsed = f"to_timestamp_ntz({text}, {fmt})"
+        return f"CASE WHEN {text} RLIKE {shape} THEN CAST({parsed} AS {SPARK_TYPES[col.type]}) END"
     if col.type in ("int", "long"):
         whole = f"try_cast({text} AS double)"
         via_double = (
@@ -721,6 +743,10 @@ def _checks(src: Source, cfg: Config, scoring: bool = False) -> list[Check]:
                 checks.append(
                     Check(f"({low} OR {high})", f"out of range [{col.min}, {col.max}]: {name}=", name, "range")
                 )
+        if col.type in PARSED_FROM_TEXT:
+            what = "boolean" if col.type == "boolean" else col.type
+            type_error = f"NOT {empty} AND {typed} IS NULL"
+            checks.append(Check(type_error, f"not a {what}: {name}=", name, "type"))
         if col.type == "string" and col.values is not None:
             allowed = ", ".join(sql_str(v) for v in col.values)
             bad = f"NOT {empty} AND NOT {typed} IN ({allowed})"

@@ -15,9 +15,12 @@ directly (`network_of`), much faster; tests hold the two to the same answers.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import re
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,78 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 NUMERIC = {"int", "long", "float", "double"}
-SIGNATURE_TYPES = {"int": "integer", "long": "long", "float": "float", "double": "double", "string": "string"}
+# JSON has booleans but no dates: a date or timestamp is text in the column's `format`, as in the raw files
+SIGNATURE_TYPES = {
+    "int": "integer",
+    "long": "long",
+    "float": "float",
+    "double": "double",
+    "string": "string",
+    "boolean": "boolean",
+    "date": "string",
+    "timestamp": "string",
+}
+# ingest's words (dlpipe.ingest.TRUE_WORDS, FALSE_WORDS), here too so that the model needs no Spark
+TRUE_WORDS = ("true", "yes", "1", "t", "y")
+FALSE_WORDS = ("false", "no", "0", "f", "n")
+_FIELDS = {"yyyy": "year", "MM": "month", "M": "month", "dd": "day", "d": "day", "HH": "hour", "H": "hour"}
+_FIELDS.update({"mm": "minute", "m": "minute", "ss": "second", "s": "second", "SSS": "milli"})
+
+
+class DatetimeFormat:
+    """A Spark datetime pattern (dataset column `format`) parsed and written in Python as ingest parses it in
+    Spark SQL: text of the pattern's exact shape (dlpipe.config.datetime_regex), then a real calendar day
+    (31/02 is not one); fields the pattern lacks are Spark's defaults (1970-01-01 00:00:00)."""
+
+    def __init__(self, pattern: str):
+        from dlpipe.config import datetime_pattern_parts, datetime_regex
+
+        self.parts = datetime_pattern_parts(pattern)
+        self.shape = re.compile(datetime_regex(pattern))
+        groups = ["([0-9]+)" if kind == "token" else re.escape(text) for kind, text in self.parts]
+        self.fields = re.compile("^" + "".join(groups) + "$")
+        self.tokens = [text for kind, text in self.parts if kind == "token"]
+
+    def parse(self, text: str) -> dt.datetime | None:
+        if not self.shape.match(text):
+            return None
+        values = {"year": 1970, "month": 1, "day": 1, "hour": 0, "minute": 0, "second": 0, "milli": 0}
+        for token, digits in zip(self.tokens, self.fields.match(text).groups(), strict=True):
+            values[_FIELDS[token]] = int(digits)
+        milli = values.pop("milli")
+        try:
+            return dt.datetime(**values, microsecond=milli * 1000)
+        except ValueError:
+            return None
+
+    def format(self, value: dt.date) -> str:
+        if not isinstance(value, dt.datetime):
+            value = dt.datetime(value.year, value.month, value.day)
+        numbers = {"year": value.year, "month": value.month, "day": value.day, "hour": value.hour}
+        numbers.update(minute=value.minute, second=value.second, milli=value.microsecond // 1000)
+        out = []
+        for kind, text in self.parts:
+            if kind == "literal":
+                out.append(text)
+            else:
+                width = 4 if text == "yyyy" else 3 if text == "SSS" else len(text)
+                out.append(f"{numbers[_FIELDS[text]]:0{width}d}")
+        return "".join(out)
+
+
+def _iso(text: str) -> dt.datetime:
+    """A fill value of a date or timestamp column, as the statistics keep it (ISO text)."""
+    return dt.datetime.fromisoformat(text)
+
+
+def _boolean_number(value) -> float:
+    word = str(value).strip().lower()
+    return 1.0 if word in TRUE_WORDS else 0.0 if word in FALSE_WORDS else math.nan
+
+
+def hash_buckets(values, buckets: int) -> np.ndarray:
+    """dlpipe.features.hash_bucket in Python: crc32 of the value's UTF-8 bytes, mod buckets."""
+    return np.array([zlib.crc32(str(v).encode("utf-8")) % buckets for v in values], dtype=np.int64)
 
 
 class BadRecordsError(ValueError):
@@ -77,6 +151,26 @@ def _check_and_fill(col: dict, entry: dict, values: pd.Series, reasons: list[str
         high = number.gt(col["max"]).to_numpy() if col.get("max") is not None else np.zeros(len(values), bool)
         fail(low | high, lambda i: f"out of range [{col.get('min')}, {col.get('max')}]: {name}={text.iloc[i]}")
         return number.where(~missing, entry.get("fill", math.nan))
+    if kind == "boolean":
+        number = pd.Series([_boolean_number(v) for v in values.astype("object")], dtype="float64")
+        fail(~missing & number.isna().to_numpy(), lambda i: f"not a boolean: {name}={text.iloc[i]}")
+        fill = entry.get("fill")
+        return number.where(~missing, math.nan if fill is None else float(fill))
+    if kind in ("date", "timestamp"):
+        fmt = DatetimeFormat(col["format"])
+
+        def when(value) -> dt.datetime | None:
+            if isinstance(value, dt.date):  # a date or datetime (pandas Timestamp) given as such, not as text
+                return value if isinstance(value, dt.datetime) else dt.datetime(value.year, value.month, value.day)
+            return fmt.parse(str(value).strip())
+
+        parsed = [None if m else when(v) for v, m in zip(values.astype("object"), missing, strict=True)]
+        fail(
+            ~missing & np.array([p is None for p in parsed], dtype=bool),
+            lambda i: f"not a {kind}: {name}={text.iloc[i]}",
+        )
+        fill = _iso(entry["fill"]) if entry.get("fill") is not None else None
+        return pd.Series([fill if m else p for p, m in zip(parsed, missing, strict=True)], dtype="object")
     if col.get("values") is not None:
         fail(
             ~missing & ~text.isin(col["values"]).fillna(False).to_numpy(),
@@ -101,7 +195,15 @@ def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -
             parts.append(((values.to_numpy(np.float64) - entry["mean"]) / entry["std"])[:, None])
         elif entry["transform"] == "onehot":
             v = values.astype("string").fillna("").to_numpy(dtype=object)
-            parts.append(np.stack([v == word for word in entry["vocab"]], axis=1).astype(np.float64))
+            hot = [v == word for word in entry["vocab"]]
+            if entry.get("other"):  # top_k: a value outside the vocabulary is __other__
+                hot.append(~np.isin(v, np.asarray(entry["vocab"], dtype=object)))
+            parts.append(np.stack(hot, axis=1).astype(np.float64) if hot else np.zeros((n, 0)))
+        elif entry["transform"] == "hash":
+            bucket = hash_buckets(values.astype("string").fillna("").to_numpy(dtype=object), entry["buckets"])
+            parts.append((bucket[:, None] == np.arange(entry["buckets"])[None, :]).astype(np.float64))
+        elif entry["transform"] == "date":
+            parts.append(_date_parts(values, entry))
         else:
             parts.append(pd.to_numeric(values, errors="coerce").to_numpy(np.float64)[:, None])
         if entry.get("indicator"):
@@ -110,6 +212,26 @@ def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -
     bad = np.array([r is not None for r in reasons], dtype=bool)
     x[bad] = 0.0
     return np.nan_to_num(x, copy=False), reasons
+
+
+def _date_parts(values: pd.Series, entry: dict) -> np.ndarray:
+    """dlpipe.features._date_parts in numpy: standardized year; month, day of week (Monday = 0) and hour of
+    the day (timestamps) as sine and cosine; (day of year - 1) / 366. A value that is None gives zeros."""
+    whens = [v if v is not None else dt.datetime(1970, 1, 1) for v in values]
+    year = np.array([w.year for w in whens], np.float64)
+    month = np.array([w.month - 1 for w in whens], np.float64)
+    dow = np.array([w.weekday() for w in whens], np.float64)
+    doy = np.array([w.timetuple().tm_yday - 1 for w in whens], np.float64)
+    cols = [(year - entry["year_mean"]) / entry["year_std"]]
+    for value, period in ((month, 12.0), (dow, 7.0)):
+        angle = value * (2.0 * np.pi / period)
+        cols += [np.sin(angle), np.cos(angle)]
+    cols.append(doy / 366.0)
+    if entry["kind"] == "timestamp":
+        hour = np.array([w.hour + w.minute / 60.0 + w.second / 3600.0 for w in whens], np.float64)
+        angle = hour * (2.0 * np.pi / 24.0)
+        cols += [np.sin(angle), np.cos(angle)]
+    return np.stack(cols, axis=1)
 
 
 def answers(scores: np.ndarray, stats: dict) -> pd.DataFrame:
@@ -166,6 +288,7 @@ def input_columns(cfg) -> list[dict]:
             "max": c.max,
             "values": c.values,
             "missing": c.missing_policy,
+            "format": c.datetime_format,
         }
         for c in cfg.dataset.features
     ]
@@ -184,6 +307,18 @@ def signature(columns: list[dict], example_out: pd.DataFrame):
         specs.append(ColSpec(kind, c["name"], required=not optional))
     out = infer_signature(None, example_out).outputs if example_out is not None else None
     return ModelSignature(inputs=Schema(specs), outputs=out)
+
+
+def as_records(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
+    """Rows as a client sends them (the input example): dates and timestamps as text in their `format` (read
+    from the clean dataset they are date objects), booleans as booleans."""
+    frame = frame.copy()
+    for c in columns:
+        if c["name"] in frame.columns and c["type"] in ("date", "timestamp"):
+            fmt = DatetimeFormat(c["format"])
+            cells = frame[c["name"]].astype("object")
+            frame[c["name"]] = [None if pd.isna(v) else fmt.format(v) if isinstance(v, dt.date) else v for v in cells]
+    return frame
 
 
 def log_raw_model(
@@ -219,6 +354,7 @@ def log_raw_model(
         (Path(tmp) / "stats.json").write_text(json.dumps(stats))
         (Path(tmp) / "columns.json").write_text(json.dumps(columns))
         model = RawRecordModel()
+        example = as_records(example, columns)
         x, _ = transform_records(example, stats, columns)
         with torch.no_grad():
             example_out = answers(network(torch.from_numpy(x)).numpy(), stats)

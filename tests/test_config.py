@@ -119,3 +119,61 @@ def test_job_exits_nonzero_on_bad_config_before_spark_starts():
     assert "unknown key 'train.epoch'" in proc.stderr
     assert "SparkContext" not in proc.stderr
     assert time.time() - started < 30  # no JVM was started
+
+
+def _with_feature(tmp_path, feature: dict, key: dict | None = None):
+    """load_config of a dataset with one feature column as given (and optionally its key column)."""
+    import shutil
+
+    import yaml
+
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf, dirs_exist_ok=True)
+    spec = {
+        "name": "mine",
+        "source": {"uri": "data/raw/mine", "format": "csv"},
+        "num_classes": 2,
+        "columns": [
+            key or {"name": "id", "type": "long", "role": "key"},
+            feature,
+            {"name": "y", "type": "int", "role": "label"},
+        ],
+    }
+    (conf / "datasets" / "mine.yaml").write_text(yaml.safe_dump(spec))
+    return load_config("local", ["dataset=mine", f"project.root={tmp_path}"], conf_dir=conf)
+
+
+@pytest.mark.parametrize(
+    ("feature", "expected"),
+    [
+        ({"name": "c", "type": "string", "top_k": 5, "values": ["a"]}, "column 'c': top_k learns the vocabulary"),
+        ({"name": "c", "type": "double", "top_k": 5}, "column 'c': top_k is for one-hot string features"),
+        ({"name": "c", "type": "string", "top_k": 0}, "greater than or equal to 1"),
+        ({"name": "c", "type": "string", "transform": "hash"}, "column 'c': transform: hash needs buckets"),
+        ({"name": "c", "type": "string", "buckets": 8}, "column 'c': buckets is for transform: hash"),
+        ({"name": "c", "type": "long", "transform": "hash", "buckets": 8}, "hash is for string columns"),
+        ({"name": "d", "type": "double", "format": "dd/MM/yyyy"}, "column 'd': format is for type: date"),
+        ({"name": "d", "type": "date", "format": "dd/MMM/yyyy"}, "'MMM' is not supported; use yyyy"),
+        ({"name": "d", "type": "date", "format": "dd/MM/yy"}, "'yy' is not supported"),
+        ({"name": "d", "type": "date", "format": "'day'"}, "has no date or time fields"),
+        ({"name": "d", "type": "date", "transform": "standardize"}, "column 'd': a date column becomes"),
+        ({"name": "b", "type": "boolean", "transform": "onehot"}, "column 'b': a boolean column becomes one 0/1"),
+        ({"name": "b", "type": "boolean", "min": 0}, "min/max are for numbers"),
+        ({"name": "b", "type": "boolean", "impute": "mean"}, "is a boolean: impute: mean needs numbers"),
+    ],
+)
+def test_feature_type_options_are_checked_with_the_column_and_the_fix(tmp_path, feature, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        _with_feature(tmp_path, feature)
+
+
+def test_a_key_is_a_number_or_text_and_the_new_types_have_their_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="key column 'id' is date"):
+        _with_feature(tmp_path, {"name": "x", "type": "double"}, key={"name": "id", "type": "date", "role": "key"})
+    cfg = _with_feature(tmp_path, {"name": "b", "type": "boolean", "missing": "impute"})
+    b = cfg.dataset.features[0]
+    assert (b.effective_transform, b.impute_with, b.datetime_format) == ("none", "most_frequent", None)
+    d = _with_feature(tmp_path, {"name": "d", "type": "timestamp"}).dataset.features[0]
+    assert (d.effective_transform, d.datetime_format) == ("date", "yyyy-MM-dd HH:mm:ss")
+    f = _with_feature(tmp_path, {"name": "d", "type": "date", "format": "d.M.yyyy"}).dataset.features[0]
+    assert f.datetime_format == "d.M.yyyy"
