@@ -194,10 +194,14 @@ def _most_frequent(train: DataFrame, name: str, k: int) -> list:
     return [r[0] for r in counts.orderBy(F.desc("count"), F.asc(name)).limit(k).collect()]
 
 
-def _many_valued(col: ColumnSpec) -> bool:
-    """A string feature with top_k or hashed: too many values for the one aggregation's mode (which holds a
-    count per distinct value): its most frequent value comes from a bounded top-1 query instead."""
-    return col.top_k is not None or col.effective_transform == "hash"
+def _fill_in_aggregation(col: ColumnSpec) -> bool:
+    """Whether the one statistics aggregation can fit col's fill value. Spark's mode holds a count per
+    distinct value in memory, so it is used only where the values are few by declaration (a closed list,
+    booleans); any other most frequent value (numbers, learned, top_k or hashed strings, dates) comes from
+    a bounded top-1 query (`_most_frequent`)."""
+    if col.impute_with != "most_frequent":
+        return True
+    return (col.values is not None and col.top_k is None) or col.type == "boolean"
 
 
 DATE_PARTS = ("year", "month_sin", "month_cos", "dow_sin", "dow_cos", "doy")
@@ -244,7 +248,7 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
             aggs += [F.avg(year).alias(f"{col.name}__year_mean"), F.stddev_pop(year).alias(f"{col.name}__year_std")]
         if col.missing_policy != "quarantine":
             nulls = F.count_if(F.col(col.name).isNull()).alias(f"{col.name}__nulls")
-            if not _many_valued(col):
+            if _fill_in_aggregation(col):
                 aggs.append(_fill_aggregate(col, f"{col.name}__fill"))
             aggs.append(nulls)
     if any(c.missing_policy != "quarantine" for c in cfg.dataset.features):
@@ -279,9 +283,6 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
         elif t == "hash":
             entry = {"name": col.name, "transform": t, "buckets": col.buckets, "hash": HASH}
             names += [f"{col.name}#{b}" for b in range(col.buckets)]
-            if col.missing_policy != "quarantine":
-                top = _most_frequent(train, col.name, 1)
-                row[f"{col.name}__fill"] = top[0] if top else None
         elif t == "date":
             std = row[f"{col.name}__year_std"] or 0.0
             entry = {
@@ -296,6 +297,9 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
             entry = {"name": col.name, "transform": "none"}
             names.append(col.name)
         if col.missing_policy != "quarantine":
+            if f"{col.name}__fill" not in row:  # most frequent of many possible values: a bounded query
+                top = _most_frequent(train, col.name, 1)
+                row[f"{col.name}__fill"] = top[0] if top else None
             fill = row[f"{col.name}__fill"]
             if fill is None:  # not one value in the train split: nothing to learn from
                 raise ValueError(

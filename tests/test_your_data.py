@@ -236,3 +236,19 @@ def test_the_int8_variant_takes_raw_records_too(penguins):
     fp32 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate").predict(raw[names])
     assert set(int8["predicted_class"]) <= {"Adelie", "Chinstrap", "Gentoo"}
     assert (int8["predicted_class"] == fp32["predicted_class"]).mean() > 0.97
+
+
+def test_a_numeric_most_frequent_fill_is_the_train_splits_commonest_value(spark, tmp_path):
+    """most_frequent on numbers comes from a bounded top-1 query (not an in-memory count of every value)."""
+    feature = {"name": "x", "type": "double", "missing": "impute", "impute": "most_frequent"}
+    conf = _conf_with(tmp_path, "mine", _spec({"type": "string", "values": ["a", "b"]}, feature))
+    cfg = load_config("local", ["dataset=mine", f"project.root={tmp_path}", "spark.master=local[2]"], conf_dir=conf)
+    ids = spark.range(300).withColumn("_s", features.split_column(cfg)).collect()
+    train = [r["id"] for r in ids if r["_s"] == "train"]
+    common = set(train[:40])  # 40 train rows hold 2.5; every other row a value of its own, or nothing
+    rows = [(i, 2.5 if i in common else ("" if i % 10 == 0 else i + 0.25), "a" if i % 2 else "b") for i in range(300)]
+    _write_csv(tmp_path / "data" / "raw" / "mine", rows)
+    ingest.run(spark, cfg)
+    features.run(spark, cfg)
+    (x,) = features.read_stats(spark, cfg)["features"]
+    assert x["fill"] == 2.5 and x["missing_share_train"] > 0
