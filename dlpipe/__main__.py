@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dlpipe import redact
 from dlpipe.cli import add_common, load_or_exit, setup_logging
 from dlpipe.pipeline import STAGES
 
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
         from dlpipe.pipeline import stages_for
         from dlpipe.status import render, stage_status
 
-        print(render(stage_status(cfg, stages_for(cfg))))
+        print(redact.text(render(stage_status(cfg, stages_for(cfg)))))
         return 0
     from dlpipe.pipeline import run_pipeline, run_stage, summary
     from dlpipe.session import build_spark, stop_spark
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
         result = run_pipeline(spark, cfg, stages, force=args.force)
     finally:
         stop_spark(spark)
-    print(summary(result))
+    print(redact.text(summary(result)))
     return 0
 
 

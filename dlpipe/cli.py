@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from dlpipe import redact
 from dlpipe.config import Config, ConfigError, load_config
 
 
@@ -15,6 +16,7 @@ def setup_logging() -> None:
     )
     for noisy in ("py4j", "urllib3", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    redact.install()  # secrets masked in every line logged
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,7 +37,7 @@ def load_or_exit(args: argparse.Namespace) -> Config:
     try:
         return load_config(args.env, args.overrides, args.conf_dir)
     except ConfigError as exc:
-        print(f"dlpipe: config error: {exc}", file=sys.stderr)
+        print(f"dlpipe: config error: {redact.text(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

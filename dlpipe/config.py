@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dlpipe import redact
+
 DEFAULT_ENV = "local"
 # Free-form mappings whose keys themselves contain dots (`spark.conf.spark.sql.shuffle.partitions=4`).
 _FREE_FORM = ("spark.conf", "storage.s3.hadoop")
@@ -615,9 +617,11 @@ def load_config(
         root = (conf_dir.resolve().parent / root).resolve()
     data["project"]["root"] = str(root)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, data, env)) from None
+    redact.mapping(cfg.flat())  # remember the secrets it holds: masked wherever they would be shown
+    return cfg
 
 
 def _dataset_file(conf_dir: Path, name: str) -> dict[str, Any]:
@@ -729,7 +733,7 @@ def _explain(exc: ValidationError, data: dict[str, Any], env: str) -> str:
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<top>"
-        value = _lookup(data, loc)
+        value = redact.value(key, _lookup(data, loc))
         kind = err["type"]
         if kind == "extra_forbidden":
             model = _model_at(loc)

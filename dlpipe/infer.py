@@ -21,7 +21,7 @@ import logging
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from dlpipe import lineage, tracking
+from dlpipe import lineage, redact, tracking
 from dlpipe.config import Config
 from dlpipe.features import class_names, model_stats, read_stats, transform
 from dlpipe.ingest import (
@@ -160,7 +160,7 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         source_fp = lineage.dataset_fingerprint(spark, paths.petastorm)
         stats = read_stats(spark, cfg)
     if mlflow.active_run() is not None:
-        mlflow.set_tags({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv["version"])})
+        mlflow.set_tags(redact.tree({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv["version"])}))
     inputs = {source: source_fp, uri: f"{mv['name']}/{mv['version']}/{mv['run_id']}"}
     spec = cfg.infer.model_dump(mode="json", exclude={"output"})
     fp = lineage.digest({"stage": "infer", "inputs": inputs, "infer": spec, "out": out})

@@ -14,6 +14,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from dlpipe import redact
 from dlpipe.storage import HadoopFS
 
 META = "_dlpipe_meta.json"
@@ -80,10 +81,8 @@ def log_lineage(stage: str, fingerprint: str, inputs: dict[str, str], outputs: l
 
     if mlflow.active_run() is None:
         return
-    mlflow.set_tags(
-        {"dlpipe.fingerprint": fingerprint, "dlpipe.skipped": str(skipped).lower(), "dlpipe.outputs": ",".join(outputs)}
-    )
-    mlflow.log_dict(
-        {"stage": stage, "fingerprint": fingerprint, "inputs": inputs, "outputs": outputs, "skipped": skipped},
-        "lineage.json",
-    )
+    outs = ",".join(outputs)
+    tags = {"dlpipe.fingerprint": fingerprint, "dlpipe.skipped": str(skipped).lower(), "dlpipe.outputs": outs}
+    mlflow.set_tags(redact.tree(tags))
+    record = {"stage": stage, "fingerprint": fingerprint, "inputs": inputs, "outputs": outputs, "skipped": skipped}
+    mlflow.log_dict(redact.tree(record), "lineage.json")

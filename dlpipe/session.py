@@ -21,7 +21,8 @@ from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
-from dlpipe.config import Config
+from dlpipe import redact
+from dlpipe.config import Config, ConfigError
 from dlpipe.storage import hadoop_s3a_conf, s3a_jars, storage_settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ def on_loopback(master: str) -> bool:
     return master.startswith("local") or bool(re.match(r"spark://(127\.0\.0\.1|localhost)[:/]", master))
 
 
+HADOOP_PREFIX = "spark.hadoop."
+
+
 def build_spark(cfg: Config) -> SparkSession:
     """Create (or get) the session for cfg: master, app name and every `spark.*` setting from conf/.
 
@@ -70,8 +74,18 @@ def build_spark(cfg: Config) -> SparkSession:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+    # PySpark hands the builder's settings to spark-submit as --conf arguments: on the JVM's command line,
+    # readable by anyone on the machine. Secret settings are set on the running session instead.
+    secret_hadoop: dict[str, str] = {}
+    secret_runtime: dict[str, str] = {}
     for key, value in cfg.spark.conf.items():
-        builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if not redact.is_secret_key(key):
+            builder = builder.config(key, text)
+        elif key.startswith(HADOOP_PREFIX):
+            secret_hadoop[key[len(HADOOP_PREFIX) :]] = text
+        else:
+            secret_runtime[key] = text
     memory = memory_defaults(cfg)
     for key, value in memory.items():
         builder = builder.config(key, value)
@@ -81,11 +95,33 @@ def build_spark(cfg: Config) -> SparkSession:
         extra = cfg.spark.conf.get("spark.jars")
         builder = builder.config("spark.jars", ",".join(jars + ([str(extra)] if extra else [])))
     for key, value in hadoop_s3a_conf(storage_settings(cfg)).items():
-        builder = builder.config(f"spark.hadoop.{key}", value)
+        if redact.is_secret_key(key):
+            secret_hadoop[key] = value
+        else:
+            builder = builder.config(f"{HADOOP_PREFIX}{key}", value)
     spark = builder.getOrCreate()
+    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()  # tasks get it with every job's Hadoop conf
+    for key, value in secret_hadoop.items():
+        hadoop_conf.set(key, value)
+    for key, value in secret_runtime.items():
+        _set_secret(spark, key, value)
     spark.sparkContext.setLogLevel(cfg.spark.log_level)
     log_memory(spark, chosen=memory)
     return spark
+
+
+def _set_secret(spark: SparkSession, key: str, value: str) -> None:
+    """A secret Spark setting, set on the running session (never on a command line)."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        spark.conf.set(key, value)
+    except AnalysisException as exc:  # a static setting: only read when Spark starts
+        raise ConfigError(
+            f"spark.conf.{key} names a secret and Spark reads it only at start, where dlpipe would have to put it "
+            "on the spark-submit command line (readable by every user of the machine); set it in a "
+            f"spark-defaults.conf only you can read instead ({type(exc).__name__})"
+        ) from None
 
 
 def memory_defaults(cfg: Config) -> dict[str, str]:

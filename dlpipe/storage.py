@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 
+from dlpipe import redact
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,15 @@ class StorageSettings:
 
 
 def s3_credentials(cfg: Any) -> tuple[str | None, str | None, str | None]:
-    """(access key, secret key, session token) from the environment, else the git-ignored credentials file."""
+    """(access key, secret key, session token) from the environment, else the git-ignored credentials file;
+    each is remembered by dlpipe.redact, so it is masked wherever it would be shown."""
+    found = _s3_credentials(cfg)
+    for part in found:
+        redact.remember(part)
+    return found
+
+
+def _s3_credentials(cfg: Any) -> tuple[str | None, str | None, str | None]:
     env = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
     if all(env):
         return env[0], env[1], os.environ.get("AWS_SESSION_TOKEN")

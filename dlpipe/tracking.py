@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dlpipe import redact
 from dlpipe.config import Config
 
 PARAM_PREFIXES = {
@@ -75,7 +76,7 @@ def _param_value(v: Any) -> str:
 def log_params(flat: Mapping[str, Any]) -> None:
     import mlflow
 
-    mlflow.log_params({k: _param_value(v) for k, v in flat.items()})
+    mlflow.log_params({k: _param_value(v) for k, v in redact.mapping(flat).items()})
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
