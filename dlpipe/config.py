@@ -600,15 +600,16 @@ def load_config(
     base_file = conf_dir / "base.yaml"
     if not base_file.is_file():
         raise ConfigError(f"no {base_file}: run from the project folder or pass --conf-dir / set DLPIPE_CONF_DIR")
-    data = _with_dataset(_read_yaml(base_file), {}, conf_dir)
+    data, dataset_file = _with_dataset(_read_yaml(base_file), {}, conf_dir, None)
     env_file = conf_dir / f"{env}.yaml"
     if not env_file.is_file():
         known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem not in ("base", "credentials"))
         raise ConfigError(f"environment '{env}' has no file {env_file}; known environments: {', '.join(known)}")
-    data = _with_dataset(_read_yaml(env_file), data, conf_dir)
+    data, dataset_file = _with_dataset(_read_yaml(env_file), data, conf_dir, dataset_file)
     for item in overrides:
         if item.partition("=")[0].strip() == "dataset":  # dataset=NAME picks conf/datasets/NAME.yaml
-            data["dataset"] = _dataset_file(conf_dir, item.partition("=")[2].strip())
+            dataset_file = _dataset_path(conf_dir, item.partition("=")[2].strip())
+            data["dataset"] = _dataset_file(dataset_file)
         else:
             apply_override(data, item)
     data.setdefault("project", {})
@@ -619,34 +620,45 @@ def load_config(
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, data, env)) from None
+        raise ConfigError(_explain(exc, data, env, dataset_file)) from None
     redact.mapping(cfg.flat())  # remember the secrets it holds: masked wherever they would be shown
     return cfg
 
 
-def _dataset_file(conf_dir: Path, name: str) -> dict[str, Any]:
+def _dataset_path(conf_dir: Path, name: str) -> Path:
     path = conf_dir / "datasets" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (conf_dir / "datasets").glob("*.yaml"))
         raise ConfigError(f"dataset '{name}' has no file {path}; known datasets: {', '.join(known) or 'none'}")
+    return path
+
+
+def _dataset_file(path: Path) -> dict[str, Any]:
     spec = _read_yaml(path)
-    spec.setdefault("name", name)
+    spec.setdefault("name", path.stem)
     return spec
 
 
-def _with_dataset(layer: dict[str, Any], below: dict[str, Any], conf_dir: Path) -> dict[str, Any]:
-    """Overlay a config layer; a `dataset: NAME` in it replaces the dataset with conf/datasets/NAME.yaml."""
+def _with_dataset(
+    layer: dict[str, Any], below: dict[str, Any], conf_dir: Path, dataset_file: Path | None
+) -> tuple[dict[str, Any], Path | None]:
+    """Overlay a config layer; a `dataset: NAME` in it replaces the dataset with conf/datasets/NAME.yaml.
+    Returns the merged tree and the dataset's file (what messages about dataset keys name)."""
     layer = dict(layer)
     if isinstance(layer.get("dataset"), str):
-        below = {**below, "dataset": _dataset_file(conf_dir, layer.pop("dataset"))}
-    return deep_merge(below, layer)
+        dataset_file = _dataset_path(conf_dir, layer.pop("dataset"))
+        below = {**below, "dataset": _dataset_file(dataset_file)}
+    return deep_merge(below, layer), dataset_file
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p) or exc
+        raise ConfigError(f"{path}{where}: not valid YAML: {what}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of keys at the top, found {type(loaded).__name__}")
     return loaded
@@ -728,19 +740,26 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _explain(exc: ValidationError, data: dict[str, Any], env: str) -> str:
-    lines = [f"invalid configuration (conf/base.yaml + conf/{env}.yaml + overrides):"]
+def _explain(exc: ValidationError, data: dict[str, Any], env: str, dataset_file: Path | None = None) -> str:
+    sources = f"conf/base.yaml + conf/{env}.yaml + overrides"
+    if dataset_file is not None:
+        sources += f"; dataset keys from {dataset_file}"
+    lines = [f"invalid configuration ({sources}):"]
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<top>"
+        where = ""
+        if dataset_file is not None and loc and loc[0] == "dataset":
+            where = f" in {dataset_file} (key '{'.'.join(str(p) for p in loc[1:]) or '<top>'}')"
         value = redact.value(key, _lookup(data, loc))
         kind = err["type"]
         if kind == "extra_forbidden":
             model = _model_at(loc)
             allowed = ", ".join(sorted(model.model_fields)) if model else "see conf/base.yaml"
-            lines.append(f"  unknown key '{key}' (value {value!r}); allowed keys here: {allowed}")
+            lines.append(f"  unknown key '{key}'{where} (value {value!r}); allowed keys here: {allowed}")
         elif kind == "missing":
-            lines.append(f"  missing required key '{key}': set it in conf/{env}.yaml or pass {key}=VALUE")
+            fix = f"set it in {dataset_file}" if where else f"set it in conf/{env}.yaml"
+            lines.append(f"  missing required key '{key}'{where}: {fix} or pass {key}=VALUE")
         else:
-            lines.append(f"  bad value for '{key}': {value!r}: {err['msg']}")
+            lines.append(f"  bad value for '{key}'{where}: {value!r}: {err['msg']}")
     return "\n".join(lines)

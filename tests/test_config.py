@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 
 from dlpipe.config import ConfigError, apply_override, load_config
 from tests.conftest import REPO
@@ -177,3 +179,26 @@ def test_a_key_is_a_number_or_text_and_the_new_types_have_their_defaults(tmp_pat
     assert (d.effective_transform, d.datetime_format) == ("date", "yyyy-MM-dd HH:mm:ss")
     f = _with_feature(tmp_path, {"name": "d", "type": "date", "format": "d.M.yyyy"}).dataset.features[0]
     assert f.datetime_format == "d.M.yyyy"
+
+
+def test_a_dataset_file_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    (conf / "datasets" / "broken.yaml").write_text("name: broken\nsource: {uri: x, format: csv\ncolumns: []\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("local", ["dataset=broken"], conf_dir=conf)
+    message = str(err.value)
+    assert str(conf / "datasets" / "broken.yaml") in message and "line 3" in message, message
+
+
+def test_a_misspelt_key_in_a_dataset_file_names_that_file(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    spec = yaml.safe_load((conf / "datasets" / "tabular_example.yaml").read_text())
+    spec["max_bad_fractoin"] = 0.2
+    (conf / "datasets" / "typo.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as err:
+        load_config("local", ["dataset=typo"], conf_dir=conf)
+    message = str(err.value)
+    assert f"unknown key 'dataset.max_bad_fractoin' in {conf / 'datasets' / 'typo.yaml'}" in message, message
+    assert "conf/local.yaml" not in message.split("\n", 1)[1], message  # the fix is in the dataset file
