@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from dlpipe import redact
@@ -32,10 +34,20 @@ def add_common(p: argparse.ArgumentParser, force: bool = True) -> argparse.Argum
     return p
 
 
+SECRET_OVERRIDES = "DLPIPE_SECRET_OVERRIDES"  # a JSON list of key.path=value: secrets kept off command lines
+
+
 def load_or_exit(args: argparse.Namespace) -> Config:
-    """The validated config, or exit 2 with the message before any Spark starts."""
+    """The validated config, or exit 2 with the message before any Spark starts. Overrides come from the
+    command line and, for secrets (the Airflow DAG passes them so), from $DLPIPE_SECRET_OVERRIDES."""
     try:
-        return load_config(args.env, args.overrides, args.conf_dir)
+        try:
+            hidden = json.loads(os.environ.get(SECRET_OVERRIDES) or "[]")
+        except json.JSONDecodeError:
+            hidden = None
+        if not isinstance(hidden, list):
+            raise ConfigError(f"${SECRET_OVERRIDES} must be a JSON list of key.path=value strings")
+        return load_config(args.env, [*map(str, hidden), *args.overrides], args.conf_dir)
     except ConfigError as exc:
         print(f"dlpipe: config error: {redact.text(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None

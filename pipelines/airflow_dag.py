@@ -11,7 +11,8 @@ PYSPARK_PYTHON / PYSPARK_DRIVER_PYTHON. Where things are comes from the environm
     DLPIPE_ENV           the default of the `env` param (default: local)
 
 Params, per run (`airflow dags test dlpipe -c '{"overrides": ["train.epochs=5"]}'` or the trigger form):
-`env` (conf/<env>.yaml), `overrides` (key.path=value, as on dlpipe's command line), `master` (default:
+`env` (conf/<env>.yaml), `overrides` (key.path=value, as on dlpipe's command line; one whose key names a
+secret goes to the job through its environment, never its command line, and is masked in task logs), `master` (default:
 spark.master from conf and overrides), `force` (redo stages whose inputs are unchanged), `parent_run_id`
 (attach the stage runs to an existing MLflow run). The jobs validate the config themselves.
 
@@ -32,6 +33,8 @@ file, and which master to use and whether the dataset has a generator follow the
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import os
 import shlex
 from collections.abc import Mapping
@@ -54,6 +57,27 @@ SPARK_SUBMIT = os.environ.get("DLPIPE_SPARK_SUBMIT") or str(Path(PYTHON).parent 
 CONF_DIR = Path(os.environ.get("DLPIPE_CONF_DIR") or HOME / "conf")
 # Free-form mappings whose keys contain dots, as in dlpipe.config.
 _FREE_FORM = ("spark.conf", "storage.s3.hadoop")
+SECRET_OVERRIDES = "DLPIPE_SECRET_OVERRIDES"  # what dlpipe.cli reads them from: never a command line
+
+
+def _redaction_rule():
+    """dlpipe's one redaction rule (dlpipe/redact.py, no imports beyond the standard library), loaded from
+    its file: dlpipe itself is not importable here."""
+    spec = importlib.util.spec_from_file_location("dlpipe_redact_rule", HOME / "dlpipe" / "redact.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_redact = _redaction_rule()
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides that may be shown, overrides whose key names a secret)."""
+    public, secret = [], []
+    for item in overrides:
+        (secret if _redact.is_secret_key(item.partition("=")[0].strip()) else public).append(item)
+    return public, secret
 
 
 # --- what a run needs from conf/: plain YAML with dlpipe.config's layering (dlpipe itself is not importable here)
@@ -116,8 +140,9 @@ def resolve_conf(env: str, overrides: list[str]) -> dict[str, Any]:
 def stage_command(stage: str, params: Mapping[str, Any]) -> str:
     """The bash command of one stage for this run's params (the tasks' template calls it when they run)."""
     env = str(params.get("env") or os.environ.get("DLPIPE_ENV") or "local")
-    overrides = [str(o) for o in params.get("overrides") or []]
-    conf = resolve_conf(env, overrides)
+    everything = [str(o) for o in params.get("overrides") or []]
+    conf = resolve_conf(env, everything)
+    overrides, _ = split_overrides(everything)  # secret ones reach the job through its environment
     dataset = conf.get("dataset") or {}
     if stage == "generate" and dataset.get("generator") is None:  # as dlpipe.pipeline.stages_for
         note = f"dlpipe: dataset {dataset.get('name')} has no generator: nothing to generate"
@@ -133,6 +158,17 @@ def stage_command(stage: str, params: Mapping[str, Any]) -> str:
     return 'export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"; exec ' + shlex.join([*args, *overrides])
 
 
+def secret_overrides(params: Mapping[str, Any]) -> str:
+    """The run's secret overrides as JSON, for the task's environment (SECRET_OVERRIDES); each value is
+    handed to Airflow's secrets masker too, so a task log that quotes one shows it masked."""
+    from airflow.sdk.log import mask_secret
+
+    _, secret = split_overrides([str(o) for o in params.get("overrides") or []])
+    for item in secret:
+        mask_secret(item.partition("=")[2])
+    return json.dumps(secret)
+
+
 with DAG(
     dag_id=DAG_ID,
     description="dlpipe: generate, ingest, preprocess, train, infer, evaluate as spark-submit jobs",
@@ -143,7 +179,7 @@ with DAG(
     max_active_runs=1,
     tags=["dlpipe", "spark"],
     default_args={"retries": RETRIES, "retry_delay": RETRY_DELAY},
-    user_defined_macros={"dlpipe_command": stage_command},
+    user_defined_macros={"dlpipe_command": stage_command, "dlpipe_secret_overrides": secret_overrides},
     params={
         "env": Param(os.environ.get("DLPIPE_ENV") or "local", type="string", description="conf/<env>.yaml"),
         "overrides": Param(
@@ -158,7 +194,12 @@ with DAG(
         BashOperator(
             task_id=stage,
             bash_command=f"{{{{ dlpipe_command({stage!r}, params) }}}}",
-            env={"PYSPARK_PYTHON": PYTHON, "PYSPARK_DRIVER_PYTHON": PYTHON, "DLPIPE_CONF_DIR": str(CONF_DIR)},
+            env={
+                "PYSPARK_PYTHON": PYTHON,
+                "PYSPARK_DRIVER_PYTHON": PYTHON,
+                "DLPIPE_CONF_DIR": str(CONF_DIR),
+                SECRET_OVERRIDES: "{{ dlpipe_secret_overrides(params) }}",
+            },
             append_env=True,  # keep the worker's PATH, JAVA_HOME, SPARK_LOCAL_IP, AWS_*
             cwd=str(HOME),
             skip_on_exit_code=SKIP_EXIT_CODE if stage == "generate" else None,

@@ -54,6 +54,9 @@ if dag is not None:
         train=command("train", {"env": "local", "overrides": ["train.epochs=2"]}),
         train_master=command("train", {"overrides": ["spark.master=local[1]"], "force": True}),
         generate_none=command("generate", {"env": "local", "overrides": ["dataset.generator=null"]}),
+        train_secret=command(
+            "train", {"overrides": ["spark.conf.spark.hadoop.fs.s3a.secret.key=ParseSecret-42", "train.epochs=3"]}
+        ),
     )
 print(json.dumps(found))
 """
@@ -115,6 +118,8 @@ def test_dag_parses_in_the_airflow_venv_without_heavy_imports(tmp_path):
     assert found["train"].endswith("train.epochs=2")
     assert "--master 'local[1]'" in found["train_master"] and "--force" in found["train_master"]
     assert found["generate_none"].endswith("exit 99"), found["generate_none"]  # skipped: no generator
+    # an override whose key names a secret stays off the command line (the job reads it from its environment)
+    assert "ParseSecret-42" not in found["train_secret"] and found["train_secret"].endswith("train.epochs=3")
 
 
 def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
@@ -127,8 +132,14 @@ def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
     migrate = run([str(AIRFLOW), "db", "migrate"], env, timeout=240)
     assert migrate.returncode == 0, migrate.stdout[-4000:]
 
+    secret = "AirflowOverrideSecret-6e5d4c"  # a secret given as an override: kept out of logs and MLflow
     overrides = cfg_overrides(
-        root, "train.epochs=2", "spark.conf.spark.ui.enabled=false", "quantize.enabled=false", rows=1500
+        root,
+        "train.epochs=2",
+        "spark.conf.spark.ui.enabled=false",
+        "quantize.enabled=false",
+        f"spark.conf.spark.hadoop.fs.s3a.secret.key={secret}",
+        rows=1500,
     )
     conf = json.dumps({"env": "local", "overrides": overrides})
     dags_test = run([str(AIRFLOW), "dags", "test", "dlpipe", "-f", str(DAG_FILE), "-c", conf], env, timeout=420)
@@ -153,3 +164,14 @@ def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
     assert sorted((r.data.tags.get("dlpipe.stage"), r.info.status) for r in stage_runs) == sorted(
         (s, "FINISHED") for s in STAGES
     )
+    # `dags test` runs the tasks in its own process: their logs (commands run, the jobs' output) are its output
+    assert "spark-submit" in log and "stage train: done" in log, log[-4000:]
+    task_logs = "\n".join(p.read_text(errors="replace") for p in home.rglob("*.log") if p.is_file())
+    mlflow_files = [p for p in (root / "mlruns").rglob("*") if p.is_file()]
+    assert root / "mlruns" / "mlflow.db" in mlflow_files
+    for where, text in [
+        ("the dags test output", log),
+        ("the log files under AIRFLOW_HOME", task_logs),
+        *((str(p), p.read_bytes().decode(errors="replace")) for p in mlflow_files),
+    ]:
+        assert secret not in text, f"the override's secret leaked into {where}"
