@@ -28,6 +28,12 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def __repr__(self) -> str:
+        """With secrets masked (dlpipe.redact): a config shown in a notebook or a log line keeps them."""
+        return f"{type(self).__name__}({redact.tree(self.model_dump(mode='json'))!r})"
+
+    __str__ = __repr__
+
 
 class ProjectConfig(_Strict):
     root: str = Field(".", description="Project folder; relative paths elsewhere resolve against it.")

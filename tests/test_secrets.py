@@ -143,3 +143,21 @@ def test_secrets_from_every_place_stay_out_of_mlflow_logs_status_and_command_lin
     for where, content in places.items():
         for name, secret in secrets.items():
             assert secret not in content, f"the {name} secret leaked into the {where}"
+
+
+def test_a_config_shown_in_a_notebook_or_log_masks_its_secrets(tmp_path):
+    from dlpipe.config import load_config
+
+    cfg = load_config(
+        "local",
+        [
+            f"project.root={tmp_path}",
+            "spark.conf.spark.hadoop.fs.s3a.secret.key=ReprSecret-0a9b8c",
+            "tracking.uri=http://mlflow-user:ReprPassword-1d2e3f@127.0.0.1:5000",
+        ],
+        conf_dir=REPO / "conf",
+    )
+    for shown in (repr(cfg), str(cfg), repr(cfg.spark), f"{cfg.tracking}"):
+        assert "ReprSecret-0a9b8c" not in shown and "ReprPassword-1d2e3f" not in shown, shown
+    assert "mlflow-user" in repr(cfg.tracking) and "spark.hadoop.fs.s3a.secret.key" in repr(cfg.spark)
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.secret.key"] == "ReprSecret-0a9b8c"  # the value itself is intact
