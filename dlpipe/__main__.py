@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from dlpipe import redact
-from dlpipe.cli import add_common, load_or_exit, setup_logging
+from dlpipe.cli import add_common, load_or_exit, preflight_or_exit, setup_logging
 from dlpipe.pipeline import STAGES
 
 
@@ -45,18 +45,22 @@ def main(argv: list[str]) -> int:
     from dlpipe.pipeline import run_pipeline, run_stage, summary
     from dlpipe.session import build_spark, stop_spark
 
-    spark = build_spark(cfg)
-    try:
-        if args.command == "stage":
-            metrics = run_stage(spark, cfg, args.name, force=args.force)
-            print(" ".join(f"{k}={v}" for k, v in metrics.items()))
-            return 0
+    if args.command == "stage":
+        stages = (args.name,)
+    else:
         first = STAGES.index(args.start) if args.start else 0
         last = STAGES.index(args.end) if args.end else len(STAGES) - 1
         if last < first:
             print(f"dlpipe: --to {args.end} comes before --from {args.start}", file=sys.stderr)
             return 2
         stages = STAGES[first : last + 1]
+    preflight_or_exit(cfg, stages)
+    spark = build_spark(cfg)
+    try:
+        if args.command == "stage":
+            metrics = run_stage(spark, cfg, args.name, force=args.force)
+            print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+            return 0
         result = run_pipeline(spark, cfg, stages, force=args.force)
     finally:
         stop_spark(spark)

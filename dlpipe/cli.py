@@ -53,6 +53,20 @@ def load_or_exit(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
+PREFLIGHT_EXIT = 3  # a service the run needs is down or refuses it: nothing was started
+
+
+def preflight_or_exit(cfg: Config, stages: tuple[str, ...] | list[str]) -> None:
+    """dlpipe.preflight for these stages, or exit 3 with its lines before any Spark starts."""
+    from dlpipe.preflight import PreflightError, check
+
+    try:
+        check(cfg, stages)
+    except PreflightError as exc:
+        print(f"dlpipe: {exc}", file=sys.stderr)
+        raise SystemExit(PREFLIGHT_EXIT) from None
+
+
 def run_job(stage: str, argv: list[str]) -> int:
     """A spark-submit entry point for one stage: config, session, stage, stop."""
     from dlpipe.pipeline import run_stage
@@ -63,6 +77,7 @@ def run_job(stage: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = load_or_exit(args)
     setup_logging()
+    preflight_or_exit(cfg, [stage])
     spark = build_spark(cfg)
     try:
         run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id, force=args.force)
