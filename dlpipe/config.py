@@ -67,6 +67,12 @@ class HdfsConfig(_Strict):
 
 class StorageConfig(_Strict):
     warehouse: str = "data/warehouse"
+    lock_wait_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="A run finding another one at work on the same dataset and warehouse waits this long for it "
+        "to finish, then fails; 0: fails at once",
+    )
     s3: S3Config = Field(default_factory=S3Config)
     hdfs: HdfsConfig = Field(default_factory=HdfsConfig)
 

@@ -11,6 +11,7 @@ from pyspark.sql import SparkSession
 
 from dlpipe import tracking
 from dlpipe.config import Config
+from dlpipe.runlock import dataset_lock
 from dlpipe.session import resource_error
 from dlpipe.storage import configure_spark_storage, dataset_paths
 
@@ -59,7 +60,7 @@ def run_stage(
     configure_spark_storage(spark, cfg)
     log.info("stage %s: start", name)
     started = time.time()
-    with tracking.stage_run(cfg, name, parent_run_id):
+    with dataset_lock(spark, cfg, f"stage {name}"), tracking.stage_run(cfg, name, parent_run_id):
         try:
             metrics = fn(spark, cfg, force=force)
         except Exception as exc:
@@ -89,7 +90,8 @@ def run_pipeline(
     spark: SparkSession, cfg: Config, stages: Sequence[str] = STAGES, force: bool = False
 ) -> PipelineResult:
     """Run the stages in order under one parent run; the parent also gets each stage's metrics."""
-    with tracking.pipeline_run(cfg) as parent:
+    configure_spark_storage(spark, cfg)  # the lock lives in the store
+    with dataset_lock(spark, cfg, "pipeline run"), tracking.pipeline_run(cfg) as parent:
         result = PipelineResult(parent.info.run_id, tracking.tracking_uri(cfg), dataset_paths(cfg).predictions)
         todo = stages_for(cfg, stages)
         for i, name in enumerate(todo, 1):

@@ -63,8 +63,13 @@ class DatasetPaths:
         return f"{self.petastorm}/_dlpipe_stats.json"
 
 
+def dataset_base(cfg: Any) -> str:
+    """The warehouse folder of cfg's dataset: every stage output (and the run lock) lives under it."""
+    return resolve_uri(cfg.root, cfg.storage.warehouse).rstrip("/") + "/" + cfg.dataset.name
+
+
 def dataset_paths(cfg: Any) -> DatasetPaths:
-    base = resolve_uri(cfg.root, cfg.storage.warehouse).rstrip("/") + "/" + cfg.dataset.name
+    base = dataset_base(cfg)
     return DatasetPaths(
         raw=resolve_uri(cfg.root, cfg.dataset.source.uri),
         clean=f"{base}/clean",
@@ -255,6 +260,27 @@ class HadoopFS:
             return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
         finally:
             stream.close()
+
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """Write uri only if it does not exist yet (False if it does): the file system's exclusive create,
+        atomic on HDFS; on local disk and S3 a check and a create, a window of milliseconds."""
+        from py4j.protocol import Py4JJavaError
+
+        fs, path = self._fs(uri)
+        parent = path.getParent()
+        if parent is not None and not fs.exists(parent):
+            fs.mkdirs(parent)
+        try:
+            out = fs.create(path, False)
+        except Py4JJavaError as exc:
+            if "FileAlreadyExists" in str(exc.java_exception) or fs.exists(path):
+                return False
+            raise
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+        return True
 
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
