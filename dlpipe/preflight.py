@@ -157,12 +157,12 @@ def check_model(cfg: Config, stages: Sequence[str]) -> list[str]:
     from dlpipe.tracking import setup
 
     uri = model_uri(cfg)
-    parsed = urlparse(uri)
-    if parsed.scheme != "models":
+    if not uri.startswith("models:"):
         return []
     setup(cfg)
-    name, sep, alias = parsed.netloc.partition("@")
-    version = parsed.path.strip("/")
+    # models:/name@alias, models:/name/version (urlparse puts it all in the path: there is no netloc)
+    named, _, version = uri.removeprefix("models:").strip("/").partition("/")
+    name, sep, alias = named.partition("@")
     client = MlflowClient()
     setting = "infer.model_uri" if cfg.infer.model_uri else "tracking.registered_model (or infer.model_uri)"
     try:

@@ -86,15 +86,26 @@ def test_an_hdfs_namenode_and_webhdfs_that_are_down_are_named_at_once(tmp_path):
     ("model_uri", "expected"),
     [
         ("models:/nobody-trained-this@candidate", "infer.model_uri=models:/nobody-trained-this@candidate"),
-        ("models:/known-but-empty@production", "infer.model_uri=models:/known-but-empty@production"),
-        ("models:/known-but-empty/7", "infer.model_uri=models:/known-but-empty/7"),
+        ("models:/known@production", "infer.model_uri=models:/known@production"),
+        ("models:/known/7", "infer.model_uri=models:/known/7"),
     ],
 )
 def test_an_unknown_registered_model_alias_or_version_is_named_at_once(tmp_path, model_uri, expected):
     import mlflow
 
+    from dlpipe.preflight import check_model
+    from tests.conftest import make_cfg
+
     (tmp_path / "mlruns").mkdir()
-    mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").create_registered_model("known-but-empty")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    client.create_registered_model("known")
+    client.create_model_version("known", source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias("known", "candidate", "1")
     proc, seconds = _dlpipe(tmp_path, "stage", "infer", f"infer.model_uri={model_uri}")
     stderr = _failed_fast(proc, seconds, expected)
     assert "no such registered model, alias or version" in stderr and "train one first" in stderr
+    if "known" in model_uri:  # what the registry does hold is listed
+        assert "it has versions [1]" in stderr, stderr[-3000:]
+    # the model, alias and version that do exist pass
+    for good in ("models:/known@candidate", "models:/known/1", "models:/known"):
+        assert check_model(make_cfg(tmp_path, f"infer.model_uri={good}"), ["infer"]) == [], good
