@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from dlpipe import redact
-from dlpipe.cli import add_common, load_or_exit, preflight_or_exit, setup_logging
+from dlpipe.cli import add_common, clear_failures, load_or_exit, preflight_or_exit, setup_logging
 from dlpipe.pipeline import STAGES
 
 
@@ -57,11 +57,12 @@ def main(argv: list[str]) -> int:
     preflight_or_exit(cfg, stages)
     spark = build_spark(cfg)
     try:
-        if args.command == "stage":
-            metrics = run_stage(spark, cfg, args.name, force=args.force)
-            print(" ".join(f"{k}={v}" for k, v in metrics.items()))
-            return 0
-        result = run_pipeline(spark, cfg, stages, force=args.force)
+        with clear_failures():
+            if args.command == "stage":
+                metrics = run_stage(spark, cfg, args.name, force=args.force)
+                print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+                return 0
+            result = run_pipeline(spark, cfg, stages, force=args.force)
     finally:
         stop_spark(spark)
     print(redact.text(summary(result)))

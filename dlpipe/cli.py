@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dlpipe import redact
 from dlpipe.config import Config, ConfigError, load_config
@@ -67,6 +69,26 @@ def preflight_or_exit(cfg: Config, stages: tuple[str, ...] | list[str]) -> None:
         raise SystemExit(PREFLIGHT_EXIT) from None
 
 
+STAGE_FAILED_EXIT = 1
+
+
+@contextmanager
+def clear_failures() -> Iterator[None]:
+    """A failure whose message already says what happened and what to do (out of memory or disk, another run
+    holding the dataset, too many bad rows, a schema that does not match) ends the command with that message
+    alone; its traceback goes to the debug log. Any other error keeps its traceback."""
+    from dlpipe.ingest import BadDataError, SchemaMismatchError
+    from dlpipe.runlock import RunLockedError
+    from dlpipe.session import StageResourceError
+
+    try:
+        yield
+    except (StageResourceError, RunLockedError, BadDataError, SchemaMismatchError) as exc:
+        logging.getLogger("dlpipe").debug("the failure in full", exc_info=True)
+        print(f"dlpipe: {redact.text(str(exc))}", file=sys.stderr)
+        raise SystemExit(STAGE_FAILED_EXIT) from None
+
+
 def run_job(stage: str, argv: list[str]) -> int:
     """A spark-submit entry point for one stage: config, session, stage, stop."""
     from dlpipe.pipeline import run_stage
@@ -80,7 +102,8 @@ def run_job(stage: str, argv: list[str]) -> int:
     preflight_or_exit(cfg, [stage])
     spark = build_spark(cfg)
     try:
-        run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id, force=args.force)
+        with clear_failures():
+            run_stage(spark, cfg, stage, parent_run_id=args.parent_run_id, force=args.force)
     finally:
         stop_spark(spark)
     return 0
