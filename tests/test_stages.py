@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -10,7 +17,7 @@ from dlpipe import evaluate, features, infer, ingest, tracking
 from dlpipe.generate import MALFORMED_KINDS, generate
 from dlpipe.storage import HadoopFS, configure_spark_storage, dataset_paths, local_path
 from dlpipe.train import stage as train_stage
-from tests.conftest import make_cfg
+from tests.conftest import REPO, cfg_overrides, make_cfg
 
 # ingest reason code <- the generator's kind of malformed line
 CODE_OF_KIND = {
@@ -297,6 +304,44 @@ def test_new_data_on_any_store_is_scored_onto_the_same_store(spark, cfg, inferre
     assert len(scored) == m["rows_scored"] and set(expected) <= set(scored)
     assert all(scored[k] == p for k, p in expected.items())
     assert spark.read.parquet(infer.quarantine_path(f"{base}/scored")).count() == broken
+
+
+def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cfg, inferred, tmp_path):
+    """jobs/infer.py on new raw data, killed once it writes: no predictions or quarantine under their final
+    names (a reader finds nothing, not half of them); the rerun clears the leftovers and scores every line."""
+    new, out = tmp_path / "new", tmp_path / "scored"
+    overrides = [f"infer.source={new.as_uri()}", f"infer.output={out.as_uri()}", "infer.partition_by=[]"]
+    ncfg = make_cfg(cfg.root, *overrides, rows=200_000)
+    manifest = generate(ncfg, new.as_uri())
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/infer.py", *cfg_overrides(cfg.root, *overrides, rows=200_000)],
+        cwd=REPO,
+        env=env,
+        stdout=(tmp_path / "infer.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline, written = time.time() + 300, []
+        while time.time() < deadline and proc.poll() is None and not written:
+            written = [p for p in tmp_path.glob("scored*.tmp-*/**/*.parquet") if p.is_file()]
+            time.sleep(0.05)
+        assert proc.poll() is None, "infer finished before it could be killed: " + (tmp_path / "infer.log").read_text()
+        assert written, "infer never started writing"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not out.exists() and not Path(infer.quarantine_path(str(out))).exists(), "a killed infer left output"
+    assert list(tmp_path.glob("scored*.tmp-*")), "expected the killed run's temporary folders"
+
+    m = _in_run(ncfg, "infer", infer.run, spark)
+    broken = manifest["malformed"]["wrong_field_count"] + manifest["malformed"]["bad_number"]
+    assert m.get("skipped", 0) == 0
+    assert m["rows_in"] == manifest["rows_written"] == m["rows_scored"] + m["rows_quarantined"]
+    assert m["rows_quarantined"] == broken
+    assert not list(tmp_path.glob("scored*.tmp-*")), "the rerun did not clear the stale temporary folders"
+    assert spark.read.parquet(out.as_uri()).count() == m["rows_scored"]
 
 
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
