@@ -9,6 +9,7 @@ PYSPARK_PYTHON / PYSPARK_DRIVER_PYTHON. Where things are comes from the environm
     DLPIPE_SPARK_SUBMIT  spark-submit (default: the one beside DLPIPE_PYTHON)
     DLPIPE_CONF_DIR      the conf folder (default: $DLPIPE_HOME/conf)
     DLPIPE_ENV           the default of the `env` param (default: local)
+    DLPIPE_RETRY_DELAY_S seconds before a failed task's retry (default: 60; each task has 2 retries)
 
 Params, per run (`airflow dags test dlpipe -c '{"overrides": ["train.epochs=5"]}'` or the trigger form):
 `env` (conf/<env>.yaml), `overrides` (key.path=value, as on dlpipe's command line; one whose key names a
@@ -23,7 +24,8 @@ conf/ or a per-run param would mean overriding private hook methods. The command
 Retries are safe: every stage writes to a temporary folder and renames it into place, and skips its work
 when its committed output has the same fingerprint of inputs and config, so a retried task either redoes a
 stage that left nothing behind or finds it done and skips it (`force` makes every attempt redo it).
-Runs of this DAG share one warehouse, hence max_active_runs=1.
+Runs of this DAG share one warehouse, hence max_active_runs=1; a task killed with its machine leaves the
+dataset's run lock behind, which the retry takes over once it sees the holder's process is gone.
 
 The command is built when the task runs (a macro in its template), not at parse time: parsing reads no
 file, and which master to use and whether the dataset has a generator follow the run's params. The
@@ -49,7 +51,7 @@ DAG_ID = "dlpipe"
 STAGES = ("generate", "ingest", "preprocess", "train", "infer", "evaluate")  # dlpipe.pipeline.STAGES
 SKIP_EXIT_CODE = 99  # generate's "no generator": skipped, not failed
 RETRIES = 2
-RETRY_DELAY = timedelta(minutes=1)
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("DLPIPE_RETRY_DELAY_S") or 60))
 
 HOME = Path(os.environ.get("DLPIPE_HOME") or Path(__file__).resolve().parent.parent)
 PYTHON = os.environ.get("DLPIPE_PYTHON") or str(HOME / ".venv" / "bin" / "python")

@@ -10,14 +10,19 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
 
+from dlpipe import features, ingest
+from dlpipe.generate import generate
 from dlpipe.pipeline import STAGES
-from tests.conftest import REPO, cfg_overrides
+from dlpipe.storage import dataset_paths
+from tests.conftest import REPO, cfg_overrides, make_cfg
 
 AIRFLOW_VENV = REPO / ".venv-airflow"
 AIRFLOW_PY = AIRFLOW_VENV / "bin" / "python"
@@ -122,13 +127,48 @@ def test_dag_parses_in_the_airflow_venv_without_heavy_imports(tmp_path):
     assert "ParseSecret-42" not in found["train_secret"] and found["train_secret"].endswith("train.epochs=3")
 
 
-def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
-    """`airflow dags test dlpipe` on a tiny config rooted in a temp folder: every task succeeds, the
-    predictions are written there and its MLflow store has one finished run per stage."""
+def _kill_the_first_ingest(root: Path, found: dict, timeout: float = 400) -> None:
+    """Kill the ingest task's Python driver (SIGKILL: no clean-up runs) once it holds the dataset's run lock,
+    as a machine dying under a task would; its lock stays behind."""
+    lock = root / "data/warehouse/tabular_example/_dlpipe_lock.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("what") == "stage ingest":
+            proc = psutil.Process(holder["pid"])
+            found["cmdline"] = " ".join(proc.cmdline())
+            proc.kill()
+            found["pid"] = holder["pid"]
+            return
+        time.sleep(0.05)
+
+
+def _same_rows(spark, a: str, b: str) -> None:
+    """The same rows in both (the quarantine's source_file compared by file name: the roots differ)."""
+    from pyspark.sql import functions as F
+
+    def read(uri: str):
+        df = spark.read.parquet(uri)
+        if "source_file" in df.columns:
+            df = df.withColumn("source_file", F.regexp_extract("source_file", "[^/]+$", 0))
+        return df
+
+    left, right = read(a), read(b)
+    assert left.count() == right.count() > 0, (a, b)
+    assert left.exceptAll(right).count() == 0 == right.exceptAll(left).count(), (a, b)
+
+
+def test_airflow_dags_test_runs_every_stage_and_a_killed_task_retries_to_a_clean_runs_outputs(spark, tmp_path):
+    """`airflow dags test dlpipe` on a tiny config rooted in a temp folder, its ingest task killed once: Airflow
+    retries it, the retry takes over the dead run's lock, every task succeeds, the data outputs equal those of
+    a clean run of the same config, the predictions are written and MLflow has one finished run per stage."""
     root, home = tmp_path / "project", tmp_path / "airflow"
     root.mkdir()
     home.mkdir()
-    env = airflow_env(home)
+    env = {**airflow_env(home), "DLPIPE_RETRY_DELAY_S": "2"}
     migrate = run([str(AIRFLOW), "db", "migrate"], env, timeout=240)
     assert migrate.returncode == 0, migrate.stdout[-4000:]
 
@@ -142,8 +182,13 @@ def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
         rows=1500,
     )
     conf = json.dumps({"env": "local", "overrides": overrides})
-    dags_test = run([str(AIRFLOW), "dags", "test", "dlpipe", "-f", str(DAG_FILE), "-c", conf], env, timeout=420)
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_the_first_ingest, args=(root, killed), daemon=True)
+    killer.start()
+    dags_test = run([str(AIRFLOW), "dags", "test", "dlpipe", "-f", str(DAG_FILE), "-c", conf], env, timeout=480)
     log = dags_test.stdout
+    killer.join(timeout=5)
+    assert "jobs/ingest.py" in killed.get("cmdline", ""), f"the ingest task was never caught running\n{log[-4000:]}"
 
     listed = run([str(AIRFLOW), "dags", "list-runs", "dlpipe", "-o", "json"], env, timeout=120)
     assert listed.returncode == 0, listed.stdout[-2000:]
@@ -156,6 +201,21 @@ def test_airflow_dags_test_runs_every_stage_with_spark_submit(tmp_path):
     task_states = {t["task_id"]: t["state"] for t in json_rows(states.stdout)}
     assert task_states == dict.fromkeys(STAGES, "success"), f"{task_states}\n{log[-8000:]}"
     assert runs[0]["state"] == "success" and dags_test.returncode == 0, log[-8000:]
+
+    # the retry found the killed attempt's lock, saw its process gone and took it over
+    assert f"taking over from stage ingest (pid {killed['pid']}" in log, log[-8000:]
+    # ... and made what a clean run of the same config makes
+    clean_root = tmp_path / "clean"
+    same = [o for o in overrides[1:] if secret not in o]  # the secret would reach this test's own Spark
+    cfg = make_cfg(clean_root, *same, rows=1500)
+    paths, retried = dataset_paths(cfg), dataset_paths(make_cfg(root, *same, rows=1500))
+    generate(cfg, paths.raw)
+    ingest.run(spark, cfg)
+    features.run(spark, cfg)
+    for name in ("clean", "quarantine"):
+        _same_rows(spark, getattr(retried, name), getattr(paths, name))
+    for split in ("train", "val", "test"):
+        _same_rows(spark, retried.split(split), paths.split(split))
 
     predictions = root / "data/warehouse/tabular_example/predictions"
     assert list(predictions.rglob("*.parquet")), f"no predictions under {predictions}"
