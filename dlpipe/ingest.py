@@ -211,6 +211,7 @@ class _Layout:
     files: tuple[str, ...] | None
     fields: tuple[str, ...]
     columns: dict[str, str]
+    members: tuple[str, ...] = ()  # the files, always (for messages)
 
     def where(self, uri: str) -> str | list[str]:
         return uri if self.files is None else list(self.files)
@@ -359,8 +360,43 @@ def _layouts(spark: SparkSession, cfg: Config, uri: str, opts: dict[str, str]) -
         where = None if len(groups) == 1 else tuple(members)
         names = list(key) if fmt == "csv" else _per_file(spark, members[:1], _parquet_names)[0]
         fields, matched = _match(names, cfg.dataset.columns, case_sensitive)
-        layouts.append(_Layout(where, tuple(fields), matched))
+        layouts.append(_Layout(where, tuple(fields), matched, tuple(members)))
+    if fmt == "csv":
+        _check_separator(cfg, layouts, opts, case_sensitive)
     return layouts
+
+
+_SEPARATORS = (",", ";", "\t", "|")  # the usual separators of CSV files
+
+
+def _check_separator(cfg: Config, layouts: list[_Layout], opts: dict[str, str], case_sensitive: bool) -> None:
+    """A CSV file read with the wrong separator has one column, its whole header (`id;x;label` read with
+    `,`): none of the declared columns, and every row would be quarantined. Stop at once instead, naming
+    the files, the columns expected and the separator their header is split by."""
+    sep = _unescape(opts.get("sep", ","))
+    fold = (lambda s: s) if case_sensitive else str.lower  # noqa: E731
+    declared = {fold(c.name) for c in cfg.dataset.columns}
+    for lay in layouts:
+        if lay.columns or len(lay.fields) != 1:
+            continue
+        header = lay.fields[0]
+        for other in _SEPARATORS:
+            if other == sep or other not in header:
+                continue
+            found = [n for n in _split_header(header, {**opts, "sep": other}) if fold(n) in declared]
+            if found:
+                more = f" (and {len(lay.members) - 3} more)" if len(lay.members) > 3 else ""
+                raise SchemaMismatchError(
+                    f"ingest: {', '.join(lay.members[:3])}{more}: the expected columns "
+                    f"{[c.name for c in cfg.dataset.columns]} (dataset.columns) were not found: read with the "
+                    f"separator {_shown(sep)}, the header is one column {header!r}, which {_shown(other)} splits "
+                    f"into columns {found}. Set dataset.source.options.sep: {_shown(other)} (or fix the files)"
+                )
+
+
+def _shown(sep: str) -> str:
+    """A separator as YAML takes it in double quotes: "\\t" for a tab."""
+    return '"' + sep.replace("\t", "\\t") + '"'
 
 
 def _match(names: Sequence[str], declared: Sequence[ColumnSpec], case_sensitive: bool) -> tuple[list[str], dict]:
@@ -844,6 +880,18 @@ def _explain_spark_error(exc: Exception, uri: str) -> Exception | None:
     return None
 
 
+def _separator_hint(cfg: Config, by_code: dict[str, int], failed: int) -> str:
+    """When most bad CSV rows are malformed lines, the separator or quote is the usual cause: say so."""
+    if cfg.dataset.source.format != "csv" or by_code.get("malformed", 0) * 2 <= failed:
+        return ""
+    opts = reader_options(cfg)
+    sep, quote = (_shown(_unescape(opts.get(name, default))) for name, default in (("sep", ","), ("quote", '"')))
+    return (
+        f"Most are malformed lines: are the files separated by {sep} and quoted with {quote}? "
+        "(dataset.source.options.sep, quote) "
+    )
+
+
 # --- the stage -----------------------------------------------------------------------------------------
 def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
     paths = dataset_paths(cfg)
@@ -913,6 +961,7 @@ def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, 
             raise BadDataError(
                 f"ingest: {quarantined} of {n_in} rows ({bad_share:.1%}) failed validation, more than "
                 f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}; e.g. {examples}. "
+                f"{_separator_hint(cfg, by_code, quarantined)}"
                 "Fix the input, or raise dataset.max_bad_fraction to accept it. Nothing was written."
             )
         metrics = {
