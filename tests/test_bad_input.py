@@ -10,13 +10,19 @@ Covered elsewhere, not repeated here: an empty input folder or a folder of heade
 
 from __future__ import annotations
 
-import pytest
+import shutil
 
-from dlpipe import ingest
-from dlpipe.config import DatasetConfig
+import mlflow
+import pytest
+import yaml
+
+from dlpipe import ingest, lineage, tracking
+from dlpipe.config import ConfigError, DatasetConfig, load_config
 from dlpipe.ingest import BadDataError, SchemaMismatchError
+from dlpipe.parquet_io import sql_conf
+from dlpipe.pipeline import run_stage
 from dlpipe.storage import dataset_paths, local_path
-from tests.conftest import make_cfg
+from tests.conftest import REPO, make_cfg
 
 COLUMNS = [
     {"name": "id", "type": "long", "role": "key"},
@@ -121,3 +127,125 @@ def test_a_file_read_with_the_wrong_separator_stops_at_once_naming_it_and_the_op
     # rows, and the message points at the separator
     with pytest.raises(BadDataError, match=r'(?s)2 of 2 rows .*separated by "," and quoted with """'):
         ingest.run(spark, _cfg(tmp_path, raw / "semi.csv", {"header": False}))
+
+
+# --- 3. duplicate keys --------------------------------------------------------------------------------------
+def _with_duplicates(tmp_path):
+    """Valid rows sharing keys within a file and across files; bad rows that share a key with a valid one
+    (no duplicate: a bad row is quarantined for its own reason) or have none. c.csv is large enough to be
+    read in several splits, so the first of its keys is the first by line, not by task."""
+    big = [f"{k},{k % 7}.0,a,{k % 3}" for k in range(1000, 3000)]
+    return _files(
+        tmp_path / "raw",
+        {
+            "a.csv": "\n".join([HEADER, "1,1.0,a,0", "2,2.0,b,1", "3,3.0,a,2", "2,2.5,b,1", "4,oops,a,0"])
+            + "\n4,4.0,a,0\n,5.0,a,0\n,6.0,a,0\n",
+            "b.csv": HEADER + "\n3,30.0,c,2\n5,5.0,b,0\n5,50.0,b,0\n2,20.0,a,1\n",
+            "c.csv": HEADER + "\n" + "\n".join([*big, "1000,999.0,c,1", "1,111.0,c,0"]) + "\n",
+        },
+    )
+
+
+ROWS_IN, VALID = 8 + 4 + 2002, 5 + 4 + 2002  # 3 bad rows: a type error and two without a key
+DUP_KEYS, DUP_ROWS = 5, 6  # keys 1, 2 (three rows), 3, 5, 1000
+
+
+def test_duplicate_keys_are_reported_and_kept_by_default_logged_with_the_stage(spark, tmp_path):
+    raw = _with_duplicates(tmp_path)
+    cfg = _cfg(tmp_path, raw, max_bad_fraction=0.003)
+    assert cfg.dataset.duplicates == "keep_all"
+    with tracking.pipeline_run(cfg, "test-duplicates"):
+        m = run_stage(spark, cfg, "ingest")
+    _books(m, ROWS_IN, VALID, type=1, missing=2)
+    assert (m["duplicate_keys"], m["duplicate_rows"]) == (DUP_KEYS, DUP_ROWS)
+    clean = spark.read.parquet(dataset_paths(cfg).clean)
+    assert clean.where("id = 2").count() == 3 and clean.where("id = 4").count() == 1
+    meta = lineage.read_meta(spark, dataset_paths(cfg).clean)
+    assert (meta["metrics"]["duplicate_keys"], meta["metrics"]["duplicate_rows"]) == (DUP_KEYS, DUP_ROWS)
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    run = tracking.last_stage_run(
+        client, client.get_experiment_by_name(cfg.tracking.experiment).experiment_id, "ingest", cfg.dataset.name
+    )
+    assert run.data.metrics["duplicate_keys"] == DUP_KEYS and run.data.metrics["duplicate_rows"] == DUP_ROWS
+
+
+def test_keep_first_keeps_the_first_row_by_file_and_line_and_quarantines_the_rest(spark, tmp_path):
+    raw = _with_duplicates(tmp_path)
+    # dataset.duplicates is not bad data: 9 quarantined of 2014 is over 0.003, the 3 failed rows are not
+    cfg = _cfg(tmp_path, raw, max_bad_fraction=0.003, duplicates="keep_first")
+    with sql_conf(spark, {"spark.sql.files.maxPartitionBytes": "8192"}):  # c.csv: about four splits
+        m = ingest.run(spark, cfg)
+    _books(m, ROWS_IN, VALID - DUP_ROWS, type=1, missing=2, duplicate_key=DUP_ROWS)
+    assert (m["duplicate_keys"], m["duplicate_rows"]) == (DUP_KEYS, DUP_ROWS)
+    assert m["bad_fraction"] == pytest.approx(3 / ROWS_IN)
+    clean = _clean(spark, cfg)
+    assert len(clean) == VALID - DUP_ROWS
+    assert [clean[k] for k in (1, 2, 3, 4, 5, 1000)] == [
+        (1.0, "a", 0),  # a.csv before c.csv
+        (2.0, "b", 1),  # line 2 of a.csv, before its line 5 and b.csv
+        (3.0, "a", 2),
+        (4.0, "a", 0),  # its bad twin is quarantined for its own reason
+        (5.0, "b", 0),
+        (6.0, "a", 1),  # the first line of c.csv, not its last (another split)
+    ]
+    dups = [r for r in _quarantine(spark, cfg) if r["reason_code"] == "duplicate_key"]
+    assert sorted((r["id"], r["raw_line"], r["source_file"].rsplit("/", 1)[-1]) for r in dups) == [
+        (1, "1,111.0,c,0", "c.csv"),
+        (2, "2,2.5,b,1", "a.csv"),
+        (2, "2,20.0,a,1", "b.csv"),
+        (3, "3,30.0,c,2", "b.csv"),
+        (5, "5,50.0,b,0", "b.csv"),
+        (1000, "1000,999.0,c,1", "c.csv"),
+    ]
+    assert {r["reason"] for r in dups if r["id"] == 2} == {
+        "duplicate key (dataset.duplicates: keep_first kept its first row): id=2"
+    }
+
+
+def test_quarantine_policy_quarantines_every_row_of_a_duplicated_key(spark, tmp_path):
+    raw = _with_duplicates(tmp_path)
+    cfg = _cfg(tmp_path, raw, max_bad_fraction=0.003, duplicates="quarantine")
+    m = ingest.run(spark, cfg)
+    dropped = DUP_KEYS + DUP_ROWS  # every row of the five keys
+    _books(m, ROWS_IN, VALID - dropped, type=1, missing=2, duplicate_key=dropped)
+    assert (m["duplicate_keys"], m["duplicate_rows"]) == (DUP_KEYS, DUP_ROWS)
+    clean = _clean(spark, cfg)
+    assert not {1, 2, 3, 5, 1000} & set(clean) and clean[4] == (4.0, "a", 0) and len(clean) == VALID - dropped
+    reasons = {r["reason"] for r in _quarantine(spark, cfg) if r["id"] == 5}
+    assert reasons == {"duplicate key (dataset.duplicates: quarantine, every row of it): id=5"}
+
+
+def test_the_duplicates_policy_is_part_of_the_ingest_fingerprint(spark, tmp_path):
+    raw = _files(tmp_path / "raw", {"a.csv": HEADER + "\n1,1.0,a,0\n1,2.0,b,1\n2,3.0,c,2\n"})
+    runs = []
+    for policy in ("keep_all", "keep_all", "keep_first", "keep_first", "quarantine", "keep_all"):
+        cfg = _cfg(tmp_path, raw, duplicates=policy)
+        m = ingest.run(spark, cfg)
+        runs.append((policy, m["skipped"], m["rows_kept"], ingest.fingerprint(spark, cfg)[0]))
+    assert [r[:3] for r in runs] == [
+        ("keep_all", 0, 3),
+        ("keep_all", 1, 3),
+        ("keep_first", 0, 2),
+        ("keep_first", 1, 2),
+        ("quarantine", 0, 1),
+        ("keep_all", 0, 3),
+    ]
+    assert len({r[3] for r in runs}) == 3
+    # keep_all (the default) leaves the fingerprint as it was before the policy existed
+    spec = cfg.dataset.model_dump(mode="json", exclude={"generator", "split", "duplicates"})
+    inputs = {dataset_paths(cfg).raw: lineage.source_fingerprint(spark, dataset_paths(cfg).raw)}
+    assert runs[0][3] == lineage.digest({"stage": "ingest", "inputs": inputs, "dataset": spec})
+
+
+def test_a_bad_duplicates_policy_names_the_file_the_key_and_the_choices(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    spec = {"name": "mine", "source": {"uri": "raw"}, "num_classes": 3, "columns": COLUMNS, "duplicates": "keep_last"}
+    (conf / "datasets" / "mine.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as err:
+        load_config("local", ["dataset=mine"], conf_dir=conf)
+    text = str(err.value)
+    assert f"{conf / 'datasets' / 'mine.yaml'} (key 'duplicates')" in text
+    assert "'keep_last'" in text and "'keep_all', 'keep_first' or 'quarantine'" in text
+    with pytest.raises(ConfigError, match="an image dataset's key is each file's path.*remove duplicates"):
+        load_config("local", ["dataset=digits_images", "dataset.duplicates=keep_first"], conf_dir=REPO / "conf")
