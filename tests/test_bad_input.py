@@ -10,17 +10,19 @@ Covered elsewhere, not repeated here: an empty input folder or a folder of heade
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
-from dlpipe import ingest, lineage, tracking
+from dlpipe import infer, ingest, lineage, tracking
 from dlpipe.config import ConfigError, DatasetConfig, load_config
 from dlpipe.ingest import BadDataError, SchemaMismatchError
 from dlpipe.parquet_io import sql_conf
-from dlpipe.pipeline import run_stage
+from dlpipe.pipeline import run_pipeline, run_stage
 from dlpipe.storage import dataset_paths, local_path
 from tests.conftest import REPO, make_cfg
 
@@ -249,3 +251,86 @@ def test_a_bad_duplicates_policy_names_the_file_the_key_and_the_choices(tmp_path
     assert "'keep_last'" in text and "'keep_all', 'keep_first' or 'quarantine'" in text
     with pytest.raises(ConfigError, match="an image dataset's key is each file's path.*remove duplicates"):
         load_config("local", ["dataset=digits_images", "dataset.duplicates=keep_first"], conf_dir=REPO / "conf")
+
+
+# --- a small trained model, shared by the scoring tests -----------------------------------------------------
+@pytest.fixture(scope="module")
+def penguins(spark, tmp_path_factory):
+    """penguins through train (2 epochs, no int8 variant): a registered candidate with string classes."""
+    root = tmp_path_factory.mktemp("penguins")
+    cfg = load_config(
+        "local",
+        [
+            "dataset=penguins",
+            f"project.root={root}",
+            "spark.master=local[2]",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.model.hidden=[16]",
+            "quantize.enabled=false",
+        ],
+        conf_dir=REPO / "conf",
+    )
+    result = run_pipeline(spark, cfg, stages=("generate", "ingest", "preprocess", "train"))
+    raw = pd.read_csv(local_path(dataset_paths(cfg).raw) / "penguins.csv")
+    return cfg, result, raw
+
+
+def _scoring(cfg, source, out, **dataset):
+    new = cfg.model_copy(deep=True)
+    new.infer.source, new.infer.output, new.infer.partition_by = str(source), str(out), []
+    for k, v in dataset.items():
+        setattr(new.dataset, k, v)
+    return new
+
+
+# --- 4. labels at scoring time that training never saw ------------------------------------------------------
+def test_labels_the_model_never_saw_are_scored_counted_and_named(spark, penguins, tmp_path, caplog):
+    """New data whose label holds a class the model was not trained on: its features are fine, so the row
+    is scored (the batch job scores, it does not learn); the label is null in the output, the rows are
+    counted (unseen_label_rows) and a warning names the classes."""
+    cfg, _, raw = penguins
+    new = raw.head(60).copy()
+    new.loc[0:4, "species"] = "Emperor"
+    new.loc[5:6, "species"] = "King"
+    src = tmp_path / "new"
+    src.mkdir()
+    new.to_csv(src / "new.csv", index=False, na_rep="NA")
+    ncfg = _scoring(cfg, src, tmp_path / "scored")
+    with caplog.at_level(logging.WARNING, logger="dlpipe.infer"):
+        m = run_stage(spark, ncfg, "infer")
+    assert (m["rows_in"], m["rows_scored"], m["rows_quarantined"], m["unseen_label_rows"]) == (60, 60, 0, 7)
+    warning = [r.getMessage() for r in caplog.records if "never trained on" in r.getMessage()]
+    assert len(warning) == 1 and "7 rows" in warning[0] and "2 class(es): Emperor .. King" in warning[0]
+    assert "['Adelie', 'Chinstrap', 'Gentoo']" in warning[0]
+    scored = spark.read.parquet(infer.output_path(ncfg)).toPandas().set_index("id").loc[new["id"]]
+    assert scored["label"].isna().to_numpy().tolist() == [True] * 7 + [False] * 53
+    classes = ["Adelie", "Chinstrap", "Gentoo"]
+    assert list(scored["label"].iloc[7:].astype(int)) == [classes.index(s) for s in new["species"].iloc[7:]]
+    assert scored["predicted_class"].notna().all()
+    assert lineage.read_meta(spark, infer.output_path(ncfg))["metrics"]["unseen_label_rows"] == 7
+
+
+# --- 5. new data with more bad rows than allowed ------------------------------------------------------------
+def test_scoring_too_many_bad_rows_fails_writes_nothing_and_a_raised_limit_succeeds(spark, penguins, tmp_path):
+    cfg, _, raw = penguins
+    new = raw.head(40).drop(columns=["species"]).astype({"body_mass_g": "object"})
+    new.loc[0:5, "body_mass_g"] = "heavy"  # type
+    new.loc[6:11, "island"] = None  # missing (island is required)
+    src = tmp_path / "in" / "new"
+    src.mkdir(parents=True)
+    new.to_csv(src / "new.csv", index=False, na_rep="NA")
+    out = tmp_path / "out" / "scored"
+    with pytest.raises(BadDataError) as err:
+        run_stage(spark, _scoring(cfg, src, out), "infer")
+    text = str(err.value)
+    assert "12 of 40 rows (30.0%) could not be scored, more than dataset.max_bad_fraction=0.05" in text
+    assert "'type': 6" in text and "'missing': 6" in text and "Nothing was written" in text
+    leftovers = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+    assert leftovers == [], f"a failed infer left {leftovers}"
+
+    m = run_stage(spark, _scoring(cfg, src, out, max_bad_fraction=0.5), "infer")
+    assert (m["rows_in"], m["rows_scored"], m["rows_quarantined"]) == (40, 28, 12)
+    assert (m["quarantined_type"], m["quarantined_missing"], m["unseen_label_rows"]) == (6, 6, 0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scored", "scored_quarantine"]
+    assert spark.read.parquet(out.as_uri()).count() == 28
