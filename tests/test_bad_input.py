@@ -10,8 +10,11 @@ Covered elsewhere, not repeated here: an empty input folder or a folder of heade
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import urllib.error
+import urllib.request
 
 import mlflow
 import pandas as pd
@@ -334,3 +337,65 @@ def test_scoring_too_many_bad_rows_fails_writes_nothing_and_a_raised_limit_succe
     assert (m["quarantined_type"], m["quarantined_missing"], m["unseen_label_rows"]) == (6, 6, 0)
     assert sorted(p.name for p in out.parent.iterdir()) == ["scored", "scored_quarantine"]
     assert spark.read.parquet(out.as_uri()).count() == 28
+
+
+# --- 6. REST requests with wrong columns or types -----------------------------------------------------------
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_rest_requests_with_wrong_columns_or_types_get_a_4xx_naming_them(penguins, tmp_path):
+    """One server. Each wrong request is answered 400 naming the column or the record, never 500
+    (test_your_data covers out of range, not allowed, missing values and text in a number column sent as
+    dataframe_split). What MLflow accepts is accepted as ingest would: an undeclared column is ignored, an
+    optional (imputed) column may be absent, a number in a string column is its text."""
+    from dlpipe.serving import ModelServer
+
+    cfg, result, raw = penguins
+    good = raw[[c.name for c in cfg.dataset.features]].head(3)
+    row = json.loads(good.head(1).to_json(orient="records"))[0]
+
+    def split(frame: pd.DataFrame) -> bytes:
+        return json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}).encode()
+
+    def records(*rows: dict) -> bytes:
+        return json.dumps({"dataframe_records": list(rows)}).encode()
+
+    refused = {  # the request -> words its 400 answer must hold
+        "a required column missing": (split(good.drop(columns=["island"])), ["missing inputs ['island']"]),
+        "text for a number": (records({**row, "bill_depth_mm": "thick"}), ["column bill_depth_mm", "thick"]),
+        "a list for a number": (records({**row, "flipper_length_mm": [1.0, 2.0]}), ["column flipper_length_mm"]),
+        "a number not allowed": (records({**row, "sex": 3}), ["record 0: not an allowed value of sex: 3"]),
+        "an infinite number": (records({**row, "body_mass_g": "1e400"}), ["record 0: not finite: body_mass_g"]),
+        "null in a required column": (records(row, {**row, "island": None}), ["record 1: missing value: island"]),
+        "no rows": (records(), ["missing inputs ['island']"]),
+        "not JSON": (b'{"dataframe_split": ', ["valid JSON"]),
+        "no known format": (json.dumps({"rows": [row]}).encode(), ["dataframe_records"]),
+        "records not a list": (json.dumps({"dataframe_records": 5}).encode(), ["must be a list of records"]),
+        "a row too short": (json.dumps({"dataframe_split": {"columns": list(good), "data": [[1, 2]]}}).encode(), []),
+    }
+    accepted = {  # the request -> the request it is answered like
+        "an undeclared column": (split(good.assign(colour="blue")), split(good)),
+        "an optional column absent": (split(good.drop(columns=["sex"])), split(good.assign(sex=None))),
+        "a number in a string column": (records({**row, "island": 3}), records({**row, "island": "3"})),
+    }
+    server = ModelServer(f"models:/{cfg.model_name}@candidate", result.tracking_uri, tmp_path / "serve.log")
+    with server:
+        url = f"{server.url}/invocations"
+        refusals = {name: _post(url, body) for name, (body, _) in refused.items()}
+        answers = {name: (_post(url, body), _post(url, like)) for name, (body, like) in accepted.items()}
+    for name, (status, answer) in refusals.items():
+        assert status == 400, f"{name}: {status} {answer}"
+        for words in refused[name][1]:
+            assert words in answer.get("message", ""), f"{name}: {answer}"
+    for name, ((status, answer), (like_status, like)) in answers.items():
+        assert status == like_status == 200 and answer == like, f"{name}: {status} {answer} vs {like}"
+    assert (
+        answers["an optional column absent"][0][1]["predictions"]
+        != answers["an undeclared column"][0][1]["predictions"]
+    ), "imputing sex changed nothing: the comparison would not see a column dropped"
