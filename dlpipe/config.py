@@ -313,6 +313,12 @@ class DatasetConfig(_Strict):
     columns: list[ColumnSpec] = Field(..., min_length=2)
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Ingest fails above this share of bad rows.")
+    duplicates: Literal["keep_all", "keep_first", "quarantine"] = Field(
+        "keep_all",
+        description="Valid rows that share a key: keep_all keeps them (the default); keep_first keeps the first "
+        "(by input file, then line) and quarantines the others (reason_code duplicate_key); quarantine "
+        "quarantines every row of such a key. Ingest always reports duplicate_keys and duplicate_rows.",
+    )
     generator: GeneratorConfig | None = None
 
     @model_validator(mode="after")
@@ -339,6 +345,11 @@ class DatasetConfig(_Strict):
                 raise ValueError("an image dataset has exactly one feature column, of type image")
             if not self.source.label_from_path:
                 raise ValueError("an image dataset needs source.label_from_path (a regex capturing the label)")
+            if self.duplicates != "keep_all":
+                raise ValueError(
+                    f"duplicates: {self.duplicates}: an image dataset's key is each file's path, which no two rows "
+                    "share; remove duplicates (it applies to tabular sources, whose key column can repeat)"
+                )
         elif images:
             raise ValueError("image columns need source.format: image")
         label = self.column("label")

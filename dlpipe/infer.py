@@ -12,18 +12,24 @@ over the input (dlpipe.parquet_io: nothing cached, each row scored once), and th
 Parquet partitioned by `infer.partition_by`, written to temporary folders and renamed into place; the
 quarantine holds the row's key (null where the key itself was unreadable), the reason, its code, the raw
 line and the source file.
+
+A label in new data that is not one of the model's classes does not stop a row from being scored (its
+features are what the model reads): the row is scored, its `label` is null in the predictions, and the
+rows are counted (`unseen_label_rows`) with a warning naming the classes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from dlpipe import lineage, redact, tracking
 from dlpipe.config import Config
-from dlpipe.features import class_names, model_stats, read_stats, transform
+from dlpipe.features import class_names, label_index, model_stats, read_stats, transform
 from dlpipe.ingest import (
     QUARANTINE_COLUMNS,
     AccountingError,
@@ -114,15 +120,52 @@ def score_rows(
     return scored.select(key, "label", *_outputs(stats), "quarantine_reason", *carry, *_identity(mv))
 
 
-def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> DataFrame:
+UNSEEN = "unseen_label_rows"
+
+
+def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tuple[DataFrame, Observation | None]:
     """Raw rows at source, validated: (key, label, the validation's reason columns, features), features null
-    where the row failed validation."""
+    where the row failed validation; and, for a classifier, an Observation of the valid rows whose label is
+    a class the model never saw (counted as they pass; the rows are scored all the same)."""
     checked = validate(read_source(spark, cfg, source, label_optional=True), cfg, scoring=True)
     rows = checked.rows()
+    unseen = None
+    if not is_regression(stats):
+        label = F.col(stats["label"])  # typed; null where missing or where the row failed validation
+        other = F.when(label.isNotNull() & label_index(stats, stats["label"]).isNull(), label.cast("string"))
+        unseen = Observation("infer-labels")
+        rows = rows.observe(
+            unseen,
+            F.count(other).alias(UNSEEN),
+            F.approx_count_distinct(other).alias("classes"),
+            F.min(other).alias("first"),
+            F.max(other).alias("last"),
+        )
     valid = F.col("reason_code").isNull()
     cells = transform(rows, cfg, stats, label_optional=True, carry=list(QUARANTINE_COLUMNS))
     cells = cells.select(stats["key"], "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))
-    return cells
+    return cells, unseen
+
+
+def _report_unseen(unseen: Observation | None, stats: dict, out: str) -> dict[str, int]:
+    """The unseen_label_rows metric, and a warning naming the classes (the first and last by name, and how
+    many: four numbers kept whatever the data's size)."""
+    if unseen is None:
+        return {}
+    got = unseen.get
+    n = int(got[UNSEEN])
+    if n:
+        names = got["first"] if got["first"] == got["last"] else f"{got['first']} .. {got['last']}"
+        log.warning(
+            "infer: %d rows have a label the model was never trained on (about %d class(es): %s; its classes: %s). "
+            "They are scored all the same; their label is null in %s",
+            n,
+            int(got["classes"]),
+            names,
+            class_names(stats),
+            out,
+        )
+    return {UNSEEN: n}
 
 
 def _unify_reasons(scored: DataFrame, stats: dict, validated: bool) -> DataFrame:
@@ -171,14 +214,16 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         lineage.log_lineage("infer", fp, inputs, [out, quarantine], skipped=True)
         return {**done["metrics"], "skipped": 1}
     log.info("infer: scoring %s with %s (version %s, run %s)", source, uri, mv["version"], mv["run_id"])
+    unseen = None
     if cfg.infer.source:
-        rows, carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
+        (rows, unseen), carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
     else:
         rows, carry = spark.read.parquet(source), ()
     seen = Observation("infer")  # rows in, counted on the way, apart from the outputs' footers
     rows = rows.observe(seen, F.count(F.lit(1)).alias("rows_in"))
     scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
-    metrics = _write(spark, cfg, scored, stats, out, quarantine, fp, inputs, seen, bool(carry))
+    report = partial(_report_unseen, unseen, stats, out)
+    metrics = _write(spark, cfg, scored, stats, out, quarantine, fp, inputs, seen, bool(carry), report)
     lineage.log_lineage("infer", fp, inputs, [out, quarantine], skipped=False)
     log.info("infer: wrote %d predictions to %s", metrics["rows_scored"], out)
     return {**metrics, "skipped": 0}
@@ -195,9 +240,10 @@ def _write(
     inputs: dict[str, str],
     seen: Observation,
     new_data: bool,
+    report: Callable[[], dict[str, int]] = dict,
 ) -> dict:
     """Predictions and quarantine in one pass, checked against the rows that went in before either is
-    committed."""
+    committed; report() adds the metrics observed on the way (unseen labels) once the pass is done."""
     key = stats["key"]
     with (
         atomic_output(spark, out) as tmp,
@@ -235,6 +281,7 @@ def _write(
             "rows_scored": rows_out,
             "rows_quarantined": rows_bad,
             **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
+            **report(),
         }
         lineage.write_meta(spark, qtmp, "infer-quarantine", fp, inputs, metrics)
         lineage.write_meta(spark, tmp, "infer", fp, inputs, metrics)

@@ -10,13 +10,18 @@ The input is read once: each row is written either to clean or to quarantine in 
 (dlpipe.parquet_io), with nothing cached. The stage checks its own books: rows in (counted in that pass)
 = rows kept + rows quarantined (counted from the footers of what was written), or it fails and commits
 nothing. More bad rows than `dataset.max_bad_fraction` also fail it.
+
+Valid rows that share a key are counted from the key column of what was written (`duplicate_keys`,
+`duplicate_rows`) and handled as `dataset.duplicates` declares: kept (keep_all, the default, which costs no
+extra pass over the input), or all but the first by file and line (keep_first), or none (quarantine)
+quarantined with reason_code duplicate_key, which one shuffle by key decides.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 from pyspark.sql import DataFrame, Observation, SparkSession
@@ -211,6 +216,7 @@ class _Layout:
     files: tuple[str, ...] | None
     fields: tuple[str, ...]
     columns: dict[str, str]
+    members: tuple[str, ...] = ()  # the files, always (for messages)
 
     def where(self, uri: str) -> str | list[str]:
         return uri if self.files is None else list(self.files)
@@ -359,8 +365,43 @@ def _layouts(spark: SparkSession, cfg: Config, uri: str, opts: dict[str, str]) -
         where = None if len(groups) == 1 else tuple(members)
         names = list(key) if fmt == "csv" else _per_file(spark, members[:1], _parquet_names)[0]
         fields, matched = _match(names, cfg.dataset.columns, case_sensitive)
-        layouts.append(_Layout(where, tuple(fields), matched))
+        layouts.append(_Layout(where, tuple(fields), matched, tuple(members)))
+    if fmt == "csv":
+        _check_separator(cfg, layouts, opts, case_sensitive)
     return layouts
+
+
+_SEPARATORS = (",", ";", "\t", "|")  # the usual separators of CSV files
+
+
+def _check_separator(cfg: Config, layouts: list[_Layout], opts: dict[str, str], case_sensitive: bool) -> None:
+    """A CSV file read with the wrong separator has one column, its whole header (`id;x;label` read with
+    `,`): none of the declared columns, and every row would be quarantined. Stop at once instead, naming
+    the files, the columns expected and the separator their header is split by."""
+    sep = _unescape(opts.get("sep", ","))
+    fold = (lambda s: s) if case_sensitive else str.lower  # noqa: E731
+    declared = {fold(c.name) for c in cfg.dataset.columns}
+    for lay in layouts:
+        if lay.columns or len(lay.fields) != 1:
+            continue
+        header = lay.fields[0]
+        for other in _SEPARATORS:
+            if other == sep or other not in header:
+                continue
+            found = [n for n in _split_header(header, {**opts, "sep": other}) if fold(n) in declared]
+            if found:
+                more = f" (and {len(lay.members) - 3} more)" if len(lay.members) > 3 else ""
+                raise SchemaMismatchError(
+                    f"ingest: {', '.join(lay.members[:3])}{more}: the expected columns "
+                    f"{[c.name for c in cfg.dataset.columns]} (dataset.columns) were not found: read with the "
+                    f"separator {_shown(sep)}, the header is one column {header!r}, which {_shown(other)} splits "
+                    f"into columns {found}. Set dataset.source.options.sep: {_shown(other)} (or fix the files)"
+                )
+
+
+def _shown(sep: str) -> str:
+    """A separator as YAML takes it in double quotes: "\\t" for a tab."""
+    return '"' + sep.replace("\t", "\\t") + '"'
 
 
 def _match(names: Sequence[str], declared: Sequence[ColumnSpec], case_sensitive: bool) -> tuple[list[str], dict]:
@@ -822,6 +863,63 @@ def validate(src: Source, cfg: Config, scoring: bool = False) -> Checked:
     return Checked(src.df.selectExpr("*", f"{check} AS {CHECK}"), checks, src)
 
 
+DUPLICATE_KEY = "duplicate_key"  # the reason code of a valid row dropped by dataset.duplicates
+_ORDER = "_input_order"  # a row's position in its file's split (monotonic within one split)
+_BLOCK = "_input_block"  # where that split starts in the file
+
+
+def with_input_order(df: DataFrame) -> DataFrame:
+    """df with where each row was read: the start of its file split and its position within it. Computed in
+    the reading stage (input_file_block_start is only known there); with _source_file, ordering by these
+    puts the rows of a file in line order, whatever the number of cores or splits."""
+    return df.selectExpr("*", f"input_file_block_start() AS {_BLOCK}", f"monotonically_increasing_id() AS {_ORDER}")
+
+
+def mark_duplicates(checked: Checked, policy: str) -> Checked:
+    """dataset.duplicates on valid rows that share a key (rows failing a check are not counted: their key
+    is what quarantines them). keep_first: every row after the first (by input file, the split's start in
+    it and line order) fails a last check, reason_code duplicate_key; quarantine: every row of such a key
+    fails it. keep_all: unchanged.
+
+    One shuffle by key (a window, sort-based, spilling: bounded memory whatever a key's count); a row that
+    failed another check is a group of its own, so the bad rows never form one large group."""
+    if policy == "keep_all":
+        return checked
+    key = next(c for c in checked.src.columns if c.role == "key")
+    group = f"PARTITION BY {_t(key.name)}, CASE WHEN {CHECK} IS NOT NULL THEN {_ORDER} END"
+    if policy == "keep_first":
+        dup = f"{CHECK} IS NULL AND row_number() OVER ({group} ORDER BY _source_file, {_BLOCK}, {_ORDER}) > 1"
+        message = f"duplicate key (dataset.duplicates: keep_first kept its first row): {key.name}="
+    else:
+        dup = f"{CHECK} IS NULL AND count(1) OVER ({group}) > 1"
+        message = f"duplicate key (dataset.duplicates: quarantine, every row of it): {key.name}="
+    index = len(checked.checks)
+    df = checked.df.selectExpr("*", f"{dup} AS _duplicate")
+    df = df.selectExpr(
+        *[q(c) for c in df.columns if c not in (CHECK, "_duplicate")],
+        f"coalesce({CHECK}, CASE WHEN _duplicate THEN {index} END) AS {CHECK}",
+    )
+    return Checked(df, [*checked.checks, Check("_duplicate", message, key.name, DUPLICATE_KEY)], checked.src)
+
+
+def duplicate_report(spark: SparkSession, key: str, clean: str, quarantine: str | None) -> dict[str, int]:
+    """duplicate_keys (keys that more than one valid row has) and duplicate_rows (the rows beyond the first
+    of each), from the key column of what was written: the clean keys, and those quarantined as
+    duplicate_key (None: nothing was). A hash aggregation of one column; two numbers come back."""
+    keys = spark.read.parquet(clean).select(key)
+    if quarantine is not None:
+        dropped = spark.read.parquet(quarantine).where(F.col("reason_code") == DUPLICATE_KEY).select(key)
+        keys = keys.unionByName(dropped)
+    row = (
+        keys.groupBy(key)
+        .count()
+        .where(F.col("count") > 1)
+        .agg(F.count(F.lit(1)).alias("keys"), F.sum(F.col("count") - 1).alias("rows"))
+        .first()
+    )
+    return {"duplicate_keys": int(row["keys"] or 0), "duplicate_rows": int(row["rows"] or 0)}
+
+
 def quarantine_by_code(spark: SparkSession, uri: str) -> dict[str, int]:
     """Rows per reason code of a written quarantine (a small job: at most max_bad_fraction of the rows)."""
     return {r["reason_code"]: int(r["count"]) for r in spark.read.parquet(uri).groupBy("reason_code").count().collect()}
@@ -844,11 +942,25 @@ def _explain_spark_error(exc: Exception, uri: str) -> Exception | None:
     return None
 
 
+def _separator_hint(cfg: Config, by_code: dict[str, int], failed: int) -> str:
+    """When most bad CSV rows are malformed lines, the separator or quote is the usual cause: say so."""
+    if cfg.dataset.source.format != "csv" or by_code.get("malformed", 0) * 2 <= failed:
+        return ""
+    opts = reader_options(cfg)
+    sep, quote = (_shown(_unescape(opts.get(name, default))) for name, default in (("sep", ","), ("quote", '"')))
+    return (
+        f"Most are malformed lines: are the files separated by {sep} and quoted with {quote}? "
+        "(dataset.source.options.sep, quote) "
+    )
+
+
 # --- the stage -----------------------------------------------------------------------------------------
 def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
     paths = dataset_paths(cfg)
     inputs = {paths.raw: lineage.source_fingerprint(spark, paths.raw)}
-    spec = cfg.dataset.model_dump(mode="json", exclude={"generator", "split"})
+    # the default duplicates policy is left out: datasets ingested before it existed keep their fingerprint
+    default = {"duplicates"} if cfg.dataset.duplicates == "keep_all" else set()
+    spec = cfg.dataset.model_dump(mode="json", exclude={"generator", "split", *default})
     return lineage.digest({"stage": "ingest", "inputs": inputs, "dataset": spec}), inputs
 
 
@@ -877,7 +989,11 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
 def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, str]) -> dict:
     """One pass over the input: every row is parsed and checked once and written either to clean (typed)
     or to quarantine (its reason); the counts come from that pass and from the footers of what it wrote."""
-    checked = validate(read_source(spark, cfg, paths.raw), cfg)
+    policy = cfg.dataset.duplicates
+    src = read_source(spark, cfg, paths.raw)
+    if policy != "keep_all":
+        src = replace(src, df=with_input_order(src.df))
+    checked = mark_duplicates(validate(src, cfg), policy)
     seen = Observation("ingest")  # rows in, counted on the way, apart from the outputs' footers
     rows = checked.rows().observe(seen, F.count(F.lit(1)).alias("rows_in"))
     settings = storage_settings(cfg)
@@ -907,19 +1023,36 @@ def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, 
             raise AccountingError(f"ingest: rows in ({n_in}) != rows kept ({kept}) + rows quarantined ({quarantined})")
         by_code = quarantine_by_code(spark, q_tmp) if quarantined else {}
         log.info("ingest: kept %d, quarantined %d %s", kept, quarantined, by_code)
-        bad_share = quarantined / n_in
+        # rows dropped by the declared duplicates policy are not bad data: they do not count here
+        failed = quarantined - by_code.get(DUPLICATE_KEY, 0)
+        bad_share = failed / n_in
         if bad_share > cfg.dataset.max_bad_fraction:
-            examples = [f"{r['reason']} ({r['source_file']})" for r in spark.read.parquet(q_tmp).limit(3).collect()]
+            bad = spark.read.parquet(q_tmp).where(F.col("reason_code") != DUPLICATE_KEY).limit(3).collect()
+            examples = [f"{r['reason']} ({r['source_file']})" for r in bad]
             raise BadDataError(
-                f"ingest: {quarantined} of {n_in} rows ({bad_share:.1%}) failed validation, more than "
+                f"ingest: {failed} of {n_in} rows ({bad_share:.1%}) failed validation, more than "
                 f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}; e.g. {examples}. "
+                f"{_separator_hint(cfg, by_code, failed)}"
                 "Fix the input, or raise dataset.max_bad_fraction to accept it. Nothing was written."
+            )
+        key = cfg.dataset.column("key").name
+        dups = duplicate_report(spark, key, clean_tmp, q_tmp if by_code.get(DUPLICATE_KEY) else None)
+        if dups["duplicate_keys"]:
+            log.warning(
+                "ingest: %d key(s) of %s have more than one valid row (%d rows beyond the first); "
+                "dataset.duplicates: %s%s",
+                dups["duplicate_keys"],
+                key,
+                dups["duplicate_rows"],
+                policy,
+                " keeps them all (keep_first or quarantine drops them)" if policy == "keep_all" else "",
             )
         metrics = {
             "rows_in": n_in,
             "rows_kept": kept,
             "rows_quarantined": quarantined,
             "bad_fraction": bad_share,
+            **dups,
             **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
         }
         lineage.write_meta(spark, clean_tmp, "ingest", fp, inputs, metrics)
