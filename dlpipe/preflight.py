@@ -24,6 +24,9 @@ from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 5.0  # per probe; a handful of probes stays well inside the 30 s promise
+# A tracking server checks a password with a deliberately slow hash (MLflow's basic-auth app: scrypt, a
+# quarter of a second of CPU on a quiet machine, several seconds on a busy one): its probe gets longer.
+AUTH_TIMEOUT_S = 15.0
 
 
 class PreflightError(RuntimeError):
@@ -71,12 +74,24 @@ def check_tracking(cfg: Config) -> list[str]:
     if user and password:
         redact.remember(password)
     probe = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=dlpipe-preflight"
-    status = _http(probe, auth=(user, password) if user and password else None)
-    if status in (401, 403):
-        given = "were refused" if user else "are needed and none were given"
+    try:
+        status = _http(probe, timeout=AUTH_TIMEOUT_S, auth=(user, password) if user and password else None)
+    except OSError as exc:
+        return [f"tracking.uri={shown}: /health answers but the API does not ({_reason(exc)}); is it overloaded?"]
+    if status == 403 and user and password:
         return [
-            f"tracking.uri={shown}: credentials {given} (HTTP {status}); set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD"
+            f"tracking.uri={shown}: user '{redact.text(user)}' may not read experiments (HTTP 403); ask the "
+            "server's admin for a permission, or set MLFLOW_TRACKING_USERNAME to another user"
+        ]
+    if status in (401, 403):
+        if user and password:
+            given = f"the credentials of user '{redact.text(user)}' were refused"
+        elif user or password:
+            given = "only one of user and password was given"
+        else:
+            given = "the server needs credentials and none were given"
+        return [
+            f"tracking.uri={shown}: {given} (HTTP {status}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         ]
     return []
 
