@@ -10,6 +10,7 @@ with its data and logs in the given workdir.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
 import secrets
@@ -663,6 +664,11 @@ class MlflowServer:
     def start(self) -> MlflowServer:
         if self._proc is not None:
             raise ServerError("MlflowServer already started")
+        # the basic-auth app exits at start without Flask-WTF, the S3 artifact store fails at the first upload
+        # without boto3: say so here, not in a log tail (both are dev dependencies: make setup)
+        missing = [name for name in ("flask_wtf", "boto3") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ServerError(f"{', '.join(missing)} not installed in {sys.prefix}: run `make setup`")
         self.workdir.mkdir(parents=True, exist_ok=True)
         auth_ini = self.workdir / "basic_auth.ini"
         auth_ini.write_text(

@@ -304,6 +304,36 @@ def test_a_wrong_password_fails_at_once_naming_the_setting(mlflow_server, tmp_pa
         mp.undo()
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, "the server needs credentials and none were given (HTTP 401); set MLFLOW_TRACKING_USERNAME and"),
+        ({"MLFLOW_TRACKING_USERNAME": "dlpipe-ci"}, "only one of user and password was given (HTTP 401)"),
+        # a bearer token: MLflow 3.17.2's basic-auth app, with its credential cache on, fails on it with HTTP 500
+        # (it hashes the missing password): pre-flight names that in one line too
+        (
+            {"MLFLOW_TRACKING_TOKEN": "NotAToken-8b9c0d"},
+            "the API answered HTTP 500 to the bearer token in MLFLOW_TRACKING_TOKEN",
+        ),
+    ],
+)
+def test_missing_or_refused_credentials_are_told_apart(mlflow_server, monkeypatch, tmp_path, given, expected):
+    from dlpipe.preflight import check_tracking
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in given.items():
+        monkeypatch.setenv(var, value)
+    cfg = make_cfg(tmp_path, f"tracking.uri={mlflow_server.uri}")
+    problems = check_tracking(cfg)
+    assert len(problems) == 1 and problems[0].startswith(f"tracking.uri={mlflow_server.uri}: {expected}"), problems
+    assert "NotAToken-8b9c0d" not in problems[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    assert check_tracking(cfg) == []  # the right user and password pass the same check
+
+
 def test_a_client_without_credentials_is_refused(mlflow_server, monkeypatch):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
