@@ -115,6 +115,7 @@ def score_rows(
         [key, "label", *carry],
         tracking.tracking_uri(cfg),
         regression=is_regression(stats),
+        credentials=tracking.credentials(tracking.tracking_uri(cfg)),
     )
     scored = scored.select("*", *_named(stats))
     return scored.select(key, "label", *_outputs(stats), "quarantine_reason", *carry, *_identity(mv))

@@ -24,17 +24,23 @@ from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 5.0  # per probe; a handful of probes stays well inside the 30 s promise
+# A tracking server checks a password with a deliberately slow hash (MLflow's basic-auth app: scrypt, a
+# quarter of a second of CPU on a quiet machine, several seconds on a busy one): its probe gets longer.
+AUTH_TIMEOUT_S = 15.0
 
 
 class PreflightError(RuntimeError):
     """What is down or misconfigured, one line per problem, each naming the setting to fix."""
 
 
-def _http(url: str, timeout: float = TIMEOUT_S, auth: tuple[str, str] | None = None) -> int:
-    """The HTTP status of a GET (an error status too); raises OSError when nothing answers."""
+def _http(url: str, timeout: float = TIMEOUT_S, auth: tuple[str, str] | None = None, token: str | None = None) -> int:
+    """The HTTP status of a GET (an error status too), with basic auth or a bearer token as MLflow's client
+    sends them; raises OSError when nothing answers."""
     req = urllib.request.Request(url)
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    elif token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status
@@ -68,16 +74,39 @@ def check_tracking(cfg: Config) -> list[str]:
         return [f"tracking.uri={shown}: /health answered HTTP {status}; is this an MLflow tracking server?"]
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parsed.username
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or parsed.password
-    if user and password:
-        redact.remember(password)
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    redact.remember(password)
+    redact.remember(token)
     probe = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=dlpipe-preflight"
-    status = _http(probe, auth=(user, password) if user and password else None)
-    if status in (401, 403):
-        given = "were refused" if user else "are needed and none were given"
+    basic = (user, password) if user and password else None
+    try:
+        status = _http(probe, timeout=AUTH_TIMEOUT_S, auth=basic, token=token)
+    except OSError as exc:
+        return [f"tracking.uri={shown}: /health answers but the API does not ({_reason(exc)}); is it overloaded?"]
+    if status >= 500:  # e.g. MLflow 3.17's basic-auth app with its auth cache on, sent a bearer token
+        if basic:
+            sent = f"basic auth as user '{redact.text(user)}'"
+        else:
+            sent = "the bearer token in MLFLOW_TRACKING_TOKEN" if token else "no credentials"
+        return [f"tracking.uri={shown}: the API answered HTTP {status} to {sent}; see the tracking server's log"]
+    if status == 403 and user and password:
         return [
-            f"tracking.uri={shown}: credentials {given} (HTTP {status}); set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD"
+            f"tracking.uri={shown}: user '{redact.text(user)}' may not read experiments (HTTP 403); ask the "
+            "server's admin for a permission, or set MLFLOW_TRACKING_USERNAME to another user"
         ]
+    if status in (401, 403):
+        if user and password:
+            given = f"the credentials of user '{redact.text(user)}' were refused"
+        elif token:
+            given = "the token in MLFLOW_TRACKING_TOKEN was refused"
+        elif user or password:
+            given = "only one of user and password was given"
+        else:
+            given = "the server needs credentials and none were given"
+        setting = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        if token and not basic:
+            setting = "MLFLOW_TRACKING_TOKEN"
+        return [f"tracking.uri={shown}: {given} (HTTP {status}); set {setting}"]
     return []
 
 

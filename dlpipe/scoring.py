@@ -17,6 +17,8 @@ import threading
 import numpy as np
 import torch
 
+from dlpipe.tracking import Credentials, credentials_env
+
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 _LOCK = threading.Lock()
 _LOADS = 0
@@ -39,8 +41,14 @@ def task_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None, device: torch.device | None = None) -> torch.nn.Module:
-    """The model at model_uri on device (default CPU), loaded once per process and device."""
+def load_model(
+    model_uri: str,
+    tracking_uri: str | None = None,
+    device: torch.device | None = None,
+    credentials: Credentials | None = None,
+) -> torch.nn.Module:
+    """The model at model_uri on device (default CPU), loaded once per process and device. credentials: the
+    driver's MLflow credentials, used where this process's environment has none (an executor elsewhere)."""
     global _LOADS
     device = device or torch.device("cpu")
     with _LOCK:
@@ -52,7 +60,8 @@ def load_model(model_uri: str, tracking_uri: str | None = None, device: torch.de
                 mlflow.set_tracking_uri(tracking_uri)
             from dlpipe.rawmodel import network_of
 
-            model = network_of(model_uri)  # a raw-record pyfunc's network, or a plain PyTorch model
+            with credentials_env(credentials):
+                model = network_of(model_uri)  # a raw-record pyfunc's network, or a plain PyTorch model
             # MLflow 3 saves torch.export programs (no pickle); they come back as GraphModules that are
             # already in inference form and refuse .eval(). Pickled nn.Modules need it.
             if not isinstance(model, torch.fx.GraphModule):

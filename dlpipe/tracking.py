@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,59 @@ def tracking_uri(cfg: Config) -> str:
     return uri
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What MLflow's client sends to an authenticated tracking server, read from the environment variables it
+    reads itself. Picklable, so that executors that do not share the driver's environment (a cluster's) can
+    log and load models too; never in a repr, a log line, a Spark setting or a command line."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+
+CREDENTIAL_ENV = {
+    "username": "MLFLOW_TRACKING_USERNAME",
+    "password": "MLFLOW_TRACKING_PASSWORD",
+    "token": "MLFLOW_TRACKING_TOKEN",
+}
+
+
+def credentials(uri: str | None) -> Credentials | None:
+    """This process's MLflow credentials for an http(s) tracking URI (None for a local store, or none set);
+    the secret parts are remembered by dlpipe.redact."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    found = {name: os.environ.get(var) or None for name, var in CREDENTIAL_ENV.items()}
+    if not any(found.values()):
+        return None
+    redact.remember(found["password"])
+    redact.remember(found["token"])
+    return Credentials(**found)
+
+
+@contextmanager
+def credentials_env(creds: Credentials | None) -> Iterator[None]:
+    """creds in this process's environment (where MLflow's client reads them) for the block, where the
+    environment has none of its own (an executor on another machine); put back as it was afterwards."""
+    if creds is None or any(os.environ.get(var) for var in CREDENTIAL_ENV.values()):
+        yield
+        return
+    added = {CREDENTIAL_ENV[f.name]: getattr(creds, f.name) for f in fields(creds) if getattr(creds, f.name)}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
+
+
 def setup(cfg: Config) -> str:
     """Point MLflow at cfg's store and experiment; return the experiment id."""
     import mlflow
 
     uri = tracking_uri(cfg)
+    credentials(uri)  # the password or token is masked in every log line and message from now on
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by Python workers in local mode
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)

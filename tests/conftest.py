@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dlpipe.processes import pid_alive
-from tests.servers import HdfsCluster, S3Server, missing_components, spark_jars
+from tests.servers import HdfsCluster, MlflowServer, S3Server, group_members, missing_components, spark_jars
 
 REPO = Path(__file__).resolve().parent.parent
 # What tools/provision_servers.sh fills (`make setup`): the S3 and HDFS servers and the s3a jars.
@@ -149,6 +149,69 @@ def hdfs_cluster(servers_cache, tmp_path_factory) -> Iterator[HdfsCluster]:
         cluster.stop()
     alive = [pid for pid in cluster.pids if pid_alive(pid)]
     assert not alive, f"HDFS daemons {alive} still running after stop()"
+
+
+@dataclass(frozen=True)
+class MlflowEndpoint:
+    """A running MLflow tracking server with basic auth: its URI, a non-admin user the pipeline runs as, the
+    admin, and where its artifacts go on the test S3 server."""
+
+    uri: str
+    username: str
+    password: str
+    admin_username: str
+    admin_password: str
+    artifacts_bucket: str
+    artifacts_prefix: str
+    pid: int
+
+
+def _create_mlflow_user(uri: str, admin: tuple[str, str], user: tuple[str, str]) -> None:
+    """The auth app's REST call (what `mlflow.server.get_app_client("basic-auth").create_user` sends), as admin."""
+    import base64
+    import json
+    import urllib.request
+
+    token = base64.b64encode(f"{admin[0]}:{admin[1]}".encode()).decode()
+    req = urllib.request.Request(
+        f"{uri}/api/2.0/mlflow/users/create",
+        data=json.dumps({"username": user[0], "password": user[1]}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200, resp.read()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, tmp_path_factory) -> Iterator[MlflowEndpoint]:
+    """`mlflow server --app-name basic-auth` on a free 127.0.0.1 port: SQLite backend, artifacts proxied to
+    s3://dlpipe-test/mlflow-<id> on the test S3 server, a user `dlpipe-ci` (not an admin) besides the admin.
+    Stopped by process id: afterwards no process of its group may be left (uvicorn workers and all)."""
+    prefix = f"mlflow-{uuid.uuid4().hex[:8]}"
+    admin = ("mlflow-admin", f"AdminPw-{uuid.uuid4().hex[:12]}")
+    user = ("dlpipe-ci", f"TrackingPw-{uuid.uuid4().hex[:12]}")
+    server = MlflowServer(
+        tmp_path_factory.mktemp("mlflow-server"),
+        f"s3://{s3_server.bucket}/{prefix}",
+        s3_server.endpoint,
+        s3_server.access_key,
+        s3_server.secret_key,
+        *admin,
+    )
+    server.start()
+    assert server.pid is not None
+    started = []
+    try:
+        _create_mlflow_user(server.uri, admin, user)
+        started = server.processes()
+        yield MlflowEndpoint(server.uri, *user, *admin, s3_server.bucket, prefix, server.pid)
+    finally:
+        started = started or server.processes()
+        server.stop()
+    assert len(started) > 1, f"expected the server's workers in its process group, saw only {started}"
+    alive = [pid for pid in started if pid_alive(pid)] + group_members(server.pid)
+    assert not alive, f"MLflow server processes {sorted(set(alive))} still running after stop()"
 
 
 # --- a real Spark standalone cluster on 127.0.0.1 (dlpipe/cluster.py, what `make cluster-up` runs) -----------------

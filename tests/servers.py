@@ -1,4 +1,5 @@
-"""Real storage servers on 127.0.0.1 for the tests: SeaweedFS (S3) and Hadoop 2.7.3 HDFS (NameNode + DataNode).
+"""Real servers on 127.0.0.1 for the tests: SeaweedFS (S3), Hadoop 2.7.3 HDFS (NameNode + DataNode), and an MLflow
+tracking server with basic authentication and its artifacts on that S3.
 
 They run from what tools/provision_servers.sh put under CACHE_DIR/servers. Plain classes, no pytest, so that fixtures
 and ad-hoc scripts share them. Every process binds 127.0.0.1 only (this machine's other address is unreachable), on
@@ -9,13 +10,17 @@ with its data and logs in the given workdir.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -551,6 +556,179 @@ class HdfsCluster:
                 proc.stop()
 
     def __enter__(self) -> HdfsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group (Linux /proc; [] elsewhere)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue  # gone while we looked
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+_AUTH_INI = """\
+[mlflow]
+default_permission = {default_permission}
+database_uri = {database_uri}
+admin_username = {admin_username}
+admin_password = {admin_password}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# a password check is a deliberately slow hash (about 0.25 s of CPU here): remember a good one for a minute
+auth_cache_ttl_seconds = 60
+"""
+
+
+class MlflowServer:
+    """`mlflow server` with MLflow's basic-auth app: runs and the registry in SQLite, artifacts proxied by the
+    server to an S3 bucket (the test S3 server), every API call refused without a user and password.
+
+    The admin user and password go into the auth app's ini file (MLFLOW_AUTH_CONFIG_PATH, in the workdir), the
+    S3 credentials into the server's environment: none of them on its command line. MLflow starts worker
+    processes (uvicorn, multiprocessing) and, with job_execution, a job runner and seven job consumers
+    (huey_consumer) under the server; all share its process group, which stop() kills. dlpipe uses no server
+    jobs (they run GenAI scorers and trace archival), so they are off by default: eight Python processes less
+    to start on a small machine.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        artifacts_destination: str,
+        s3_endpoint: str,
+        s3_access_key: str,
+        s3_secret_key: str,
+        admin_username: str,
+        admin_password: str,
+        default_permission: str = "READ",
+        workers: int = 2,
+        job_execution: bool = False,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.artifacts_destination = artifacts_destination
+        self.s3_endpoint, self.s3_access_key, self.s3_secret_key = s3_endpoint, s3_access_key, s3_secret_key
+        self.admin_username, self.admin_password = admin_username, admin_password
+        self.default_permission = default_permission
+        self.workers = workers
+        self.job_execution = job_execution
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self._proc: _Process | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise ServerError("MlflowServer is not started")
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mlflow-server.log"
+
+    def processes(self) -> list[int]:
+        """The server's live processes: the leader and everything in its group (workers, job consumers)."""
+        return [] if self.pid is None else group_members(self.pid)
+
+    def _env(self, auth_ini: Path) -> dict[str, str]:
+        # nothing of the test run's own MLflow or AWS settings leaks into the server
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+        # the server execs uvicorn and huey_consumer by name: this environment's bin first on PATH
+        bin_dir = str(Path(sys.executable).parent)
+        env.update(
+            PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]),
+            MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),  # the auth app's CSRF key
+            MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint,
+            AWS_ACCESS_KEY_ID=self.s3_access_key,
+            AWS_SECRET_ACCESS_KEY=self.s3_secret_key,
+            AWS_DEFAULT_REGION="us-east-1",
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION=str(self.job_execution).lower(),
+        )
+        return env
+
+    def start(self) -> MlflowServer:
+        if self._proc is not None:
+            raise ServerError("MlflowServer already started")
+        # the basic-auth app exits at start without Flask-WTF, the S3 artifact store fails at the first upload
+        # without boto3: say so here, not in a log tail (both are dev dependencies: make setup)
+        missing = [name for name in ("flask_wtf", "boto3") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ServerError(f"{', '.join(missing)} not installed in {sys.prefix}: run `make setup`")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        auth_ini = self.workdir / "basic_auth.ini"
+        auth_ini.write_text(
+            _AUTH_INI.format(
+                default_permission=self.default_permission,
+                database_uri=f"sqlite:///{self.workdir / 'auth.db'}",
+                admin_username=self.admin_username,
+                admin_password=self.admin_password,
+            )
+        )
+        auth_ini.chmod(0o600)
+        (self.port,) = free_ports(1)
+        argv = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--backend-store-uri",
+            f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            self.artifacts_destination,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]
+        self._proc = _Process("mlflow server", argv, self.log_path, env=self._env(auth_ini), cwd=self.workdir)
+        self._proc.start()
+        try:
+            _wait_until(self._ready, f"MLflow at {self.uri}", self.startup_timeout, [self._proc], [self.log_path])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> str | None:
+        """Ready once /health answers; then the API must refuse a request without credentials (auth is on)."""
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                if resp.status != 200:
+                    return f"/health answered {resp.status}"
+        except OSError as exc:  # URLError, connection refused, reset while starting
+            return f"/health: {exc}"
+        try:
+            with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5):
+                raise ServerError(f"{self.uri} answered an API call without credentials: basic auth is off")
+        except urllib.error.HTTPError as err:
+            if err.code != 401:
+                return f"API without credentials answered {err.code}, not 401"
+        return None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -20,6 +20,7 @@ from pyspark.sql.functions import pandas_udf
 
 from dlpipe.scoring import load_model, predict_proba, task_device
 from dlpipe.tensors import decode_cells, decode_column_checked
+from dlpipe.tracking import Credentials
 
 RESULT_TYPE = "prediction int, probabilities array<float>"
 
@@ -43,6 +44,7 @@ def arrow_scorer(
     keep: Sequence[str],
     tracking_uri: str | None = None,
     regression: bool = False,
+    credentials: Credentials | None = None,
 ):
     """The function mapInArrow runs: Arrow batches (keep..., features) -> (keep..., prediction,
     probabilities, quarantine_reason); a regressor's prediction is its value and it has no probabilities.
@@ -53,7 +55,7 @@ def arrow_scorer(
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         device = task_device()  # the task's GPU when it has one
-        model = load_model(model_uri, tracking_uri, device)
+        model = load_model(model_uri, tracking_uri, device, credentials)
         for batch in batches:
             x, reasons = decode_column_checked(batch.column(len(keep)), np.float32, feature_shape)
             bad = None if reasons is None else np.not_equal(reasons, None)
@@ -78,9 +80,11 @@ def score_frame(
     tracking_uri: str | None = None,
     features: str = "features",
     regression: bool = False,
+    credentials: Credentials | None = None,
 ) -> DataFrame:
     """df (keep..., features cells) -> keep..., prediction, probabilities (classifiers only),
-    quarantine_reason (null when the row was scored)."""
+    quarantine_reason (null when the row was scored). credentials: the driver's MLflow credentials for an
+    authenticated tracking server (dlpipe.tracking.credentials), for executors that lack them."""
     if regression:
         outputs = [T.StructField("prediction", T.DoubleType())]
     else:
@@ -89,7 +93,7 @@ def score_frame(
             T.StructField("probabilities", T.ArrayType(T.FloatType())),
         ]
     schema = T.StructType([df.schema[c] for c in keep] + outputs + [T.StructField("quarantine_reason", T.StringType())])
-    scorer = arrow_scorer(model_uri, feature_shape, keep, tracking_uri, regression)
+    scorer = arrow_scorer(model_uri, feature_shape, keep, tracking_uri, regression, credentials)
     return df.select(*keep, features).mapInArrow(scorer, schema)
 
 

@@ -1,9 +1,10 @@
 """Rank 0's live view of training in MLflow: per-epoch metrics and the learning curve, as each epoch ends.
 
-Rank 0 writes straight to the stage's MLflow run (the driver passes its tracking URI and run id), so the
-curves fill in while the job runs. Where the store cannot be reached from an executor (a SQLite file on
-the driver's disk, seen from another machine), the rank says so once and carries on; the driver then
-logs the epochs that were not logged live, from the history the ranks return.
+Rank 0 writes straight to the stage's MLflow run (the driver passes its tracking URI, run id and, for an
+authenticated server, its credentials), so the curves fill in while the job runs. Where the store cannot be
+reached from an executor (a SQLite file on the driver's disk, seen from another machine), the rank says so
+once and carries on; the driver then logs the epochs that were not logged live, from the history the ranks
+return.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import re
 import time
 from typing import Any
+
+from dlpipe.tracking import Credentials, credentials_env
 
 SKIP = ("epoch",)
 
@@ -52,8 +55,15 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
 class LiveTracker:
     """MLflow logging from rank 0; every call is best effort (training never fails for tracking)."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, log: logging.Logger):
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        run_id: str | None,
+        log: logging.Logger,
+        credentials: Credentials | None = None,
+    ):
         self._run_id, self._log = run_id, log
+        self._credentials = credentials  # used where this executor's environment has none of its own
         self._client = None
         self.logged: set[int] = set()  # epochs in the run already (a retried stage must not log twice)
         if tracking_uri and run_id:
@@ -61,8 +71,9 @@ class LiveTracker:
 
             try:
                 self._client = MlflowClient(tracking_uri)
-                self.logged = logged_epochs(self._client, run_id)
-            except Exception as exc:  # the store is on another machine's disk, or down
+                with credentials_env(self._credentials):
+                    self.logged = logged_epochs(self._client, run_id)
+            except Exception as exc:  # the store is on another machine's disk, or down, or refuses us
                 self._off(f"opening {re.sub(r'//[^/@]*@', '//***@', tracking_uri)}", exc)
 
     @property
@@ -88,7 +99,8 @@ class LiveTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, int(record["epoch"])) for k, v in epoch_metrics(record).items()]
         try:
-            self._client.log_batch(self._run_id, metrics=metrics)
+            with credentials_env(self._credentials):
+                self._client.log_batch(self._run_id, metrics=metrics)
         except Exception as exc:  # any store error: a tracking outage must not kill training
             self._off("log_batch", exc)
             return False
@@ -97,7 +109,8 @@ class LiveTracker:
             import matplotlib.pyplot as plt
 
             fig = learning_curve(history)
-            self._client.log_figure(self._run_id, fig, "learning_curve.png")
+            with credentials_env(self._credentials):
+                self._client.log_figure(self._run_id, fig, "learning_curve.png")
             plt.close(fig)
         except Exception as exc:  # the artifact store may be unreachable where the metrics store is not
             self._log.warning("learning curve not logged live: %s", str(exc).splitlines()[0][:200])

@@ -83,9 +83,13 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
 def make_spec(
     cfg: Config, stats: dict, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
 ) -> TrainSpec:
-    """What every rank needs, picklable; rank 0 logs live to run_id on this process's tracking URI."""
+    """What every rank needs, picklable; rank 0 logs live to run_id on this process's tracking URI (with this
+    process's MLflow credentials, which executors on other machines do not have in their environment)."""
     import mlflow
 
+    from dlpipe import tracking
+
+    uri = mlflow.get_tracking_uri() if run_id else None
     paths = dataset_paths(cfg)
     t = cfg.train
     fault = (t.fault_injection.rank, t.fault_injection.epoch) if t.fault_injection else None
@@ -115,8 +119,9 @@ def make_spec(
         use_gpu=use_gpu,
         mixed_precision=t.mixed_precision,
         allreduce=t.allreduce,
-        tracking_uri=mlflow.get_tracking_uri() if run_id else None,
+        tracking_uri=uri,
         run_id=run_id,
+        tracking_credentials=tracking.credentials(uri),
     )
 
 

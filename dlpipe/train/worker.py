@@ -18,6 +18,7 @@ import torch
 
 from dlpipe.objective import Objective, label_numpy_type
 from dlpipe.storage import StorageSettings
+from dlpipe.tracking import Credentials
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.comm import open_comm, optimizer_step
 from dlpipe.train.launcher import GPU_ENV
@@ -54,6 +55,7 @@ class TrainSpec:
     allreduce: str = "auto"  # auto | framework | host
     tracking_uri: str | None = None  # rank 0 logs each epoch to this MLflow run
     run_id: str | None = None
+    tracking_credentials: Credentials | None = field(default=None, repr=False)  # for executors without them
     task: str = "classification"  # or regression (dlpipe.objective)
     label_mean: float = 0.0  # regression: targets are standardized with the train split's mean and std
     label_std: float = 1.0
@@ -133,7 +135,7 @@ def _train(spec: TrainSpec, comm) -> dict | None:
     forward, optimizer = comm.prepare(model, optimizer, host)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     objective = Objective(spec.task, spec.label_mean, spec.label_std)
-    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log) if rank == 0 else None
+    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log, spec.tracking_credentials) if rank == 0 else None
     if rank == 0:
         log.info(
             "device %s, mixed precision %s, gradients averaged %s, %d ranks",
