@@ -10,15 +10,18 @@ import subprocess
 import sys
 import time
 
+import mlflow
+import pyarrow.parquet as pq
+
 from dlpipe.runlock import LOCK
 from tests.conftest import REPO
 
 
-def _start(root, *more: str) -> subprocess.Popen:
+def _start(root, *more: str, to: str = "preprocess") -> subprocess.Popen:
     args = [f"project.root={root}", "dataset.generator.rows=3000", "spark.master=local[1]", *more]
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "dlpipe", "run", "--to", "preprocess", *args],
+        [sys.executable, "-m", "dlpipe", "run", "--to", to, *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -64,13 +67,31 @@ def test_a_second_run_on_the_same_dataset_fails_at_once_naming_the_first(tmp_pat
 
 
 def test_a_run_told_to_wait_runs_after_the_first_and_a_dead_holders_lock_is_taken_over(tmp_path):
-    first = _start(tmp_path)
+    """Two whole pipeline runs (train and registry included), the second started while the first is at
+    work and told to wait: both succeed, one after the other, and the registry holds one version per run."""
+    whole = ("train.epochs=2", "train.num_proc=1", "quantize.enabled=false")
+    first = _start(tmp_path, *whole, to="evaluate")
     _wait_for_lock(tmp_path, first)
-    second = _start(tmp_path, "storage.lock_wait_seconds=600", "--force")
-    first_out, _ = first.communicate(timeout=600)
-    out, _ = second.communicate(timeout=600)
+    second = _start(tmp_path, *whole, "storage.lock_wait_seconds=600", "--force", to="evaluate")
+    first_out, _ = first.communicate(timeout=900)
+    out, _ = second.communicate(timeout=900)
     assert first.returncode == 0, first_out[-3000:]
     assert second.returncode == 0 and "waiting up to 600s" in out, out[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    versions = sorted(client.search_model_versions("name = 'tabular_example-classifier'"), key=lambda v: int(v.version))
+    assert [str(v.version) for v in versions] == ["1", "2"], versions  # one per run, none lost or doubled
+    runs = {v.run_id: client.get_run(v.run_id) for v in versions}
+    assert all(r.info.status == "FINISHED" for r in runs.values()) and len(runs) == 2
+    candidate = client.get_model_version_by_alias("tabular_example-classifier", "candidate")
+    assert str(candidate.version) == "2", "the later run's model is the candidate"
+    stages = client.search_runs(
+        [client.get_experiment_by_name("dlpipe").experiment_id], "tags.`dlpipe.stage` = 'train'"
+    )
+    assert len(stages) == 2 and all(r.info.status == "FINISHED" for r in stages)
+    # the second run's predictions cover its test split exactly
+    test_rows = json.loads((tmp_path / "data/warehouse/tabular_example/petastorm/_dlpipe_meta.json").read_text())
+    predictions = tmp_path / "data/warehouse/tabular_example/predictions"
+    assert pq.ParquetDataset(predictions).read().num_rows == test_rows["metrics"]["rows_test"]
     # a lock whose process died (killed before it could release it) does not block the next run
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
