@@ -174,19 +174,35 @@ _S3A_KEYS = (
 
 
 def configure_spark_storage(spark: SparkSession, cfg: Any) -> None:
-    """Make a running session's s3a settings those of cfg (new FileSystem instances pick them up).
+    """Make a running session's s3a settings those of cfg.
 
     Settings an earlier config made and this one does not are removed, so one config's credentials never
-    serve another's.
+    serve another's. Hadoop caches one FileSystem per bucket, built with the settings of its day: when the
+    settings change (a wrong key fixed in the same session), the cached clients of cfg's buckets are
+    closed, so the next access builds one with the new settings.
     """
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     wanted = hadoop_s3a_conf(storage_settings(cfg))
     previous = (hconf.get("dlpipe.s3a.keys") or "").split(",")
-    for key in {*_S3A_KEYS, *previous} - set(wanted) - {""}:
+    stale = {*_S3A_KEYS, *previous} - set(wanted) - {""}
+    changed = any(hconf.get(k) is not None for k in stale) or any(hconf.get(k) != v for k, v in wanted.items())
+    for key in stale:
         hconf.unset(key)
     for key, value in wanted.items():
         hconf.set(key, value)
     hconf.set("dlpipe.s3a.keys", ",".join(sorted(wanted)))
+    if changed:
+        _close_cached_s3a(spark, cfg)
+
+
+def _close_cached_s3a(spark: SparkSession, cfg: Any) -> None:
+    """Close (and so drop from Hadoop's FileSystem cache) the s3a client of each bucket cfg reads or writes."""
+    uris = [dataset_paths(cfg).raw, dataset_base(cfg), cfg.infer.source, cfg.infer.output]
+    buckets = sorted({urlparse(u).netloc for u in uris if u and urlparse(u).scheme in ("s3a", "s3")})
+    jvm, hconf = spark._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    for bucket in buckets:
+        jvm.org.apache.hadoop.fs.FileSystem.get(jvm.java.net.URI.create(f"s3a://{bucket}/"), hconf).close()
+        log.info("s3a settings changed: the cached client of bucket %s is closed; the next access makes one", bucket)
 
 
 class StorageError(OSError):

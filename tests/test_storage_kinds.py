@@ -10,7 +10,7 @@ import pytest
 
 from dlpipe import features, ingest
 from dlpipe.generate import generate
-from dlpipe.storage import StorageError, configure_spark_storage, dataset_paths, python_fs, storage_settings
+from dlpipe.storage import HadoopFS, StorageError, configure_spark_storage, dataset_paths, python_fs, storage_settings
 from dlpipe.train.loader import ShardLoader
 from tests.conftest import FAIL_FAST_S3, make_cfg
 
@@ -48,19 +48,28 @@ def test_ingest_and_preprocess_on_every_storage(spark, tmp_path, store, dataset,
     assert fs.get_file_info(f"{root}/_dlpipe_meta.json").is_file
 
 
-def test_a_wrong_s3_secret_is_a_clear_error(spark, tmp_path, s3_server, monkeypatch):
+def test_a_wrong_s3_secret_is_a_clear_error_and_fixing_it_works_in_the_same_session(
+    spark, tmp_path, s3_server, monkeypatch
+):
+    """With Hadoop's FileSystem cache on (its default): the bucket is first reached with the right key, then
+    a wrong one is refused (the cached client is not reused), then the fixed key works again."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     run = uuid.uuid4().hex[:8]
-    cfg = make_cfg(
-        tmp_path,
+    overrides = (
         f"storage.warehouse=s3a://{s3_server.bucket}/{run}/warehouse",
         f"dataset.source.uri=s3a://{s3_server.bucket}/{run}/raw",
         f"storage.s3.endpoint={s3_server.endpoint}",
         "storage.s3.path_style_access=true",
         *FAIL_FAST_S3,
-        "storage.s3.hadoop.fs.s3a.impl.disable.cache=true",
     )
+    good = make_cfg(tmp_path, *overrides)
+    configure_spark_storage(spark, good)
+    manifest = generate(good, dataset_paths(good).raw)
+    assert HadoopFS(spark).exists(dataset_paths(good).raw)  # Hadoop caches the bucket's client, right key
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    cfg = make_cfg(tmp_path, *overrides)
     configure_spark_storage(spark, cfg)
     with pytest.raises(StorageError) as err:
         ingest.run(spark, cfg)
@@ -69,4 +78,10 @@ def test_a_wrong_s3_secret_is_a_clear_error(spark, tmp_path, s3_server, monkeypa
     assert "403" in msg or "AccessDenied" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg
     assert "AWS_SECRET_ACCESS_KEY" in msg and "not-the-secret" not in msg
     with pytest.raises(OSError, match="(?i)access|denied|forbidden|signature|403"):
-        generate(cfg, dataset_paths(cfg).raw)
+        generate(cfg, dataset_paths(cfg).raw, force=True)
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)  # fixed, in the same session
+    fixed = make_cfg(tmp_path, *overrides)
+    configure_spark_storage(spark, fixed)
+    m = ingest.run(spark, fixed)
+    assert m["rows_in"] == manifest["rows_written"] == m["rows_kept"] + m["rows_quarantined"]
