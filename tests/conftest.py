@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -288,3 +289,37 @@ def store(request, monkeypatch) -> Store:
             f"dataset.source.uri={base}/raw",
         ],
     )
+
+
+def command_lines() -> list[str]:
+    """Every process's command line on this machine (Linux /proc)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return out
+
+
+class CommandLines:
+    """Every command line on the machine, sampled every 0.2 s while the block runs."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            self.seen.update(command_lines())
+            self._done.wait(0.2)
+
+    def __enter__(self) -> CommandLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()

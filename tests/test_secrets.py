@@ -8,14 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import pytest
 import yaml
 
 from dlpipe import redact
-from tests.conftest import REPO
+from tests.conftest import REPO, CommandLines
 
 
 @pytest.mark.parametrize(
@@ -64,17 +62,6 @@ def test_the_password_of_any_uri_is_masked_and_remembered_secrets_too(caplog):
         logging.getLogger().removeHandler(handler)
 
 
-def _cmdlines() -> list[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                continue
-    return out
-
-
 def test_secrets_from_every_place_stay_out_of_mlflow_logs_status_and_command_lines(tmp_path):
     """A secret in spark.conf, in storage.s3.hadoop, in the credentials file and in a dataset-independent
     env setting; the pipeline runs generate -> preprocess; then the MLflow database, its artifacts, the
@@ -103,17 +90,7 @@ def test_secrets_from_every_place_stay_out_of_mlflow_logs_status_and_command_lin
     env.update({"DLPIPE_CONF_DIR": str(conf), "SPARK_LOCAL_IP": "127.0.0.1"})
     args = [f"project.root={tmp_path}", "dataset.generator.rows=400", "spark.master=local[2]"]
     args.append(f"storage.s3.credentials_file={creds}")
-    seen: set[str] = set()
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.update(line for line in _cmdlines() if "java" in line or "dlpipe" in line or "spark" in line)
-            done.wait(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with CommandLines() as watched:
         run = subprocess.run(
             [sys.executable, "-m", "dlpipe", "run", "--to", "preprocess", *args],
             cwd=REPO,
@@ -122,9 +99,7 @@ def test_secrets_from_every_place_stay_out_of_mlflow_logs_status_and_command_lin
             text=True,
             timeout=600,
         )
-    finally:
-        done.set()
-        watcher.join()
+    seen = {line for line in watched.seen if "java" in line or "dlpipe" in line or "spark" in line}
     assert run.returncode == 0, run.stderr[-3000:]
     status_cmd = [sys.executable, "-m", "dlpipe", "status", *args]
     status = subprocess.run(status_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

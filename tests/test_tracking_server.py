@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, MlflowEndpoint, make_cfg
+from tests.conftest import REPO, CommandLines, MlflowEndpoint, make_cfg
 
 EPOCHS = 2
 ROWS = 3000
@@ -43,39 +42,6 @@ def _overrides(root: Path, server: MlflowEndpoint, experiment: str) -> list[str]
         f"tracking.uri={server.uri}",
         f"tracking.experiment={experiment}",
     ]
-
-
-def _cmdlines() -> list[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                continue
-    return out
-
-
-class CommandLines:
-    """Every command line on the machine, sampled every 0.2 s while the block runs."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._done.is_set():
-            self.seen.update(_cmdlines())
-            self._done.wait(0.2)
-
-    def __enter__(self) -> CommandLines:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 @pytest.fixture(scope="module")
