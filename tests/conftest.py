@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -323,3 +327,39 @@ class CommandLines:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+
+
+def job_env() -> dict[str, str]:
+    """This environment, for a job run as a subprocess: its Python as Spark's, Spark on loopback."""
+    return {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+
+
+def run_dlpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m dlpipe ARGS` from the project folder, its output captured."""
+    argv = [sys.executable, "-m", "dlpipe", *args]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_once_it_writes(
+    argv: list[str], where: Path, pattern: str, log: Path | None = None, timeout: float = 240
+) -> None:
+    """Run a job (argv, from the project folder, in a session of its own) and SIGKILL its whole process group
+    as soon as a file matching pattern (a glob under where) appears: a job killed mid-write, with no
+    chance to clean up. Fails if the job ends before, or never writes; log keeps its output."""
+    env = job_env()
+    out = log.open("w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, written = time.time() + timeout, []
+        while time.time() < deadline and proc.poll() is None and not written:
+            written = [p for p in where.glob(pattern) if p.is_file()]
+            time.sleep(0.05)
+        said = f": {log.read_text()[-3000:]}" if log else ""
+        assert proc.poll() is None, f"{argv[1]} finished before it could be killed{said}"
+        assert written, f"{argv[1]} never started writing"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own: the assertion above says so
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        if log:
+            out.close()

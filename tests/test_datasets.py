@@ -4,12 +4,8 @@ reason, the bad-row limit, fingerprints and skipping, a killed stage, and a new 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -24,7 +20,7 @@ from dlpipe.ingest import BadDataError, SchemaMismatchError
 from dlpipe.pipeline import run_pipeline, run_stage
 from dlpipe.storage import dataset_paths, local_path, storage_settings
 from dlpipe.train.loader import ShardLoader
-from tests.conftest import REPO, cfg_overrides, make_cfg
+from tests.conftest import REPO, cfg_overrides, kill_once_it_writes, make_cfg
 
 
 def _with_source(cfg, **source):
@@ -167,27 +163,9 @@ def test_killed_preprocess_leaves_no_partial_dataset_and_a_rerun_is_correct(spar
     generate(cfg, paths.raw)
     kept = ingest.run(spark, cfg)["rows_kept"]
     warehouse = local_path(paths.petastorm).parent
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    proc = subprocess.Popen(
-        [sys.executable, "jobs/preprocess.py", *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    kill_once_it_writes(
+        [sys.executable, "jobs/preprocess.py", *overrides], warehouse, "petastorm.tmp-*/train/*.parquet", timeout=180
     )
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            tmps = list(warehouse.glob("petastorm.tmp-*/train/*.parquet"))
-            if tmps:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "preprocess finished before it could be killed"
-        assert tmps, "preprocess never started writing"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
     assert not (warehouse / "petastorm").exists(), "a killed preprocess left a dataset under the final name"
     assert list(warehouse.glob("petastorm.tmp-*")), "expected the killed run's temporary folder"
 

@@ -4,9 +4,7 @@ space. Each leaves nothing readable half-written, and the counts of the run that
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -18,11 +16,7 @@ import pytest
 from dlpipe import ingest
 from dlpipe.generate import generate
 from dlpipe.storage import dataset_paths, local_path
-from tests.conftest import REPO, cfg_overrides, make_cfg
-
-
-def _job_env() -> dict[str, str]:
-    return {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+from tests.conftest import REPO, cfg_overrides, job_env, kill_once_it_writes, make_cfg
 
 
 def _expect_exact(m: dict, manifest: dict) -> None:
@@ -37,24 +31,8 @@ def test_killed_ingest_leaves_nothing_readable_and_a_rerun_is_correct(spark, tmp
     paths = dataset_paths(cfg)
     manifest = generate(cfg, paths.raw)
     dataset = local_path(paths.clean).parent
-    proc = subprocess.Popen(
-        [sys.executable, "jobs/ingest.py", *cfg_overrides(tmp_path, rows=100_000)],
-        cwd=REPO,
-        env=_job_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline, written = time.time() + 240, []
-        while time.time() < deadline and proc.poll() is None and not written:
-            written = [p for p in dataset.glob("*.tmp-*/**/*") if p.is_file() and p.suffix == ".parquet"]
-            time.sleep(0.05)
-        assert proc.poll() is None, "ingest finished before it could be killed"
-        assert written, "ingest never started writing"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    argv = [sys.executable, "jobs/ingest.py", *cfg_overrides(tmp_path, rows=100_000)]
+    kill_once_it_writes(argv, dataset, "*.tmp-*/**/*.parquet")
     for name in ("clean", "quarantine"):
         assert not (dataset / name).exists(), f"a killed ingest left {name} under its final name"
     assert list(dataset.glob("*.tmp-*")), "expected the killed run's temporary folders"
@@ -150,7 +128,7 @@ def test_a_warehouse_out_of_space_fails_clearly_and_leaves_no_partial_output(spa
     proc = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
         cwd=REPO,
-        env=_job_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=300,

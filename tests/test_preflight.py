@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from dlpipe.processes import free_ports
-from tests.conftest import REPO
+from tests.conftest import REPO, run_dlpipe
 
 LIMIT_S = 30  # the promise: a dead or misconfigured service is named within this
 
@@ -19,14 +18,8 @@ LIMIT_S = 30  # the promise: a dead or misconfigured service is named within thi
 def _dlpipe(tmp_path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "DLPIPE_"))}
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlpipe", *args, f"project.root={tmp_path}", "dataset.generator.rows=300"],
-        cwd=REPO,
-        env={**base, "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    extra = (f"project.root={tmp_path}", "dataset.generator.rows=300")
+    proc = run_dlpipe(*args, *extra, env={**base, "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})}, timeout=120)
     return proc, time.monotonic() - started
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from dlpipe import redact
-from tests.conftest import REPO, CommandLines
+from tests.conftest import REPO, CommandLines, run_dlpipe
 
 
 @pytest.mark.parametrize(
@@ -91,18 +89,10 @@ def test_secrets_from_every_place_stay_out_of_mlflow_logs_status_and_command_lin
     args = [f"project.root={tmp_path}", "dataset.generator.rows=400", "spark.master=local[2]"]
     args.append(f"storage.s3.credentials_file={creds}")
     with CommandLines() as watched:
-        run = subprocess.run(
-            [sys.executable, "-m", "dlpipe", "run", "--to", "preprocess", *args],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        run = run_dlpipe("run", "--to", "preprocess", *args, env=env)
     seen = {line for line in watched.seen if "java" in line or "dlpipe" in line or "spark" in line}
     assert run.returncode == 0, run.stderr[-3000:]
-    status_cmd = [sys.executable, "-m", "dlpipe", "status", *args]
-    status = subprocess.run(status_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    status = run_dlpipe("status", *args, env=env, timeout=300)
     assert status.returncode == 0, status.stderr[-2000:]
     assert any("org.apache.spark" in line for line in seen), "the watcher never saw the Spark JVM"
     places = {

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +13,7 @@ from dlpipe import evaluate, features, infer, ingest, tracking
 from dlpipe.generate import MALFORMED_KINDS, generate
 from dlpipe.storage import HadoopFS, configure_spark_storage, dataset_paths, local_path
 from dlpipe.train import stage as train_stage
-from tests.conftest import REPO, cfg_overrides, make_cfg
+from tests.conftest import cfg_overrides, kill_once_it_writes, make_cfg
 
 # ingest reason code <- the generator's kind of malformed line
 CODE_OF_KIND = {
@@ -313,25 +309,8 @@ def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cf
     overrides = [f"infer.source={new.as_uri()}", f"infer.output={out.as_uri()}", "infer.partition_by=[]"]
     ncfg = make_cfg(cfg.root, *overrides, rows=200_000)
     manifest = generate(ncfg, new.as_uri())
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    proc = subprocess.Popen(
-        [sys.executable, "jobs/infer.py", *cfg_overrides(cfg.root, *overrides, rows=200_000)],
-        cwd=REPO,
-        env=env,
-        stdout=(tmp_path / "infer.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline, written = time.time() + 300, []
-        while time.time() < deadline and proc.poll() is None and not written:
-            written = [p for p in tmp_path.glob("scored*.tmp-*/**/*.parquet") if p.is_file()]
-            time.sleep(0.05)
-        assert proc.poll() is None, "infer finished before it could be killed: " + (tmp_path / "infer.log").read_text()
-        assert written, "infer never started writing"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    argv = [sys.executable, "jobs/infer.py", *cfg_overrides(cfg.root, *overrides, rows=200_000)]
+    kill_once_it_writes(argv, tmp_path, "scored*.tmp-*/**/*.parquet", log=tmp_path / "infer.log", timeout=300)
     assert not out.exists() and not Path(infer.quarantine_path(str(out))).exists(), "a killed infer left output"
     assert list(tmp_path.glob("scored*.tmp-*")), "expected the killed run's temporary folders"
 

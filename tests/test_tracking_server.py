@@ -10,15 +10,13 @@ fails before anything runs; the password leaves no trace in MLflow, the output o
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, CommandLines, MlflowEndpoint, make_cfg
+from tests.conftest import CommandLines, MlflowEndpoint, make_cfg, run_dlpipe
 
 EPOCHS = 2
 ROWS = 3000
@@ -63,14 +61,7 @@ def pipeline(mlflow_server, tmp_path_factory):
     env = _env(MLFLOW_TRACKING_USERNAME=mlflow_server.username, MLFLOW_TRACKING_PASSWORD=mlflow_server.password)
     started = time.monotonic()
     with CommandLines() as watched:
-        run = subprocess.run(
-            [sys.executable, "-m", "dlpipe", "run", *_overrides(root, mlflow_server, experiment)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=480,
-        )
+        run = run_dlpipe("run", *_overrides(root, mlflow_server, experiment), env=env, timeout=480)
     seconds = time.monotonic() - started
     assert run.returncode == 0, run.stderr[-4000:]
     cfg = make_cfg(root, *_overrides(root, mlflow_server, experiment)[1:], rows=ROWS)
@@ -239,14 +230,7 @@ def test_a_wrong_password_fails_at_once_naming_the_setting(mlflow_server, tmp_pa
     wrong = "WrongPassword-5e6f7a"
     env = _env(MLFLOW_TRACKING_USERNAME=mlflow_server.username, MLFLOW_TRACKING_PASSWORD=wrong)
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlpipe", "run", *_overrides(tmp_path, mlflow_server, experiment)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_dlpipe("run", *_overrides(tmp_path, mlflow_server, experiment), env=env, timeout=120)
     seconds = time.monotonic() - started
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert seconds < LIMIT_S, f"took {seconds:.1f}s"
