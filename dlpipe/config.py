@@ -274,7 +274,7 @@ class GeneratorConfig(_Strict):
         description="tabular, regression, digits: made up (rows, files, ... apply); penguins, breast_cancer: real "
         "tables that installed packages carry (palmerpenguins, scikit-learn), written as they are, plus an id",
     )
-    rows: int = Field(20000, gt=0)
+    rows: int = Field(30000, gt=0)
     files: int = Field(4, gt=0)
     num_numeric: int = Field(8, gt=0)
     categories: list[str] = Field(default_factory=lambda: ["a", "b", "c", "d"], min_length=1)
@@ -459,7 +459,7 @@ class TrainConfig(_Strict):
         3, ge=1, description="torch_distributor: runs of the job, each resuming from the last checkpoint"
     )
     num_proc: int = Field(2, gt=0)
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(12, gt=0)
     batch_size: int = Field(128, gt=1)
     lr: float = Field(0.003, gt=0, description="learning rate of one rank; scaled by the number of ranks")
     warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warm-up from lr to lr x ranks")

@@ -202,3 +202,39 @@ def test_a_misspelt_key_in_a_dataset_file_names_that_file(tmp_path):
     message = str(err.value)
     assert f"unknown key 'dataset.max_bad_fractoin' in {conf / 'datasets' / 'typo.yaml'}" in message, message
     assert "conf/local.yaml" not in message.split("\n", 1)[1], message  # the fix is in the dataset file
+
+
+# base.yaml documents every setting beside its comment; the model (dlpipe/config.py) is where each default
+# is defined. The two must not drift apart: a value in base.yaml is the model's default, except where the
+# model has none to give (the dataset is chosen there; spark.conf's entries are defined only there).
+_DEFINED_ONLY_IN_BASE = {"dataset", "spark.conf"}
+
+
+def _disagreements(model: type, layer: dict, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    found = []
+    for key, value in layer.items():
+        path = prefix + key
+        field = model.model_fields.get(key)
+        assert field is not None, f"conf/base.yaml: {path} is not a setting of {model.__name__}"
+        if path in _DEFINED_ONLY_IN_BASE:
+            continue
+        if isinstance(value, dict) and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += _disagreements(field.annotation, value, path + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if default != value:
+            found.append(f"{path}: base.yaml {value!r}, dlpipe/config.py {default!r}")
+    return found
+
+
+def test_base_yaml_holds_the_models_defaults_and_nothing_else():
+    from dlpipe.config import Config
+
+    base = yaml.safe_load((REPO / "conf" / "base.yaml").read_text())
+    assert _disagreements(Config, base) == []
+    # the check does catch a drift
+    epochs = load_config("local", conf_dir=REPO / "conf").train.epochs
+    drift = {"train": {"epochs": epochs + 1}}
+    assert _disagreements(Config, drift) == [f"train.epochs: base.yaml {epochs + 1}, dlpipe/config.py {epochs}"]
