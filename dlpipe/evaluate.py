@@ -12,10 +12,12 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from dlpipe import lineage
 from dlpipe.config import Config
 from dlpipe.features import class_names, read_stats
 from dlpipe.generate import read_manifest
 from dlpipe.objective import is_regression
+from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
@@ -208,47 +210,67 @@ def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict
     from dlpipe.infer import model_uri, score_rows
 
     mv = tracking.model_version_for(model_uri(cfg))
-    if mv["name"] is None:
+    if mv.name is None:
         log.info("evaluate: %s is not a registered model version; no promotion", model_uri(cfg))
         return {}
     metric = cfg.promote_metric
-    prod = promotion.production_version(mv["name"])
-    if prod is not None and str(prod.version) == str(mv["version"]):
-        log.info("evaluate: %s version %s is @production already", mv["name"], mv["version"])
+    prod = promotion.production_version(mv.name)
+    if prod is not None and str(prod.version) == str(mv.version):
+        log.info("evaluate: %s version %s is @production already", mv.name, mv.version)
         return {"promoted": 0.0}
     prod_score = None
     if prod is not None:
-        prod_mv = tracking.model_version_for(f"models:/{mv['name']}/{prod.version}")
+        prod_mv = tracking.model_version_for(f"models:/{mv.name}/{prod.version}")
         test = spark.read.parquet(dataset_paths(cfg).split("test"))
         prod_scored = score_rows(spark, cfg, test, stats, prod_mv).where(F.col("quarantine_reason").isNull())
         prod_score = gate_metrics(prod_scored, stats)[metric]
     decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin)
-    return promotion.record(mv["name"], str(mv["version"]), decision, str(prod.version) if prod is not None else None)
+    return promotion.record(mv.name, str(mv.version), decision, str(prod.version) if prod is not None else None)
+
+
+class Evaluate(Stage):
+    """Predictions of the test split -> metrics and plots on the stage's MLflow run, then the promotion gate
+    (evaluate.promote). Always runs: it is cheap and its figures belong to this run."""
+
+    name = "evaluate"
+
+    def plan(self, spark: SparkSession, cfg: Config) -> Plan:
+        from dlpipe.tracking import require_active_run
+
+        require_active_run("evaluate")
+        paths = dataset_paths(cfg)
+        where = " (infer.output)" if cfg.infer.output else ""
+        missing = f"evaluate: no predictions at {paths.predictions}{where}: run the infer stage first"
+        require_input(spark, paths.predictions, missing)
+        inputs = {uri: lineage.dataset_fingerprint(spark, uri) for uri in (paths.predictions, paths.petastorm)}
+        return Plan(lineage.digest({"stage": "evaluate", "inputs": inputs}), inputs)
+
+    def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
+        return None
+
+    def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
+        paths = dataset_paths(cfg)
+        stats = read_stats(spark, cfg)
+        key = stats["key"]
+        preds = spark.read.parquet(paths.predictions)
+        test = spark.read.parquet(paths.split("test")).select(key, "label")
+        missing = test.join(preds.select(key), key, "left_anti").count()
+        manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
+        if is_regression(stats):
+            metrics = _evaluate_regression(preds, stats, manifest)
+        else:
+            metrics = _evaluate_classification(preds, stats, manifest)
+        metrics["test_rows"] = test.count()
+        metrics["test_rows_without_prediction"] = missing
+        log.info("evaluate: %d test rows, %d without prediction", metrics["test_rows"], missing)
+        if cfg.evaluate.promote:
+            metrics.update(gate(spark, cfg, stats, metrics))
+        return metrics
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
-    """The evaluate stage (always runs: it is cheap and its figures belong to this run), then the
-    promotion gate (evaluate.promote)."""
-    from dlpipe.tracking import require_active_run
-
-    require_active_run("evaluate")
-    paths = dataset_paths(cfg)
-    stats = read_stats(spark, cfg)
-    key = stats["key"]
-    preds = spark.read.parquet(paths.predictions)
-    test = spark.read.parquet(paths.split("test")).select(key, "label")
-    missing = test.join(preds.select(key), key, "left_anti").count()
-    manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
-    if is_regression(stats):
-        metrics = _evaluate_regression(preds, stats, manifest)
-    else:
-        metrics = _evaluate_classification(preds, stats, manifest)
-    metrics["test_rows"] = test.count()
-    metrics["test_rows_without_prediction"] = missing
-    log.info("evaluate: %d test rows, %d without prediction", metrics["test_rows"], missing)
-    if cfg.evaluate.promote:
-        metrics.update(gate(spark, cfg, stats, metrics))
-    return metrics
+    """The evaluate stage (see Evaluate)."""
+    return execute(Evaluate(), spark, cfg, force)
 
 
 def _log_figure(fig, name: str) -> None:

@@ -27,12 +27,14 @@ from pyspark.sql import types as T
 
 from dlpipe import lineage
 from dlpipe.config import ColumnSpec, Config
-from dlpipe.ingest import AccountingError, read_clean
+from dlpipe.ingest import read_clean
 from dlpipe.objective import is_regression, label_spark_type
 from dlpipe.parquet_io import Output, PartFile, write_routed
 from dlpipe.session import job_description
-from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
+from dlpipe.stage import Plan, Stage, execute, require_input
+from dlpipe.storage import STATS_FILE, HadoopFS, dataset_paths, storage_settings
 from dlpipe.tensors import decode_arrow, encode_arrow
+from dlpipe.tracking import ModelRef
 
 log = logging.getLogger(__name__)
 # Petastorm 0.13.1 reads its metadata through pyarrow's legacy dataset API on purpose (the reason pyarrow is
@@ -483,71 +485,63 @@ def transform(
     return rows.mapInArrow(fn, schema=schema)
 
 
-def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
-    paths = dataset_paths(cfg)
-    inputs = {paths.clean: lineage.dataset_fingerprint(spark, paths.clean)}
-    spec = {
-        "stage": "preprocess",
-        "inputs": inputs,
-        "split": cfg.dataset.split.model_dump(mode="json"),
-        "columns": [c.model_dump(mode="json") for c in cfg.dataset.columns],
-        "task": cfg.dataset.task,
-        "num_classes": cfg.dataset.num_classes,
-        "preprocess": cfg.preprocess.model_dump(mode="json"),
-    }
-    return lineage.digest(spec), inputs
+class Preprocess(Stage):
+    """Clean -> Petastorm train/val/test splits (+ rows with a label the train split never taught), with
+    statistics fitted on the train split only and saved beside the splits."""
 
+    name = "preprocess"
+    accounting = ("rows_in", ("rows_train", "rows_val", "rows_test", "rows_quarantined"))
 
-def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
-    """The preprocess stage. Returns metrics: rows per split and the feature dimension."""
-    paths = dataset_paths(cfg)
-    if not HadoopFS(spark).exists(paths.clean):
-        raise FileNotFoundError(f"preprocess: no clean dataset at {paths.clean}: run the ingest stage first")
-    fp, inputs = fingerprint(spark, cfg)
-    done = None if force else lineage.reusable(spark, paths.petastorm, fp)
-    if done:
-        log.info("preprocess: %s is up to date (fingerprint %s), skipping; use --force to redo", paths.petastorm, fp)
-        lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=True)
-        return {**done["metrics"], "skipped": 1}
-    clean = read_clean(spark, cfg, paths.clean).withColumn(SPLIT, split_column(cfg))
-    with job_description(spark, "preprocess: fit statistics on the train split"):
-        stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
-    log.info("preprocess: statistics fitted on the train split; features of shape %s", stats["feature_shape"])
-    seen = Observation("preprocess")
-    rows = _route_unknown_labels(clean, stats).observe(seen, *_observed(stats))
-    with (
-        atomic_output(spark, paths.petastorm) as tmp,
-        job_description(spark, "preprocess: transform and write the splits"),
-    ):
-        written = write_splits(spark, cfg, transform(rows, cfg, stats, carry=[SPLIT, *REASON_COLUMNS]), stats, tmp)
+    def plan(self, spark: SparkSession, cfg: Config) -> Plan:
+        paths = dataset_paths(cfg)
+        require_input(spark, paths.clean, f"preprocess: no clean dataset at {paths.clean}: run the ingest stage first")
+        inputs = {paths.clean: lineage.dataset_fingerprint(spark, paths.clean)}
+        spec = {
+            "stage": "preprocess",
+            "inputs": inputs,
+            "split": cfg.dataset.split.model_dump(mode="json"),
+            "columns": [c.model_dump(mode="json") for c in cfg.dataset.columns],
+            "task": cfg.dataset.task,
+            "num_classes": cfg.dataset.num_classes,
+            "preprocess": cfg.preprocess.model_dump(mode="json"),
+        }
+        return Plan(lineage.digest(spec), inputs, {"petastorm": paths.petastorm})
+
+    def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
+        clean = read_clean(spark, cfg, next(iter(plan.inputs))).withColumn(SPLIT, split_column(cfg))
+        with job_description(spark, "preprocess: fit statistics on the train split"):
+            stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
+        log.info("preprocess: statistics fitted on the train split; features of shape %s", stats["feature_shape"])
+        seen = Observation("preprocess")
+        rows = _route_unknown_labels(clean, stats).observe(seen, *_observed(stats))
+        out = tmp["petastorm"]
+        with job_description(spark, "preprocess: transform and write the splits"):
+            written = write_splits(spark, cfg, transform(rows, cfg, stats, carry=[SPLIT, *REASON_COLUMNS]), stats, out)
         counts = seen.get
         rows_in, quarantined = int(counts["rows"]), written.pop(QUARANTINE)
-        if sum(written.values()) + quarantined != rows_in:
-            raise AccountingError(
-                f"preprocess: {rows_in} clean rows in, {sum(written.values())} rows in splits {written} "
-                f"+ {quarantined} quarantined"
-            )
         stats["rows"] = written
-        HadoopFS(spark).write_json(f"{tmp}/_dlpipe_stats.json", stats)
-        metrics = {
-            "rows_in": rows_in,
-            **{f"rows_{k}": v for k, v in written.items()},
-            "rows_quarantined": quarantined,
-            "feature_dim": stats["feature_dim"],
-            **{f"imputed_share_{f['name']}": counts[f"nulls_{f['name']}"] / max(rows_in, 1) for f in _imputed(stats)},
-        }
+        HadoopFS(spark).write_json(f"{out}/{STATS_FILE}", stats)
         if quarantined:
             log.warning(
                 "preprocess: %d rows have a label that is not among the classes learned from the train split %s; "
                 "they are in %s/%s",
                 quarantined,
                 stats["classes"],
-                paths.petastorm,
+                plan.outputs["petastorm"],
                 QUARANTINE,
             )
-        lineage.write_meta(spark, tmp, "preprocess", fp, inputs, metrics)
-    lineage.log_lineage("preprocess", fp, inputs, [paths.petastorm], skipped=False)
-    return {**metrics, "skipped": 0}
+        return {
+            "rows_in": rows_in,
+            **{f"rows_{split}": written.get(split, 0) for split in SPLITS},
+            "rows_quarantined": quarantined,
+            "feature_dim": stats["feature_dim"],
+            **{f"imputed_share_{f['name']}": counts[f"nulls_{f['name']}"] / max(rows_in, 1) for f in _imputed(stats)},
+        }
+
+
+def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
+    """The preprocess stage. Returns metrics: rows per split and the feature dimension."""
+    return execute(Preprocess(), spark, cfg, force)
 
 
 QUARANTINE = "quarantine"  # beside the splits: rows whose label is not a class the train split taught
@@ -612,15 +606,15 @@ def read_stats(spark: SparkSession, cfg: Config) -> dict:
 STATS_ARTIFACT = "preprocessing/stats.json"  # in the training run: the statistics its model was trained with
 
 
-def model_stats(mv: dict, fallback: Callable[[], dict]) -> dict:
+def model_stats(mv: ModelRef, fallback: Callable[[], dict]) -> dict:
     """The statistics logged with the training run of model version mv (train logs them), so new rows are
     transformed exactly as its training rows were; fallback() for a model trained elsewhere, with a warning."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if mv.get("run_id"):
+    if mv.run_id:
         try:
-            return mlflow.artifacts.load_dict(f"runs:/{mv['run_id']}/{STATS_ARTIFACT}")
+            return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{STATS_ARTIFACT}")
         except (MlflowException, OSError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     else:

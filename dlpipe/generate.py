@@ -46,6 +46,22 @@ def expected_columns(cfg: Config) -> list[str]:
 CHUNK_ROWS = 200_000
 
 
+def params_of(cfg: Config) -> dict:
+    """What the generated data is a function of: equal params, equal files."""
+    g = cfg.dataset.generator
+    if g is None:
+        raise ConfigError("dataset.generator is not set: this dataset has no built-in generator")
+    return {**g.model_dump(), "num_classes": cfg.dataset.num_classes}
+
+
+def manifest_metrics(manifest: dict) -> dict:
+    """The stage's figures from a manifest: what was written, and the ceiling each generator knows."""
+    keys = ("rows_written", "valid_rows", "malformed_total", "bayes_accuracy", "majority_fraction", "bayes_rmse")
+    out = {k: manifest[k] for k in keys if manifest.get(k) is not None}
+    out.update({f"malformed_{kind}": n for kind, n in manifest["malformed"].items()})
+    return out
+
+
 def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     """Write the example's raw files under uri and return the manifest (written last).
 
@@ -54,9 +70,7 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     time, so any number of rows fits in memory.
     """
     g = cfg.dataset.generator
-    if g is None:
-        raise ConfigError("dataset.generator is not set: this dataset has no built-in generator")
-    params = {**g.model_dump(), "num_classes": cfg.dataset.num_classes}
+    params = params_of(cfg)
     existing = read_manifest(uri, storage_settings(cfg))
     if not force and existing and existing.get("params") == params:
         log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])

@@ -32,7 +32,6 @@ from dlpipe.config import Config
 from dlpipe.features import class_names, label_index, model_stats, read_stats, transform
 from dlpipe.ingest import (
     QUARANTINE_COLUMNS,
-    AccountingError,
     BadDataError,
     quarantine_by_code,
     read_source,
@@ -43,7 +42,9 @@ from dlpipe.parquet_io import Output, write_routed
 from dlpipe.promotion import CANDIDATE
 from dlpipe.quantize import INT8_ALIAS
 from dlpipe.session import job_description
-from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, resolve_uri, storage_settings
+from dlpipe.stage import Plan, Stage, execute, require_input
+from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
+from dlpipe.tracking import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,11 @@ def model_uri(cfg: Config) -> str:
     return cfg.infer.model_uri or f"models:/{cfg.model_name}@{alias}"
 
 
-def quarantine_path(predictions: str) -> str:
-    """Rows that were not scored, with the reason: beside the predictions."""
-    return predictions.rstrip("/") + "_quarantine"
-
-
-def output_path(cfg: Config) -> str:
-    paths = dataset_paths(cfg)
-    if cfg.infer.output:
-        return resolve_uri(cfg.root, cfg.infer.output)
-    return paths.scored if cfg.infer.source else paths.predictions
-
-
-def _identity(mv: dict) -> list:
+def _identity(mv: ModelRef) -> list:
     return [
-        F.lit(mv["name"]).cast("string").alias("model_name"),
-        F.lit(mv["version"]).cast("int").alias("model_version"),
-        F.lit(mv["run_id"]).cast("string").alias("model_run_id"),
+        F.lit(mv.name).cast("string").alias("model_name"),
+        F.lit(mv.version).cast("int").alias("model_version"),
+        F.lit(mv.run_id).cast("string").alias("model_run_id"),
     ]
 
 
@@ -99,7 +88,7 @@ def _named(stats: dict) -> list:
 
 
 def score_rows(
-    spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: dict, carry: tuple[str, ...] = ()
+    spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: ModelRef, carry: tuple[str, ...] = ()
 ) -> DataFrame:
     """rows (key, label, *carry, features) -> key, label, prediction, probabilities (classification),
     quarantine_reason (null for scored rows), *carry and the model's identity, scored in Arrow batches of
@@ -110,7 +99,7 @@ def score_rows(
     key = stats["key"]
     scored = score_frame(
         rows,
-        mv["download_uri"],
+        mv.download_uri,
         tuple(stats["feature_shape"]),
         [key, "label", *carry],
         tracking.tracking_uri(cfg),
@@ -185,49 +174,59 @@ def _unify_reasons(scored: DataFrame, stats: dict, validated: bool) -> DataFrame
     return scored.select(*keep, *scoring)
 
 
+class Infer(Stage):
+    """The test split (or infer.source's new raw data) -> predictions + quarantine, with the registered model;
+    reused when the same model already scored the same input the same way."""
+
+    name = "infer"
+    accounting = ("rows_in", ("rows_scored", "rows_quarantined"))
+
+    def plan(self, spark: SparkSession, cfg: Config) -> Plan:
+        import mlflow
+
+        paths = dataset_paths(cfg)
+        uri = model_uri(cfg)
+        mv = tracking.model_version_for(uri)
+        if cfg.infer.source:
+            source = resolve_uri(cfg.root, cfg.infer.source)
+            require_input(spark, source, f"infer: input path {source} does not exist (infer.source)")
+            source_fp = lineage.source_fingerprint(spark, source)
+            stats = model_stats(mv, fallback=lambda: read_stats(spark, cfg))
+        else:
+            source = paths.split("test")
+            source_fp = lineage.dataset_fingerprint(spark, paths.petastorm)
+            stats = read_stats(spark, cfg)
+        if mlflow.active_run() is not None:
+            mlflow.set_tags(redact.tree({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv.version)}))
+        inputs = {source: source_fp, uri: mv.lineage()}
+        spec = cfg.infer.model_dump(mode="json", exclude={"output"})
+        out = paths.infer_output
+        fp = lineage.digest({"stage": "infer", "inputs": inputs, "infer": spec, "out": out})
+        context = {"source": source, "stats": stats, "mv": mv, "uri": uri}
+        return Plan(fp, inputs, {"scored": out, "quarantine": paths.infer_quarantine}, context=context)
+
+    def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
+        source, stats, mv = plan.context["source"], plan.context["stats"], plan.context["mv"]
+        uri = plan.context["uri"]
+        log.info("infer: scoring %s with %s (version %s, run %s)", source, uri, mv.version, mv.run_id)
+        unseen = None
+        if cfg.infer.source:
+            (rows, unseen), carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
+        else:
+            rows, carry = spark.read.parquet(source), ()
+        seen = Observation("infer")  # rows in, counted on the way, apart from the outputs' footers
+        rows = rows.observe(seen, F.count(F.lit(1)).alias("rows_in"))
+        scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
+        out = plan.outputs["scored"]
+        report = partial(_report_unseen, unseen, stats, out)
+        metrics = _write(spark, cfg, scored, stats, tmp, seen, bool(carry), report)
+        log.info("infer: wrote %d predictions to %s", metrics["rows_scored"], out)
+        return metrics
+
+
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The infer stage; skipped when the same model already scored the same input the same way."""
-    import mlflow
-
-    paths = dataset_paths(cfg)
-    uri = model_uri(cfg)
-    mv = tracking.model_version_for(uri)
-    out = output_path(cfg)
-    if cfg.infer.source:
-        source = resolve_uri(cfg.root, cfg.infer.source)
-        if not HadoopFS(spark).exists(source):
-            raise FileNotFoundError(f"infer: input path {source} does not exist (infer.source)")
-        source_fp = lineage.source_fingerprint(spark, source)
-        stats = model_stats(mv, fallback=lambda: read_stats(spark, cfg))
-    else:
-        source = paths.split("test")
-        source_fp = lineage.dataset_fingerprint(spark, paths.petastorm)
-        stats = read_stats(spark, cfg)
-    if mlflow.active_run() is not None:
-        mlflow.set_tags(redact.tree({"dlpipe.model_uri": uri, "dlpipe.model_version": str(mv["version"])}))
-    inputs = {source: source_fp, uri: f"{mv['name']}/{mv['version']}/{mv['run_id']}"}
-    spec = cfg.infer.model_dump(mode="json", exclude={"output"})
-    fp = lineage.digest({"stage": "infer", "inputs": inputs, "infer": spec, "out": out})
-    quarantine = quarantine_path(out)
-    done = None if force else lineage.reusable(spark, out, fp)
-    if done:
-        log.info("infer: %s is up to date (fingerprint %s), skipping; use --force to redo", out, fp)
-        lineage.log_lineage("infer", fp, inputs, [out, quarantine], skipped=True)
-        return {**done["metrics"], "skipped": 1}
-    log.info("infer: scoring %s with %s (version %s, run %s)", source, uri, mv["version"], mv["run_id"])
-    unseen = None
-    if cfg.infer.source:
-        (rows, unseen), carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
-    else:
-        rows, carry = spark.read.parquet(source), ()
-    seen = Observation("infer")  # rows in, counted on the way, apart from the outputs' footers
-    rows = rows.observe(seen, F.count(F.lit(1)).alias("rows_in"))
-    scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
-    report = partial(_report_unseen, unseen, stats, out)
-    metrics = _write(spark, cfg, scored, stats, out, quarantine, fp, inputs, seen, bool(carry), report)
-    lineage.log_lineage("infer", fp, inputs, [out, quarantine], skipped=False)
-    log.info("infer: wrote %d predictions to %s", metrics["rows_scored"], out)
-    return {**metrics, "skipped": 0}
+    return execute(Infer(), spark, cfg, force)
 
 
 def _write(
@@ -235,55 +234,43 @@ def _write(
     cfg: Config,
     scored: DataFrame,
     stats: dict,
-    out: str,
-    quarantine: str,
-    fp: str,
-    inputs: dict[str, str],
+    tmp: dict[str, str],
     seen: Observation,
     new_data: bool,
     report: Callable[[], dict[str, int]] = dict,
 ) -> dict:
-    """Predictions and quarantine in one pass, checked against the rows that went in before either is
-    committed; report() adds the metrics observed on the way (unseen labels) once the pass is done."""
+    """Predictions and quarantine in one pass into the stage's temporary folders; report() adds the metrics
+    observed on the way (unseen labels) once the pass is done."""
     key = stats["key"]
-    with (
-        atomic_output(spark, out) as tmp,
-        atomic_output(spark, quarantine) as qtmp,
-        job_description(spark, "infer: score and write predictions + quarantine"),
-    ):
+    with job_description(spark, "infer: score and write predictions + quarantine"):
         written = write_routed(
             spark,
             scored,
             F.when(F.col("reason_code").isNull(), "scored").otherwise("quarantine"),
             {
-                "scored": Output(tmp, [key, "label", *_outputs(stats), *IDENTITY]),
-                "quarantine": Output(qtmp, [key, *QUARANTINE_COLUMNS, *IDENTITY]),
+                "scored": Output(tmp["scored"], [key, "label", *_outputs(stats), *IDENTITY]),
+                "quarantine": Output(tmp["quarantine"], [key, *QUARANTINE_COLUMNS, *IDENTITY]),
             },
-            staging=f"{tmp}-routing",
+            staging=f"{tmp['scored']}-routing",
             settings=storage_settings(cfg),
             partition_by=cfg.infer.partition_by,
         )
-        n_in = int(seen.get["rows_in"])
-        rows_out = sum(f.rows for f in written["scored"])
-        rows_bad = sum(f.rows for f in written["quarantine"])
-        if rows_out + rows_bad != n_in:
-            raise AccountingError(f"infer: {n_in} rows in, {rows_out} predictions + {rows_bad} quarantined written")
-        by_code = quarantine_by_code(spark, qtmp) if rows_bad else {}
-        if rows_bad:
-            log.warning("infer: %d rows quarantined to %s, by reason %s", rows_bad, quarantine, by_code)
-        if new_data and n_in and rows_bad / n_in > cfg.dataset.max_bad_fraction:
-            raise BadDataError(
-                f"infer: {rows_bad} of {n_in} rows ({rows_bad / n_in:.1%}) could not be scored, more than "
-                f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}. Fix the input, "
-                "or raise dataset.max_bad_fraction to accept it. Nothing was written."
-            )
-        metrics = {
-            "rows_in": n_in,
-            "rows_scored": rows_out,
-            "rows_quarantined": rows_bad,
-            **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
-            **report(),
-        }
-        lineage.write_meta(spark, qtmp, "infer-quarantine", fp, inputs, metrics)
-        lineage.write_meta(spark, tmp, "infer", fp, inputs, metrics)
-    return metrics
+    n_in = int(seen.get["rows_in"])
+    rows_out = sum(f.rows for f in written["scored"])
+    rows_bad = sum(f.rows for f in written["quarantine"])
+    by_code = quarantine_by_code(spark, tmp["quarantine"]) if rows_bad else {}
+    if rows_bad:
+        log.warning("infer: %d rows quarantined, by reason %s", rows_bad, by_code)
+    if new_data and n_in and rows_bad / n_in > cfg.dataset.max_bad_fraction:
+        raise BadDataError(
+            f"infer: {rows_bad} of {n_in} rows ({rows_bad / n_in:.1%}) could not be scored, more than "
+            f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}. Fix the input, "
+            "or raise dataset.max_bad_fraction to accept it. Nothing was written."
+        )
+    return {
+        "rows_in": n_in,
+        "rows_scored": rows_out,
+        "rows_quarantined": rows_bad,
+        **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
+        **report(),
+    }

@@ -32,7 +32,8 @@ from dlpipe import lineage
 from dlpipe.config import ColumnSpec, Config, ConfigError, datetime_regex
 from dlpipe.parquet_io import Output, write_routed
 from dlpipe.session import job_description
-from dlpipe.storage import HadoopFS, atomic_output, dataset_paths, storage_settings
+from dlpipe.stage import Plan, Stage, execute, require_input
+from dlpipe.storage import dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ NUMERIC = {"int", "long", "float", "double"}
 PARSED_FROM_TEXT = {"boolean", "date", "timestamp"}
 TRUE_WORDS = ("true", "yes", "1", "t", "y")
 FALSE_WORDS = ("false", "no", "0", "f", "n")
-
-
-class AccountingError(RuntimeError):
-    """Rows went missing between input and outputs."""
 
 
 class BadDataError(ValueError):
@@ -955,53 +952,48 @@ def _separator_hint(cfg: Config, by_code: dict[str, int], failed: int) -> str:
 
 
 # --- the stage -----------------------------------------------------------------------------------------
-def fingerprint(spark: SparkSession, cfg: Config) -> tuple[str, dict[str, str]]:
-    paths = dataset_paths(cfg)
-    inputs = {paths.raw: lineage.source_fingerprint(spark, paths.raw)}
-    # the default duplicates policy is left out: datasets ingested before it existed keep their fingerprint
-    default = {"duplicates"} if cfg.dataset.duplicates == "keep_all" else set()
-    spec = cfg.dataset.model_dump(mode="json", exclude={"generator", "split", *default})
-    return lineage.digest({"stage": "ingest", "inputs": inputs, "dataset": spec}), inputs
+class Ingest(Stage):
+    """Raw input -> clean (typed) + quarantine (a reason per row); every row lands in exactly one."""
+
+    name = "ingest"
+    accounting = ("rows_in", ("rows_kept", "rows_quarantined"))
+
+    def plan(self, spark: SparkSession, cfg: Config) -> Plan:
+        paths = dataset_paths(cfg)
+        require_input(spark, paths.raw, f"ingest: input path {paths.raw} does not exist (dataset.source.uri)")
+        inputs = {paths.raw: lineage.source_fingerprint(spark, paths.raw)}
+        # the default duplicates policy is left out: datasets ingested before it existed keep their fingerprint
+        default = {"duplicates"} if cfg.dataset.duplicates == "keep_all" else set()
+        spec = cfg.dataset.model_dump(mode="json", exclude={"generator", "split", *default})
+        fp = lineage.digest({"stage": "ingest", "inputs": inputs, "dataset": spec})
+        return Plan(fp, inputs, {"clean": paths.clean, "quarantine": paths.quarantine})
+
+    def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
+        try:
+            return _ingest(spark, cfg, dataset_paths(cfg).raw, tmp["clean"], tmp["quarantine"])
+        except Exception as exc:
+            clear = _explain_spark_error(exc, dataset_paths(cfg).raw)
+            if clear is not None:
+                raise clear from None
+            raise
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     """The ingest stage. Returns metrics: rows_in, rows_kept, rows_quarantined, quarantined_<code>."""
-    paths = dataset_paths(cfg)
-    if not HadoopFS(spark).exists(paths.raw):
-        raise FileNotFoundError(f"ingest: input path {paths.raw} does not exist (dataset.source.uri)")
-    fp, inputs = fingerprint(spark, cfg)
-    done = None if force else lineage.reusable(spark, paths.clean, fp)
-    if done and HadoopFS(spark).exists(paths.quarantine):
-        log.info("ingest: %s is up to date (fingerprint %s), skipping; use --force to redo", paths.clean, fp)
-        lineage.log_lineage("ingest", fp, inputs, [paths.clean, paths.quarantine], skipped=True)
-        return {**done["metrics"], "skipped": 1}
-    try:
-        metrics = _ingest(spark, cfg, paths, fp, inputs)
-    except Exception as exc:
-        clear = _explain_spark_error(exc, paths.raw)
-        if clear is not None:
-            raise clear from None
-        raise
-    lineage.log_lineage("ingest", fp, inputs, [paths.clean, paths.quarantine], skipped=False)
-    return {**metrics, "skipped": 0}
+    return execute(Ingest(), spark, cfg, force)
 
 
-def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, str]) -> dict:
+def _ingest(spark: SparkSession, cfg: Config, raw: str, clean_tmp: str, q_tmp: str) -> dict:
     """One pass over the input: every row is parsed and checked once and written either to clean (typed)
     or to quarantine (its reason); the counts come from that pass and from the footers of what it wrote."""
     policy = cfg.dataset.duplicates
-    src = read_source(spark, cfg, paths.raw)
+    src = read_source(spark, cfg, raw)
     if policy != "keep_all":
         src = replace(src, df=with_input_order(src.df))
     checked = mark_duplicates(validate(src, cfg), policy)
     seen = Observation("ingest")  # rows in, counted on the way, apart from the outputs' footers
     rows = checked.rows().observe(seen, F.count(F.lit(1)).alias("rows_in"))
-    settings = storage_settings(cfg)
-    with (
-        atomic_output(spark, paths.clean) as clean_tmp,
-        atomic_output(spark, paths.quarantine) as q_tmp,
-        job_description(spark, "ingest: read, check and write clean + quarantine"),
-    ):
+    with job_description(spark, "ingest: read, check and write clean + quarantine"):
         written = write_routed(
             spark,
             rows,
@@ -1011,50 +1003,45 @@ def _ingest(spark: SparkSession, cfg: Config, paths, fp: str, inputs: dict[str, 
                 "quarantine": Output(q_tmp, [cfg.dataset.column("key").name, *QUARANTINE_COLUMNS]),
             },
             staging=f"{clean_tmp}-routing",
-            settings=settings,
+            settings=storage_settings(cfg),
         )
-        n_in = int(seen.get["rows_in"])
-        if n_in == 0:
-            raise ValueError(f"ingest: no rows in {paths.raw} (dataset.source.uri): the input is empty")
-        kept = sum(f.rows for f in written["clean"])
-        quarantined = sum(f.rows for f in written["quarantine"])
-        log.info("ingest: %d rows in from %s", n_in, paths.raw)
-        if n_in != kept + quarantined:
-            raise AccountingError(f"ingest: rows in ({n_in}) != rows kept ({kept}) + rows quarantined ({quarantined})")
-        by_code = quarantine_by_code(spark, q_tmp) if quarantined else {}
-        log.info("ingest: kept %d, quarantined %d %s", kept, quarantined, by_code)
-        # rows dropped by the declared duplicates policy are not bad data: they do not count here
-        failed = quarantined - by_code.get(DUPLICATE_KEY, 0)
-        bad_share = failed / n_in
-        if bad_share > cfg.dataset.max_bad_fraction:
-            bad = spark.read.parquet(q_tmp).where(F.col("reason_code") != DUPLICATE_KEY).limit(3).collect()
-            examples = [f"{r['reason']} ({r['source_file']})" for r in bad]
-            raise BadDataError(
-                f"ingest: {failed} of {n_in} rows ({bad_share:.1%}) failed validation, more than "
-                f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}; e.g. {examples}. "
-                f"{_separator_hint(cfg, by_code, failed)}"
-                "Fix the input, or raise dataset.max_bad_fraction to accept it. Nothing was written."
-            )
-        key = cfg.dataset.column("key").name
-        dups = duplicate_report(spark, key, clean_tmp, q_tmp if by_code.get(DUPLICATE_KEY) else None)
-        if dups["duplicate_keys"]:
-            log.warning(
-                "ingest: %d key(s) of %s have more than one valid row (%d rows beyond the first); "
-                "dataset.duplicates: %s%s",
-                dups["duplicate_keys"],
-                key,
-                dups["duplicate_rows"],
-                policy,
-                " keeps them all (keep_first or quarantine drops them)" if policy == "keep_all" else "",
-            )
-        metrics = {
-            "rows_in": n_in,
-            "rows_kept": kept,
-            "rows_quarantined": quarantined,
-            "bad_fraction": bad_share,
-            **dups,
-            **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
-        }
-        lineage.write_meta(spark, clean_tmp, "ingest", fp, inputs, metrics)
-        lineage.write_meta(spark, q_tmp, "ingest", fp, inputs, metrics)
-    return metrics
+    n_in = int(seen.get["rows_in"])
+    if n_in == 0:
+        raise ValueError(f"ingest: no rows in {raw} (dataset.source.uri): the input is empty")
+    kept = sum(f.rows for f in written["clean"])
+    quarantined = sum(f.rows for f in written["quarantine"])
+    log.info("ingest: %d rows in from %s", n_in, raw)
+    by_code = quarantine_by_code(spark, q_tmp) if quarantined else {}
+    log.info("ingest: kept %d, quarantined %d %s", kept, quarantined, by_code)
+    # rows dropped by the declared duplicates policy are not bad data: they do not count here
+    failed = quarantined - by_code.get(DUPLICATE_KEY, 0)
+    bad_share = failed / n_in
+    if bad_share > cfg.dataset.max_bad_fraction:
+        bad = spark.read.parquet(q_tmp).where(F.col("reason_code") != DUPLICATE_KEY).limit(3).collect()
+        examples = [f"{r['reason']} ({r['source_file']})" for r in bad]
+        raise BadDataError(
+            f"ingest: {failed} of {n_in} rows ({bad_share:.1%}) failed validation, more than "
+            f"dataset.max_bad_fraction={cfg.dataset.max_bad_fraction}; by reason {by_code}; e.g. {examples}. "
+            f"{_separator_hint(cfg, by_code, failed)}"
+            "Fix the input, or raise dataset.max_bad_fraction to accept it. Nothing was written."
+        )
+    key = cfg.dataset.column("key").name
+    dups = duplicate_report(spark, key, clean_tmp, q_tmp if by_code.get(DUPLICATE_KEY) else None)
+    if dups["duplicate_keys"]:
+        log.warning(
+            "ingest: %d key(s) of %s have more than one valid row (%d rows beyond the first); "
+            "dataset.duplicates: %s%s",
+            dups["duplicate_keys"],
+            key,
+            dups["duplicate_rows"],
+            policy,
+            " keeps them all (keep_first or quarantine drops them)" if policy == "keep_all" else "",
+        )
+    return {
+        "rows_in": n_in,
+        "rows_kept": kept,
+        "rows_quarantined": quarantined,
+        "bad_fraction": bad_share,
+        **dups,
+        **{f"quarantined_{c}": n for c, n in sorted(by_code.items())},
+    }

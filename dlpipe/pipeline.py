@@ -2,52 +2,69 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyspark.sql import SparkSession
 
-from dlpipe import tracking
+from dlpipe import lineage, tracking
 from dlpipe.config import Config
 from dlpipe.runlock import dataset_lock
 from dlpipe.session import resource_error
-from dlpipe.storage import configure_spark_storage, dataset_paths
+from dlpipe.stage import Plan, Stage, execute
+from dlpipe.storage import configure_spark_storage, dataset_paths, storage_settings
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "ingest", "preprocess", "train", "infer", "evaluate")
+class Generate(Stage):
+    """The built-in datasets' raw files (dataset.generator); reused when the manifest has the same params."""
+
+    name = "generate"
+
+    def plan(self, spark: SparkSession, cfg: Config) -> Plan:
+        from dlpipe.generate import params_of
+
+        raw = dataset_paths(cfg).raw
+        return Plan(lineage.digest({"stage": "generate", "params": params_of(cfg)}), {}, lineage_outputs=(raw,))
+
+    def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
+        from dlpipe.generate import manifest_metrics, params_of, read_manifest
+
+        raw = dataset_paths(cfg).raw
+        existing = read_manifest(raw, storage_settings(cfg))
+        if not existing or existing.get("params") != params_of(cfg):
+            return None
+        log.info("generate: %s already holds this data (%d rows), skipping", raw, existing["rows_written"])
+        return manifest_metrics(existing)
+
+    def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
+        from dlpipe.generate import generate, manifest_metrics
+
+        return manifest_metrics(generate(cfg, dataset_paths(cfg).raw, force=True))
 
 
-def _generate(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
-    from dlpipe.generate import generate
+# Every stage, in order: the module and class that implement it (imported when it runs, so the driver
+# loads torch only for the stages that need it). A new stage is a Stage subclass and a line here.
+STAGE_CLASSES = {
+    "generate": "dlpipe.pipeline:Generate",
+    "ingest": "dlpipe.ingest:Ingest",
+    "preprocess": "dlpipe.features:Preprocess",
+    "train": "dlpipe.train.stage:Train",
+    "infer": "dlpipe.infer:Infer",
+    "evaluate": "dlpipe.evaluate:Evaluate",
+}
+STAGES = tuple(STAGE_CLASSES)
 
-    m = generate(cfg, dataset_paths(cfg).raw, force=force)
-    keys = ("rows_written", "valid_rows", "malformed_total", "bayes_accuracy", "majority_fraction", "bayes_rmse")
-    out = {k: m[k] for k in keys if m.get(k) is not None}  # each generator knows its own ceiling
-    out.update({f"malformed_{kind}": n for kind, n in m["malformed"].items()})
-    out["skipped"] = int(m["skipped"])
-    return out
 
-
-def stage_function(name: str) -> Callable[..., dict]:
-    """The stage's `run(spark, cfg, force=False) -> metrics`."""
-    if name == "generate":
-        return _generate
-    if name == "ingest":
-        from dlpipe.ingest import run
-    elif name == "preprocess":
-        from dlpipe.features import run
-    elif name == "train":
-        from dlpipe.train.stage import run
-    elif name == "infer":
-        from dlpipe.infer import run
-    elif name == "evaluate":
-        from dlpipe.evaluate import run
-    else:
+def stage_for(name: str) -> Stage:
+    """The stage called name."""
+    if name not in STAGE_CLASSES:
         raise ValueError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
-    return run
+    module, _, cls = STAGE_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 def run_stage(
@@ -56,13 +73,13 @@ def run_stage(
     """Run one stage in its own MLflow child run and log its metrics there.
 
     Stages whose output was made from the same inputs and config skip their work unless force."""
-    fn = stage_function(name)
+    stage = stage_for(name)
     configure_spark_storage(spark, cfg)
     log.info("stage %s: start", name)
     started = time.time()
     with dataset_lock(spark, cfg, f"stage {name}"), tracking.stage_run(cfg, name, parent_run_id):
         try:
-            metrics = fn(spark, cfg, force=force)
+            metrics = execute(stage, spark, cfg, force)
         except Exception as exc:
             clear = resource_error(exc, name, spark)
             if clear is not None:
@@ -92,7 +109,7 @@ def run_pipeline(
     """Run the stages in order under one parent run; the parent also gets each stage's metrics."""
     configure_spark_storage(spark, cfg)  # the lock lives in the store
     with dataset_lock(spark, cfg, "pipeline run"), tracking.pipeline_run(cfg) as parent:
-        result = PipelineResult(parent.info.run_id, tracking.tracking_uri(cfg), dataset_paths(cfg).predictions)
+        result = PipelineResult(parent.info.run_id, tracking.tracking_uri(cfg), dataset_paths(cfg).infer_output)
         todo = stages_for(cfg, stages)
         for i, name in enumerate(todo, 1):
             log.info("pipeline: stage %d/%d: %s", i, len(todo), name)

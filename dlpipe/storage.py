@@ -44,6 +44,9 @@ def local_path(uri: str) -> Path:
     return Path(parsed.path)
 
 
+STATS_FILE = "_dlpipe_stats.json"  # the fitted statistics, beside the splits (leading _: readers skip it)
+
+
 @dataclass(frozen=True)
 class DatasetPaths:
     """Where each stage reads and writes for one dataset (see the data flow in the README)."""
@@ -52,15 +55,21 @@ class DatasetPaths:
     clean: str
     quarantine: str
     petastorm: str
-    predictions: str
-    scored: str
+    predictions: str  # the test split's predictions: what evaluate, status and the notebooks read
+    scored: str  # new raw data's (infer.source)
+    infer_output: str  # what this config's infer stage writes: one of the two
 
     def split(self, name: str) -> str:
         return f"{self.petastorm}/{name}"
 
     @property
+    def infer_quarantine(self) -> str:
+        """Rows infer could not score, with the reason: beside its predictions."""
+        return self.infer_output.rstrip("/") + "_quarantine"
+
+    @property
     def stats(self) -> str:
-        return f"{self.petastorm}/_dlpipe_stats.json"
+        return f"{self.petastorm}/{STATS_FILE}"
 
 
 def dataset_base(cfg: Any) -> str:
@@ -69,14 +78,23 @@ def dataset_base(cfg: Any) -> str:
 
 
 def dataset_paths(cfg: Any) -> DatasetPaths:
+    """Every stage output's location for cfg, the output settings (infer.output) applied: the one place
+    writers and readers (evaluate, status, the summary, the notebooks) ask."""
     base = dataset_base(cfg)
+    predictions, scored = f"{base}/predictions", f"{base}/scored"
+    chosen = resolve_uri(cfg.root, cfg.infer.output) if cfg.infer.output else None
+    if cfg.infer.source:
+        scored = chosen or scored
+    else:
+        predictions = chosen or predictions
     return DatasetPaths(
         raw=resolve_uri(cfg.root, cfg.dataset.source.uri),
         clean=f"{base}/clean",
         quarantine=f"{base}/quarantine",
         petastorm=f"{base}/petastorm",
-        predictions=f"{base}/predictions",
-        scored=f"{base}/scored",
+        predictions=predictions,
+        scored=scored,
+        infer_output=scored if cfg.infer.source else predictions,
     )
 
 

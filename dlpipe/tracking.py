@@ -195,7 +195,22 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def model_version_for(model_uri: str) -> dict[str, str | None]:
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the stages hand it on: its registered name and version (None for a runs:/ URI), the run
+    that logged it, and where its files are."""
+
+    name: str | None
+    version: str | None
+    run_id: str | None
+    download_uri: str
+
+    def lineage(self) -> str:
+        """How lineage names it: name/version/run."""
+        return f"{self.name}/{self.version}/{self.run_id}"
+
+
+def model_version_for(model_uri: str) -> ModelRef:
     """Name, version and run id behind a models:/ URI (alias or version), or the run id of a runs:/ URI."""
     from mlflow import MlflowClient
 
@@ -208,11 +223,6 @@ def model_version_for(model_uri: str) -> dict[str, str | None]:
         else:
             name, version = ref.split("/", 1)
             mv = client.get_model_version(name, version)
-        return {
-            "name": mv.name,
-            "version": str(mv.version),
-            "run_id": mv.run_id,
-            "download_uri": client.get_model_version_download_uri(mv.name, mv.version),
-        }
+        return ModelRef(mv.name, str(mv.version), mv.run_id, client.get_model_version_download_uri(mv.name, mv.version))
     run_id = model_uri.split("/")[1] if model_uri.startswith("runs:/") else None
-    return {"name": None, "version": None, "run_id": run_id, "download_uri": model_uri}
+    return ModelRef(None, None, run_id, model_uri)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dlpipe import infer, ingest, lineage, tracking
+from dlpipe import ingest, lineage, tracking
 from dlpipe.config import ConfigError, DatasetConfig, load_config
 from dlpipe.ingest import BadDataError, SchemaMismatchError
 from dlpipe.parquet_io import sql_conf
@@ -306,12 +306,12 @@ def test_labels_the_model_never_saw_are_scored_counted_and_named(spark, penguins
     warning = [r.getMessage() for r in caplog.records if "never trained on" in r.getMessage()]
     assert len(warning) == 1 and "7 rows" in warning[0] and "2 class(es): Emperor .. King" in warning[0]
     assert "['Adelie', 'Chinstrap', 'Gentoo']" in warning[0]
-    scored = spark.read.parquet(infer.output_path(ncfg)).toPandas().set_index("id").loc[new["id"]]
+    scored = spark.read.parquet(dataset_paths(ncfg).infer_output).toPandas().set_index("id").loc[new["id"]]
     assert scored["label"].isna().to_numpy().tolist() == [True] * 7 + [False] * 53
     classes = ["Adelie", "Chinstrap", "Gentoo"]
     assert list(scored["label"].iloc[7:].astype(int)) == [classes.index(s) for s in new["species"].iloc[7:]]
     assert scored["predicted_class"].notna().all()
-    assert lineage.read_meta(spark, infer.output_path(ncfg))["metrics"]["unseen_label_rows"] == 7
+    assert lineage.read_meta(spark, dataset_paths(ncfg).infer_output)["metrics"]["unseen_label_rows"] == 7
 
 
 # --- 5. new data with more bad rows than allowed ------------------------------------------------------------

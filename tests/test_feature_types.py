@@ -412,7 +412,6 @@ def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_en
     answer = model.predict(records)
     assert list(answer["prediction"]) == [1, 0]
     # new raw data for the infer job: the same checks, an unknown city is __other__, and the same answers
-    from dlpipe import infer
     from dlpipe.pipeline import run_stage
 
     src = tmp_path / "new"
@@ -424,7 +423,7 @@ def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_en
     new_cfg.dataset.max_bad_fraction = 0.5  # one bad row of three, on purpose
     m = run_stage(spark, new_cfg, "infer", force=True)
     assert (m["rows_scored"], m["rows_quarantined"]) == (2, 1)
-    scored = spark.read.parquet(infer.output_path(new_cfg)).select("id", "prediction").collect()
+    scored = spark.read.parquet(dataset_paths(new_cfg).infer_output).select("id", "prediction").collect()
     assert {r["id"]: r["prediction"] for r in scored} == {1: 1, 2: 0}
-    bad = spark.read.parquet(infer.output_path(new_cfg) + "_quarantine").select("id", "reason").collect()
+    bad = spark.read.parquet(dataset_paths(new_cfg).infer_quarantine).select("id", "reason").collect()
     assert [(r["id"], r["reason"]) for r in bad] == [(3, "not a boolean: member=maybe")]

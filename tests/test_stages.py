@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -36,7 +35,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(root):
-    return make_cfg(root)
+    return make_cfg(root, "quantize.enabled=true")  # the int8 variant has its test here
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +169,32 @@ def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):
     assert {"confusion_matrix.png", "roc.png"} <= artifacts
 
 
+def test_every_reader_honours_infer_output(spark, cfg, inferred, tmp_path):
+    """infer.output moves the test split's predictions: infer writes there, and evaluate, the end-of-run
+    summary, `status` and the notebook helpers read there. The default folder is moved away meanwhile, so a
+    reader that still looked there would fail."""
+    from dlpipe import notebook, status
+    from dlpipe.pipeline import run_pipeline, summary
+
+    out = tmp_path / "elsewhere"
+    ocfg = make_cfg(cfg.root, f"infer.output={out.as_uri()}", "infer.partition_by=[]")
+    default = local_path(dataset_paths(cfg).predictions)
+    aside = default.with_name("predictions-aside")
+    default.rename(aside)
+    try:
+        result = run_pipeline(spark, ocfg, stages=("infer", "evaluate"))
+        assert not default.exists() and out.is_dir()
+        assert result.metrics["infer"]["rows_scored"] == inferred["rows_scored"]
+        assert result.metrics["evaluate"]["predictions"] == inferred["rows_scored"]
+        assert result.metrics["evaluate"]["test_rows_without_prediction"] == 0
+        assert f"predictions: {out.as_uri()}" in summary(result).splitlines()
+        [st] = status.stage_status(ocfg, ["infer"])
+        assert st.output == out.as_uri() and st.committed and st.counts["rows_scored"] == inferred["rows_scored"]
+        assert notebook.datasets(spark, ocfg)["predictions"].count() == inferred["rows_scored"]
+    finally:
+        aside.rename(default)
+
+
 def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, preprocessed, inferred):
     from udfs.score import score_column
 
@@ -180,7 +205,7 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
     via_udf = test.select(
         key,
         score_column(
-            test["features"], mv["download_uri"], tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
+            test["features"], mv.download_uri, tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
         ).alias("s"),
     )
     a = {r[key]: (r["s"]["prediction"], r["s"]["probabilities"]) for r in via_udf.collect()}
@@ -227,7 +252,7 @@ def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg
     cells = [*encode_rows(good), encode_rows(nan)[0], None, b"not a tensor", encode_rows(good.astype(np.float64))[0]]
     df = spark.createDataFrame([(i, c) for i, c in enumerate(cells)], "id long, features binary")
     mv = tracking.model_version_for(infer.model_uri(cfg))
-    rows = {r.id: r for r in score_frame(df, mv["download_uri"], shape, ["id"], tracking.tracking_uri(cfg)).collect()}
+    rows = {r.id: r for r in score_frame(df, mv.download_uri, shape, ["id"], tracking.tracking_uri(cfg)).collect()}
     assert len(rows) == len(cells)  # rows in = scored + quarantined
     assert [rows[i].quarantine_reason for i in range(4)] == [None] * 4
     assert all(rows[i].prediction is not None and len(rows[i].probabilities) == 3 for i in range(4))
@@ -265,8 +290,8 @@ def test_new_raw_data_is_validated_transformed_with_the_models_statistics_and_sc
     assert m["rows_in"] == len(lines) + len(bad) == m["rows_scored"] + m["rows_quarantined"]
     assert m["rows_scored"] == len(lines) and m["quarantined_type"] == m["quarantined_value"] == 1
     assert m["quarantined_malformed"] == m["quarantined_range"] == 1
-    q = {r[key]: r for r in spark.read.parquet(infer.quarantine_path(out.as_uri())).collect()}
-    assert q[999001].reason == "not a double: x1=abc" and q[999001].model_version == int(mv["version"])
+    q = {r[key]: r for r in spark.read.parquet(dataset_paths(ncfg).infer_quarantine).collect()}
+    assert q[999001].reason == "not a double: x1=abc" and q[999001].model_version == int(mv.version)
     assert q[999002].reason == "not an allowed value of segment: z"
     assert q[999004].reason == "out of range [-50.0, 50.0]: x7=500.0" and q[999004].raw_line.endswith(",500.0,b")
     scored = {r[key]: r for r in spark.read.parquet(out.as_uri()).collect()}
@@ -299,7 +324,7 @@ def test_new_data_on_any_store_is_scored_onto_the_same_store(spark, cfg, inferre
     scored = {r[key]: r.prediction for r in spark.read.parquet(f"{base}/scored").collect()}
     assert len(scored) == m["rows_scored"] and set(expected) <= set(scored)
     assert all(scored[k] == p for k, p in expected.items())
-    assert spark.read.parquet(infer.quarantine_path(f"{base}/scored")).count() == broken
+    assert spark.read.parquet(dataset_paths(scfg).infer_quarantine).count() == broken
 
 
 def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cfg, inferred, tmp_path):
@@ -311,7 +336,8 @@ def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cf
     manifest = generate(ncfg, new.as_uri())
     argv = [sys.executable, "jobs/infer.py", *cfg_overrides(cfg.root, *overrides, rows=200_000)]
     kill_once_it_writes(argv, tmp_path, "scored*.tmp-*/**/*.parquet", log=tmp_path / "infer.log", timeout=300)
-    assert not out.exists() and not Path(infer.quarantine_path(str(out))).exists(), "a killed infer left output"
+    quarantine = local_path(dataset_paths(ncfg).infer_quarantine)
+    assert not out.exists() and not quarantine.exists(), "a killed infer left output"
     assert list(tmp_path.glob("scored*.tmp-*")), "expected the killed run's temporary folders"
 
     m = _in_run(ncfg, "infer", infer.run, spark)
@@ -324,8 +350,9 @@ def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cf
 
 
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
-    """quantize.enabled (default): the dynamically quantized model, its accuracy delta and speed, its own
-    version under @candidate-int8, and infer.variant=int8 scoring every test row with it."""
+    """quantize.enabled (the default; tests turn it on where they check it): the dynamically quantized
+    model, its accuracy delta and speed, its own version under @candidate-int8, and infer.variant=int8
+    scoring every test row with it."""
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
     assert trained["int8_registered"] == 1.0
     assert abs(trained["int8_accuracy_delta"]) <= 0.01  # the default max_accuracy_drop, both ways here

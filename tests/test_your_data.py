@@ -164,7 +164,6 @@ def _raw_penguins(cfg):
 def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, penguins, tmp_path):
     """One set of raw rows (with NA values and strings) through the batch infer job on new data, the loaded
     pyfunc, mlflow.pyfunc.spark_udf and the REST server: the same classes and probabilities."""
-    from dlpipe import infer
     from dlpipe.pipeline import run_stage
     from dlpipe.processes import pid_alive
     from dlpipe.serving import ModelServer
@@ -180,7 +179,7 @@ def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, peng
     new_cfg.infer.source = str(src)
     m = run_stage(spark, new_cfg, "infer", force=True)
     assert m["rows_scored"] == len(raw) and m["rows_quarantined"] == 0
-    batch = spark.read.parquet(infer.output_path(new_cfg)).toPandas().set_index("id").loc[raw["id"]]
+    batch = spark.read.parquet(dataset_paths(new_cfg).infer_output).toPandas().set_index("id").loc[raw["id"]]
     assert (batch["predicted_class"] == raw["species"].to_numpy()).mean() > 0.9
     uri = f"models:/{cfg.model_name}@candidate"
     model = mlflow.pyfunc.load_model(uri)

@@ -14,6 +14,7 @@ from dlpipe import lineage, objective
 from dlpipe.config import Config
 from dlpipe.features import STATS_ARTIFACT, class_names, read_stats
 from dlpipe.promotion import CANDIDATE
+from dlpipe.stage import Plan, Stage, execute
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
@@ -156,30 +157,71 @@ def reusable_model(cfg: Config, fp: str) -> dict | None:
     return {**run.data.metrics, "model_version": int(mv.version)}
 
 
-def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
-    """The train stage: a new model version, unless @candidate was trained on the same data with the same
-    config (then it is skipped, like any unchanged stage; force, resume or fault injection always train)."""
-    import matplotlib.pyplot as plt
-    import mlflow
+@dataclasses.dataclass
+class Trained:
+    """What the ranks hand back, as the driver uses it."""
 
-    from dlpipe import tracking
+    model: torch.nn.Module  # the trained weights loaded into the factory's model
+    history: list[dict]
+    result: dict
 
-    tracking.require_active_run("train")
-    fp, inputs = fingerprint(spark, cfg)
-    may_skip = not (force or cfg.train.resume or cfg.train.fault_injection)
-    done = reusable_model(cfg, fp) if may_skip else None
-    if done:
+
+class Train(Stage):
+    """Petastorm splits -> a new registered model version (alias candidate) and its int8 variant. Reused
+    when @candidate was trained on the same data with the same config; force, resume or fault injection
+    always train. Its output is a model version, not a folder: nothing for the runner to commit."""
+
+    name = "train"
+
+    def plan(self, spark: SparkSession, cfg: Config) -> Plan:
+        from dlpipe import tracking
+
+        tracking.require_active_run("train")
+        fp, inputs = fingerprint(spark, cfg)
+        return Plan(fp, inputs)
+
+    def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
+        if cfg.train.resume or cfg.train.fault_injection:
+            return None
+        done = reusable_model(cfg, plan.fingerprint)
+        if done is None:
+            return None
         log.info(
             "train: %s version %s was trained on the same data with the same config (fingerprint %s), "
             "skipping; use --force to train again",
             cfg.model_name,
             done["model_version"],
-            fp,
+            plan.fingerprint,
         )
-        lineage.log_lineage("train", fp, inputs, [f"models:/{cfg.model_name}/{done['model_version']}"], skipped=True)
-        return {**done, "skipped": 1}
-    mlflow.set_tag("dlpipe.fingerprint", fp)  # what reusable_model matches, once this run has FINISHED
-    stats = read_stats(spark, cfg)
+        return {**done, "_outputs": [f"models:/{cfg.model_name}/{done['model_version']}"]}
+
+    def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
+        import mlflow
+
+        mlflow.set_tag("dlpipe.fingerprint", plan.fingerprint)  # what reusable_model matches, once FINISHED
+        stats = read_stats(spark, cfg)
+        spec, model = prepare(spark, cfg, stats)
+        trained = train_ranks(spark, cfg, spec, model)
+        version, quantized = register(spark, cfg, spec, trained.model, stats)
+        return {
+            **train_metrics(spec, trained),
+            "model_version": int(version),
+            **quantized,
+            "_outputs": [f"models:/{cfg.model_name}/{version}"],
+        }
+
+
+def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
+    """The train stage: a new model version, unless @candidate was trained on the same data with the same
+    config (then it is skipped, like any unchanged stage; force, resume or fault injection always train)."""
+    return execute(Train(), spark, cfg, force)
+
+
+def prepare(spark: SparkSession, cfg: Config, stats: dict) -> tuple[TrainSpec, torch.nn.Module]:
+    """The ranks' spec and the driver's copy of the model. A wrong factory or size fails here, at once, not
+    on every rank of every retried stage attempt; the same model then receives the trained weights."""
+    import mlflow
+
     checkpoints = checkpoint_uri(spark, cfg)
     if not cfg.train.resume:
         CheckpointStore(checkpoints, storage_settings(cfg)).clear()  # a retried stage resumes this run only
@@ -190,26 +232,42 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
             "train.mixed_precision=bf16 or off"
         )
     spec = make_spec(cfg, stats, checkpoints, use_gpu, mlflow.active_run().info.run_id)
-    # a wrong factory or size fails here, at once, not on every rank of every retried stage attempt; the
-    # same model then receives the trained weights
     factory = resolve_factory(spec.model["factory"], spec.feature_shape)
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
     mlflow.log_dict(stats, STATS_ARTIFACT)  # what new rows must be transformed with to be scored by this model
+    return spec, model
+
+
+def train_ranks(spark: SparkSession, cfg: Config, spec: TrainSpec, model: torch.nn.Module) -> Trained:
+    """Launch the ranks; log the epochs rank 0 could not log as it went, and the learning curve."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from dlpipe import tracking
+
     result = launch(spark, cfg, spec)
     history = result["history"]
-    live = set(result["live_epochs"])
     logged = logged_epochs(mlflow.MlflowClient(), mlflow.active_run().info.run_id)
-    for record in history:  # what rank 0 could not log as it went
+    for record in history:
         if record["epoch"] not in logged:
             tracking.log_metrics(epoch_metrics(record), step=record["epoch"])
     fig = learning_curve(history)
     mlflow.log_figure(fig, "learning_curve.png")
     plt.close(fig)
     mlflow.set_tag("dlpipe.train_device", result["device"])
-
     model.load_state_dict(torch.load(io.BytesIO(result["state_dict"])))
+    return Trained(model, history, result)
+
+
+def register(
+    spark: SparkSession, cfg: Config, spec: TrainSpec, model: torch.nn.Module, stats: dict
+) -> tuple[str, dict]:
+    """Register the served model (raw records in, labels' units out) as @candidate, then its int8 variant
+    when quantize.enabled; returns (version, the int8 metrics)."""
+    import mlflow
+
     served = objective.served(model, stats).eval()
     example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
     example = next(iter(example_loader.epoch(0)))[0].numpy()[:5]
@@ -225,7 +283,12 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         register_int8(cfg, spec, served, example, example_out, stats, records, meta) if cfg.quantize.enabled else {}
     )
     log.info("train: registered %s version %s as @%s", name, version, CANDIDATE)
-    lineage.log_lineage("train", fp, inputs, [f"models:/{name}/{version}"], skipped=False)
+    return version, quantized
+
+
+def train_metrics(spec: TrainSpec, trained: Trained) -> dict:
+    """The stage's figures from the ranks' history: final and best epoch, throughput, resume point."""
+    history, result = trained.history, trained.result
     last = history[-1]
     metric = objective.epoch_metric(spec.task)
     return {
@@ -234,15 +297,12 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
         f"final_val_{metric}": last[f"val_{metric}"],
         f"best_val_{metric}": objective.best(metric, [h[f"val_{metric}"] for h in history]),
         "ranks": result["ranks"],
-        "model_version": int(version),
         "samples_per_s_per_rank": float(np.mean([h["samples_per_s_per_rank"] for h in history])),
         "epochs_run": len(history),
-        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "model_parameters": sum(p.numel() for p in trained.model.parameters()),
         "best_val_loss": result["best_val_loss"],
         "resumed_from_epoch": result["resumed_from_epoch"],
-        "epochs_logged_live": len(live),
-        **quantized,
-        "skipped": 0,
+        "epochs_logged_live": len(set(result["live_epochs"])),
     }
 
 
