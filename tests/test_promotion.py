@@ -48,7 +48,7 @@ def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spar
     second = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=4", "evaluate.promote_margin=0.5", rows=3000))
     ev = second.metrics["evaluate"]
     assert ev["promoted"] == 0.0
-    candidate = str(second.metrics["train"]["model_version"])  # v2 is the first run's int8 variant
+    candidate = str(second.metrics["train"]["model_version"])
     assert str(client.get_model_version_by_alias(cfg.model_name, "candidate").version) == candidate
     assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == "1"
     # both scores are from the same test rows: production's is what the first run measured

@@ -15,7 +15,8 @@ from tests.conftest import make_cfg
 
 @pytest.fixture(scope="module")
 def pipeline(spark, tmp_path_factory):
-    cfg = make_cfg(tmp_path_factory.mktemp("regression"), "train.epochs=8", rows=6000, dataset="tabular_regression")
+    root = tmp_path_factory.mktemp("regression")
+    cfg = make_cfg(root, "train.epochs=8", "quantize.enabled=true", rows=6000, dataset="tabular_regression")
     return cfg, run_pipeline(spark, cfg)
 
 
