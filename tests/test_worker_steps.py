@@ -170,7 +170,7 @@ def test_resume_state_round_trips_through_a_checkpoint(tmp_path):
     store.save_state(state, model, optimizer)
     restored = store.restore()
     back = restored.state
-    assert (back.epoch, back.history, back.best_loss, back.bad_epochs) == (3, state.history, 0.7, 1)
+    assert back == state  # epoch, history, best loss, patience counter (weights compared below)
     assert torch.equal(back.best_state["w"], torch.arange(4.0))
     assert torch.equal(restored.model["w"], torch.ones(4)) and restored.optimizer == optimizer
     assert back.next_epoch == 4

@@ -12,7 +12,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
@@ -36,7 +36,8 @@ class ResumeState:
     history: tuple[dict, ...] = ()  # one record per finished epoch
     best_loss: float = math.inf  # the best validation loss so far
     bad_epochs: int = 0  # epochs since it last improved: early stopping's patience counter
-    best_state: dict[str, torch.Tensor] | None = None  # the weights of the best epoch, on the CPU
+    # the weights of the best epoch, on the CPU (neither compared nor shown: tensors)
+    best_state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def next_epoch(self) -> int:
@@ -81,6 +82,8 @@ class ResumeState:
         values = {k: v for k, v in ckpt.items() if k in known}
         if "history" in values:
             values["history"] = tuple(values["history"])
+        if "epoch" in values:
+            values["epoch"] = int(values["epoch"])
         return cls(**values)
 
 
