@@ -113,26 +113,30 @@ def _plain_torch(path: Path, setup: Setup) -> tuple[float, float]:
 
 def _horovod(spark, path: Path, setup: Setup, ranks: int, launcher: str = "horovod") -> float:
     """Samples/s per rank of dlpipe's own training worker under the Horovod barrier-stage launcher."""
+    from dlpipe.config import EarlyStoppingConfig, ModelConfig, TrainConfig
     from dlpipe.train.launcher import run_horovod, run_torch_distributor
     from dlpipe.train.worker import TrainSpec, train_worker
 
     checkpoints = ROOT / f"checkpoints-{setup.name}-{ranks}-{launcher}"
+    train = TrainConfig(
+        model=ModelConfig(factory="mlp", hidden=list(setup.hidden)),
+        epochs=setup.epochs,
+        batch_size=setup.batch,
+        lr=1e-3,
+        seed=0,
+        threads_per_rank=1,
+        early_stopping=EarlyStoppingConfig(patience=0),
+        launcher=launcher,
+    )
     spec = TrainSpec(
+        train=train,
         train_uri=path.as_uri(),
         val_uri=(ROOT / "val").as_uri(),
         train_rows=setup.rows,
         val_rows=VAL_ROWS,
         feature_shape=(DIM,),
         num_classes=CLASSES,
-        model={"factory": "mlp", "hidden": list(setup.hidden)},
-        epochs=setup.epochs,
-        batch_size=setup.batch,
-        lr=1e-3,
-        seed=0,
-        threads=1,
-        patience=0,
         checkpoint_uri=checkpoints.as_uri(),
-        launcher=launcher,
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
     if launcher == "horovod":

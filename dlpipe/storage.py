@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pyspark.sql import SparkSession
+if TYPE_CHECKING:  # executors import this module (StorageSettings, python_fs): it must not need pyspark
+    from pyspark.sql import SparkSession
 
 from dlpipe import redact
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
 import torch
@@ -19,6 +22,77 @@ from dlpipe.storage import StorageSettings, python_fs
 
 LATEST = "latest.json"
 KEEP = 2
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where training stands after `epoch` (0: before the first): everything, besides the weights and the
+    optimizer's state, that a run restarted from a checkpoint needs to go on as if it had never stopped.
+
+    A value: each epoch makes a new one (`after_epoch`), so what is checkpointed is exactly what the loop
+    goes on with. Stored in the checkpoint under the same keys as its fields."""
+
+    epoch: int = 0
+    history: tuple[dict, ...] = ()  # one record per finished epoch
+    best_loss: float = math.inf  # the best validation loss so far
+    bad_epochs: int = 0  # epochs since it last improved: early stopping's patience counter
+    # the weights of the best epoch, on the CPU (neither compared nor shown: tensors)
+    best_state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def next_epoch(self) -> int:
+        """The epoch training continues with."""
+        return self.epoch + 1
+
+    def after_epoch(
+        self, record: dict, min_delta: float, weights: Callable[[], dict[str, torch.Tensor]]
+    ) -> ResumeState:
+        """The state once `record`'s epoch has ended: better by more than min_delta keeps its weights
+        (`weights()`, called only then) and resets the patience counter; otherwise the counter grows."""
+        history = (*self.history, record)
+        if record["val_loss"] < self.best_loss - min_delta:
+            return replace(
+                self,
+                epoch=record["epoch"],
+                history=history,
+                best_loss=record["val_loss"],
+                bad_epochs=0,
+                best_state=weights(),
+            )
+        return replace(self, epoch=record["epoch"], history=history, bad_epochs=self.bad_epochs + 1)
+
+    def should_stop(self, patience: int) -> bool:
+        """Early stopping: `patience` epochs in a row without a better validation loss (0: never)."""
+        return bool(patience) and self.bad_epochs >= patience
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint's keys (plain lists and dicts: a checkpoint loads with weights_only)."""
+        return {
+            "epoch": self.epoch,
+            "history": list(self.history),
+            "best_loss": self.best_loss,
+            "bad_epochs": self.bad_epochs,
+            "best_state": self.best_state,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> ResumeState:
+        """The state a checkpoint holds; keys it lacks keep their defaults here (one place)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in ckpt.items() if k in known}
+        if "history" in values:
+            values["history"] = tuple(values["history"])
+        if "epoch" in values:
+            values["epoch"] = int(values["epoch"])
+        return cls(**values)
+
+
+class Restored(NamedTuple):
+    """A checkpoint, read back: where training stands, and the model's and optimizer's state_dicts."""
+
+    state: ResumeState
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
 
 
 class CheckpointStore:
@@ -52,6 +126,17 @@ class CheckpointStore:
                 break
             self._fs.delete_file(f"{self._root}/epoch-{old:04d}.pt")
         return f"{self.uri}/{name}"
+
+    def save_state(self, state: ResumeState, model: dict[str, Any], optimizer: dict[str, Any]) -> str:
+        """Checkpoint the end of state.epoch: the weights, the optimizer's state and where training stands."""
+        return self.save(state.epoch, {"model": model, "optimizer": optimizer, **state.to_checkpoint()})
+
+    def restore(self) -> Restored | None:
+        """The newest checkpoint as typed state, or None when training starts from scratch."""
+        ckpt = self.latest()
+        if ckpt is None:
+            return None
+        return Restored(ResumeState.from_checkpoint(ckpt), ckpt["model"], ckpt["optimizer"])
 
     def latest(self) -> dict[str, Any] | None:
         """The newest complete checkpoint, or None when there is none."""

@@ -120,6 +120,15 @@ class HorovodComm:
         """The launcher shuts Horovod down."""
 
 
+def gloo_env(master_addr: str) -> dict[str, str]:
+    """What a torchrun process adds to its environment before Gloo starts: with the rendezvous on a
+    loopback address (a local run), Gloo's sockets on loopback too, as everything else here; else nothing
+    (Gloo picks the interface of the host's name)."""
+    if master_addr.startswith("127.") or master_addr == "localhost":
+        return {"GLOO_SOCKET_IFNAME": "lo"}
+    return {}
+
+
 class TorchComm:
     """torch.distributed in a process torchrun started (TorchDistributor): NCCL on GPU, else Gloo."""
 
@@ -128,8 +137,8 @@ class TorchComm:
 
         self._dist = dist
         self.device = device
-        if os.environ.get("MASTER_ADDR", "").startswith("127.") or os.environ.get("MASTER_ADDR") == "localhost":
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # on loopback, as everything else here
+        for key, value in gloo_env(os.environ.get("MASTER_ADDR", "")).items():
+            os.environ.setdefault(key, value)  # what the user set wins
         if not dist.is_initialized():
             nccl = device.type == "cuda" and dist.is_nccl_available()
             dist.init_process_group("nccl" if nccl else "gloo")

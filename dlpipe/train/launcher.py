@@ -13,11 +13,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from pyspark import SparkContext
-from pyspark.sql import SparkSession
+if TYPE_CHECKING:  # executors import this module (GPU_ENV, the barrier task): it must not need pyspark
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 GPU_ENV = "DLPIPE_GPU"  # read by dlpipe.train.worker.pick_device
@@ -95,6 +96,45 @@ def rank_plan(hosts: list[str]) -> list[Any]:
     return [by_host[h].pop(0) for h in hosts]
 
 
+def horovod_env(
+    plan: Sequence[Any], hosts: Sequence[str], pid: int, port: str, iface: str | None, cycle_ms: float | None
+) -> dict[str, str]:
+    """The environment task `pid` sets before hvd.init(): Gloo's rendezvous at rank 0's host and `port`,
+    and this task's place in `plan` (rank_plan of `hosts`, the tasks' addresses by partition id).
+
+    Pure (no I/O), so every task computes the same plan from the same addresses, and it can be checked."""
+    slot = plan[pid]
+    env = {
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": hosts[next(i for i, s in enumerate(plan) if s.rank == 0)],
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+        "HOROVOD_CONTROLLER": "gloo",
+        "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_HOSTNAME": slot.hostname,
+        "HOROVOD_RANK": str(slot.rank),
+        "HOROVOD_SIZE": str(slot.size),
+        "HOROVOD_LOCAL_RANK": str(slot.local_rank),
+        "HOROVOD_LOCAL_SIZE": str(slot.local_size),
+        "HOROVOD_CROSS_RANK": str(slot.cross_rank),
+        "HOROVOD_CROSS_SIZE": str(slot.cross_size),
+    }
+    if iface:
+        env["HOROVOD_GLOO_IFACE"] = iface
+    if cycle_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
+    return env
+
+
+def gpu_env(addresses: Sequence[str] | None, nccl_built: bool) -> dict[str, str]:
+    """With GPUs from Spark, the one the rank pins (GPU_ENV, read by the worker) and, when Horovod can
+    reduce on the GPU, NCCL for its GPU operations; nothing without GPUs."""
+    if not addresses:
+        return {}
+    env = {GPU_ENV: addresses[0]}
+    if nccl_built:
+        env["HOROVOD_GPU_OPERATIONS"] = "NCCL"
+    return env
+
+
 def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None, cycle_ms: float | None = None):
     def task(_: Any):
         import threading
@@ -115,35 +155,12 @@ def _barrier_task(fn: Callable[..., Any], args: tuple, gloo_iface: str | None, c
             threading.Thread(target=server.serve_forever, daemon=True, name="hvd-rendezvous").start()
         ports = ctx.allGather(str(server.server_address[1]) if server else "")
         port = next(p for p in ports if p)
-        addr = hosts[next(i for i, s in enumerate(plan) if s.rank == 0)]
-        iface = gloo_iface or interface_for(hosts[pid])
-        os.environ.update(
-            {
-                "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr,
-                "HOROVOD_GLOO_RENDEZVOUS_PORT": port,
-                "HOROVOD_CONTROLLER": "gloo",
-                "HOROVOD_CPU_OPERATIONS": "gloo",
-                "HOROVOD_HOSTNAME": slot.hostname,
-                "HOROVOD_RANK": str(slot.rank),
-                "HOROVOD_SIZE": str(slot.size),
-                "HOROVOD_LOCAL_RANK": str(slot.local_rank),
-                "HOROVOD_LOCAL_SIZE": str(slot.local_size),
-                "HOROVOD_CROSS_RANK": str(slot.cross_rank),
-                "HOROVOD_CROSS_SIZE": str(slot.cross_size),
-            }
-        )
-        if iface:
-            os.environ["HOROVOD_GLOO_IFACE"] = iface
-        if cycle_ms is not None:
-            os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
+        os.environ.update(horovod_env(plan, hosts, pid, port, gloo_iface or interface_for(hosts[pid]), cycle_ms))
         import horovod.torch as hvd
 
         gpus = ctx.resources().get("gpu")
         os.environ.pop(GPU_ENV, None)  # a reused Python worker may have run a GPU task before
-        if gpus is not None and gpus.addresses:
-            os.environ[GPU_ENV] = gpus.addresses[0]  # the worker pins this one (torch.cuda.set_device)
-            if hvd.nccl_built():
-                os.environ["HOROVOD_GPU_OPERATIONS"] = "NCCL"
+        os.environ.update(gpu_env(gpus.addresses if gpus is not None else None, bool(hvd.nccl_built())))
         hvd.init()
         try:
             result = fn(*args)

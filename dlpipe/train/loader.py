@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +37,52 @@ class Piece:
     row_group: int
     lo: int  # slice of the row group's rows
     hi: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What one rank reads of a dataset: the same for every run with the same files, ranks and batch size.
+
+    A pure value (no I/O), so which rows each rank trains on can be checked without reading any data."""
+
+    pieces: tuple[Piece, ...]
+    total_rows: int
+    local_rows: int
+    steps: int  # the same on every rank
+
+    def batch_sizes(self) -> list[int]:
+        """This rank's `steps` batch sizes, as even as `np.array_split` makes them, summing to local_rows."""
+        base, rem = divmod(self.local_rows, self.steps)
+        return [base + 1 if i < rem else base for i in range(self.steps)]
+
+
+def plan_shard(groups: Sequence[tuple[str, int, int]], rank: int, size: int, batch_size: int) -> ShardPlan:
+    """Rank `rank` of `size` gets the contiguous slice [rank * N // size, (rank + 1) * N // size) of the N rows
+    of `groups` ((file, row group, rows), in dataset order), as slices of row groups. Every rank runs the
+    largest shard's batch count, so no rank waits in an allreduce another never joins."""
+    total = sum(n for _, _, n in groups)
+    start, end = rank * total // size, (rank + 1) * total // size
+    steps = max(1, math.ceil(math.ceil(total / size) / batch_size))
+    pieces: list[Piece] = []
+    offset = 0
+    for path, g, n in groups:
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            pieces.append(Piece(path, g, lo - offset, hi - offset))
+        offset += n
+    return ShardPlan(tuple(pieces), total, end - start, steps)
+
+
+def epoch_order(
+    piece_rows: Sequence[int], seed: int, epoch: int, rank: int, shuffle: bool
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(piece index, row order within it, or None to keep it) for one epoch: with shuffle, a new piece order
+    and new row orders every epoch, the same on a rerun (seed, epoch and rank pick them). Row orders are
+    drawn one piece at a time, as the pieces are read, so memory holds a few, whatever the shard's size."""
+    rng = np.random.default_rng(seed * 100_003 + epoch * 7919 + rank)
+    order = rng.permutation(len(piece_rows)) if shuffle else np.arange(len(piece_rows))
+    for i in order:
+        yield int(i), (rng.permutation(piece_rows[i]) if shuffle else None)
 
 
 def list_parquet_files(uri: str, storage: StorageSettings | None = None) -> tuple[pafs.FileSystem, list[str]]:
@@ -73,28 +119,19 @@ class ShardLoader:
         for path in files:
             meta = pq.ParquetFile(self._fs.open_input_file(path)).metadata
             groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        self.total_rows = sum(n for _, _, n in groups)
+        plan = plan_shard(groups, rank, size, batch_size)
+        self.total_rows, self.local_rows, self.steps = plan.total_rows, plan.local_rows, plan.steps
         if expected_rows is not None and self.total_rows != expected_rows:
             raise ShortEpochError(f"{uri} holds {self.total_rows} rows, the dataset's metadata says {expected_rows}")
-        start, end = rank * self.total_rows // size, (rank + 1) * self.total_rows // size
-        self.local_rows = end - start
-        # the same step count on every rank: the largest shard's batches
-        self.steps = max(1, math.ceil(math.ceil(self.total_rows / size) / batch_size))
         if self.local_rows < self.steps:
             raise ValueError(f"{uri}: {self.total_rows} rows are too few for {size} ranks x batch {batch_size}")
-        self.pieces: list[Piece] = []
-        offset = 0
-        for path, g, n in groups:
-            lo, hi = max(start, offset), min(end, offset + n)
-            if lo < hi:
-                self.pieces.append(Piece(path, g, lo - offset, hi - offset))
-            offset += n
+        self.plan = plan
+        self.pieces: list[Piece] = list(plan.pieces)
         self.rows_last_epoch = 0
         self._files = threading.local()
 
     def batch_sizes(self) -> list[int]:
-        base, rem = divmod(self.local_rows, self.steps)
-        return [base + 1 if i < rem else base for i in range(self.steps)]
+        return self.plan.batch_sizes()
 
     def _file(self, path: str) -> pq.ParquetFile:
         """This thread's open reader of path (a ParquetFile is not for concurrent reads)."""
@@ -120,14 +157,11 @@ class ShardLoader:
         """The shard's pieces, decoded, in this epoch's order; the next PREFETCH are read by background threads
         while the caller trains on this one (Parquet decoding releases the GIL). Each piece's order is drawn as
         it is read: memory holds a few row groups, whatever the shard's size."""
-        rng = np.random.default_rng(self.seed * 100_003 + epoch * 7919 + self.rank)
-        order = rng.permutation(len(self.pieces)) if self.shuffle else np.arange(len(self.pieces))
+        sizes = [p.hi - p.lo for p in self.pieces]
         with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="dlpipe-loader") as pool:
             pending: deque = deque()
-            for i in order:
-                piece = self.pieces[i]
-                perm = rng.permutation(piece.hi - piece.lo) if self.shuffle else None
-                pending.append(pool.submit(self._read, piece, perm))
+            for i, perm in epoch_order(sizes, self.seed, epoch, self.rank, self.shuffle):
+                pending.append(pool.submit(self._read, self.pieces[i], perm))
                 if len(pending) > PREFETCH:
                     yield pending.popleft().result()
             while pending:

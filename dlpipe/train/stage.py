@@ -91,35 +91,11 @@ def make_spec(
     from dlpipe import tracking
 
     uri = mlflow.get_tracking_uri() if run_id else None
-    paths = dataset_paths(cfg)
-    t = cfg.train
-    fault = (t.fault_injection.rank, t.fault_injection.epoch) if t.fault_injection else None
-    return TrainSpec(
-        train_uri=paths.split("train"),
-        val_uri=paths.split("val"),
-        train_rows=stats["rows"]["train"],
-        val_rows=stats["rows"]["val"],
-        feature_shape=tuple(stats["feature_shape"]),
-        num_classes=objective.outputs(stats.get("task", objective.CLASSIFICATION), stats["num_classes"]),
-        task=stats.get("task", objective.CLASSIFICATION),
-        label_mean=stats.get("label_mean", 0.0),
-        label_std=stats.get("label_std", 1.0),
-        model=t.model.model_dump(mode="json"),
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=t.seed,
-        threads=t.threads_per_rank,
-        checkpoint_uri=checkpoints,
-        warmup_epochs=t.warmup_epochs,
-        patience=t.early_stopping.patience,
-        min_delta=t.early_stopping.min_delta,
-        fault=fault,
-        launcher=t.launcher,
-        storage=storage_settings(cfg),
+    return TrainSpec.from_config(
+        cfg,
+        stats,
+        checkpoints,
         use_gpu=use_gpu,
-        mixed_precision=t.mixed_precision,
-        allreduce=t.allreduce,
         tracking_uri=uri,
         run_id=run_id,
         tracking_credentials=tracking.credentials(uri),

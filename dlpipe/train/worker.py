@@ -1,13 +1,14 @@
 """Executor side: the training loop one Horovod rank runs. Imported and called inside a barrier task.
 
-Everything here must be picklable and importable on executors; nothing here touches Spark or MLflow.
+Everything here must be picklable and importable on executors; nothing here touches Spark or MLflow
+(tests/test_worker_steps.py holds it to that).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import math
+import logging
 import os
 import signal
 import time
@@ -15,50 +16,89 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from dlpipe import objective
+from dlpipe.config import Config, TrainConfig
 from dlpipe.objective import Objective, label_numpy_type
-from dlpipe.storage import StorageSettings
+from dlpipe.storage import StorageSettings, dataset_paths, storage_settings
 from dlpipe.tracking import Credentials
-from dlpipe.train.checkpoints import CheckpointStore
-from dlpipe.train.comm import open_comm, optimizer_step
+from dlpipe.train.checkpoints import CheckpointStore, ResumeState
+from dlpipe.train.comm import HorovodComm, TorchComm, open_comm, optimizer_step
 from dlpipe.train.launcher import GPU_ENV
 from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 from dlpipe.train.logstream import rank_logger
 from dlpipe.train.models import build_model
 
+Comm = HorovodComm | TorchComm
+
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """What every rank needs, picklable and light (no Spark, no MLflow on the executors).
+
+    The training settings are the config's own `train` section, carried whole: their defaults live in
+    dlpipe.config only, and a new setting reaches the ranks without being copied here. The rest is what the
+    data's statistics and the driver know. Build it with `from_config`."""
+
+    train: TrainConfig
     train_uri: str
     val_uri: str
     train_rows: int
     val_rows: int
     feature_shape: tuple[int, ...]
     num_classes: int  # the network's output width: the classes, or 1 for regression
-    model: dict[str, Any]
-    epochs: int
-    batch_size: int
-    lr: float
-    seed: int
-    threads: int
     checkpoint_uri: str
-    warmup_epochs: float = 1.0
-    patience: int = 3
-    min_delta: float = 0.0
-    fault: tuple[int, int] | None = None  # (rank, epoch): kill that rank after that epoch, in a fresh run only
-    launcher: str = "horovod"
+    task: str = objective.CLASSIFICATION  # or regression (dlpipe.objective)
+    label_mean: float = 0.0  # regression: targets are standardized with the train split's mean and std
+    label_std: float = 1.0
     log_address: str | None = None  # the driver's LogReceiver
     storage: StorageSettings = field(default_factory=StorageSettings)
     use_gpu: bool = False  # tasks were given GPUs (spark.task.resource.gpu.amount)
-    mixed_precision: str = "off"  # off | bf16 | fp16
-    allreduce: str = "auto"  # auto | framework | host
     tracking_uri: str | None = None  # rank 0 logs each epoch to this MLflow run
     run_id: str | None = None
     tracking_credentials: Credentials | None = field(default=None, repr=False)  # for executors without them
-    task: str = "classification"  # or regression (dlpipe.objective)
-    label_mean: float = 0.0  # regression: targets are standardized with the train split's mean and std
-    label_std: float = 1.0
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        stats: dict[str, Any],
+        checkpoint_uri: str,
+        *,
+        use_gpu: bool = False,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        tracking_credentials: Credentials | None = None,
+    ) -> TrainSpec:
+        """The spec of cfg's training on the data `stats` describes (dlpipe.features): settings from cfg,
+        split locations from cfg's dataset, row counts, shapes and label scaling from stats (older statistics
+        without a task or label scaling get the fields' defaults)."""
+        paths = dataset_paths(cfg)
+        labels = {k: stats[k] for k in ("task", "label_mean", "label_std") if k in stats}
+        task = labels.get("task", cls.task)  # cls.task: the field's default
+        return cls(
+            train=cfg.train,
+            train_uri=paths.split("train"),
+            val_uri=paths.split("val"),
+            train_rows=stats["rows"]["train"],
+            val_rows=stats["rows"]["val"],
+            feature_shape=tuple(stats["feature_shape"]),
+            num_classes=objective.outputs(task, stats["num_classes"]),
+            checkpoint_uri=checkpoint_uri,
+            **labels,
+            storage=storage_settings(cfg),
+            use_gpu=use_gpu,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            tracking_credentials=tracking_credentials,
+        )
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """train.model as a plain dict: what build_model and a user's factory take."""
+        return self.train.model.model_dump(mode="json")
 
 
 def pick_device(spec: TrainSpec) -> torch.device:
@@ -92,191 +132,315 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def train_worker(spec: TrainSpec) -> dict | None:
-    """Train as one rank of spec.launcher's job. Rank 0 returns the weights and history.
+    """Train as one rank of spec.train.launcher's job. Rank 0 returns the weights and history.
 
     Every epoch ends with a checkpoint (rank 0), and training starts from the newest checkpoint there
     is: the driver clears them before a fresh run (not with `train.resume`), so a checkpoint found here
     means Spark retried the barrier stage after a task died, or the user asked to resume.
     """
     device = pick_device(spec)
-    comm = open_comm(spec.launcher, device)
+    comm = open_comm(spec.train.launcher, device)
     try:
         return _train(spec, comm)
     finally:
         comm.close()
 
 
-def _train(spec: TrainSpec, comm) -> dict | None:
-    rank, size, device = comm.rank, comm.size, comm.device
+def _train(spec: TrainSpec, comm: Comm) -> dict | None:
+    """One rank's training, step by step: set up (resuming where a checkpoint left off), the epochs (each
+    checkpointed; early stopping between them), the result."""
+    run, state = set_up(spec, comm)
+    patience = spec.train.early_stopping.patience
+    for epoch in range(state.next_epoch, spec.train.epochs + 1):
+        state = run_epoch(run, state, epoch)
+        if state.should_stop(patience):
+            run.log.info("early stopping after epoch %d: no better validation loss for %d epochs", epoch, patience)
+            break
+    return result(run, state)
+
+
+@dataclass
+class RankRun:
+    """One rank's training once set up: what every epoch works with (set up once, by `set_up`)."""
+
+    spec: TrainSpec
+    comm: Comm
+    log: logging.Logger
+    model: nn.Module  # the plain model: its state_dict is what checkpoints and results hold
+    forward: nn.Module  # what training calls: the model, or DDP's wrapper of it
+    optimizer: Any  # Adam, wrapped by the framework's or host gradient averaging
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling
+    amp: torch.dtype | None  # autocast dtype, None: off
+    objective: Objective
+    train: ShardLoader
+    val: ShardLoader
+    store: CheckpointStore
+    tracker: LiveTracker | None  # rank 0 only
+    resumed_from: int  # the checkpoint's epoch, 0 in a fresh run
+    warmup_steps: int
+    started: float  # time.time() before the first epoch, for ETAs
+
+    @property
+    def first_epoch(self) -> int:
+        return self.resumed_from + 1
+
+
+def set_up_rank(spec: TrainSpec, rank: int) -> logging.Logger:
+    """Threads and the seed before anything random happens (the initial weights are the seed's on every
+    rank, run after run), and the log this rank writes to the driver."""
     log = rank_logger(rank, spec.log_address)
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
-    amp = autocast_dtype(spec.mixed_precision, device)
+    torch.set_num_threads(spec.train.threads_per_rank)
+    torch.manual_seed(spec.train.seed)
+    return log
 
-    model = build_model(spec.model, spec.feature_shape, spec.num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    store = CheckpointStore(spec.checkpoint_uri, spec.storage)
-    state: dict[str, Any] = {
-        "history": [],
-        "best_loss": math.inf,
-        "bad_epochs": 0,
-        "best_state": None,
-    }
-    start_epoch, resumed_from = 1, 0
-    ckpt = store.latest()
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = {k: ckpt.get(k, v) for k, v in state.items()}
-        start_epoch = int(ckpt["epoch"]) + 1
-        resumed_from = int(ckpt["epoch"])
-        log.info("resuming after epoch %d from %s", resumed_from, store.uri)
-    host = spec.allreduce == "host" or (spec.allreduce == "auto" and comm.host_needed())
-    forward, optimizer = comm.prepare(model, optimizer, host)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    objective = Objective(spec.task, spec.label_mean, spec.label_std)
-    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log, spec.tracking_credentials) if rank == 0 else None
-    if rank == 0:
-        log.info(
-            "device %s, mixed precision %s, gradients averaged %s, %d ranks",
-            device,
-            spec.mixed_precision,
-            "on host copies" if host else f"by {spec.launcher}",
-            size,
-        )
 
+def restore(store: CheckpointStore, model: nn.Module, optimizer: torch.optim.Optimizer, log: Any) -> ResumeState:
+    """Load the newest checkpoint into model and optimizer and return where training stands; a fresh state
+    when there is none. Before the ranks share rank 0's weights, so every rank goes on from the checkpoint."""
+    restored = store.restore()
+    if restored is None:
+        return ResumeState()
+    model.load_state_dict(restored.model)
+    optimizer.load_state_dict(restored.optimizer)
+    log.info("resuming after epoch %d from %s", restored.state.epoch, store.uri)
+    return restored.state
+
+
+def host_averaging(allreduce: str, comm: Comm) -> bool:
+    """Average gradients on host copies: when asked to, or (auto) when the framework cannot reduce this
+    device's tensors itself (a GPU with a CPU-only Horovod)."""
+    return allreduce == "host" or (allreduce == "auto" and comm.host_needed())
+
+
+def build_loaders(spec: TrainSpec, rank: int, size: int) -> tuple[ShardLoader, ShardLoader]:
+    """This rank's shards of the train and validation splits (dlpipe.train.loader.plan_shard says which rows):
+    train reshuffled every epoch; validation in order, in 4x larger batches (no gradients to hold)."""
+    label_dtype = label_numpy_type(spec.task)
+    batch = spec.train.batch_size
     train = ShardLoader(
         spec.train_uri,
         rank,
         size,
-        spec.batch_size,
+        batch,
         spec.feature_shape,
         shuffle=True,
-        seed=spec.seed,
+        seed=spec.train.seed,
         expected_rows=spec.train_rows,
         storage=spec.storage,
-        label_dtype=label_numpy_type(spec.task),
+        label_dtype=label_dtype,
     )
     val = ShardLoader(
         spec.val_uri,
         rank,
         size,
-        spec.batch_size * 4,
+        batch * 4,
         spec.feature_shape,
         shuffle=False,
         expected_rows=spec.val_rows,
         storage=spec.storage,
-        label_dtype=label_numpy_type(spec.task),
+        label_dtype=label_dtype,
     )
+    return train, val
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Steps of the learning rate's linear warm-up (at least one)."""
+    return max(1, int(warmup_epochs * steps_per_epoch))
+
+
+def scaled_lr(lr: float, size: int, epoch: int, step: int, steps_per_epoch: int, warmup: int) -> float:
+    """lr x ranks for the ranks x larger effective batch, reached by a linear warm-up (Goyal et al.)."""
+    progress = min(1.0, ((epoch - 1) * steps_per_epoch + step) / warmup)
+    return lr * (1 + (size - 1) * progress)
+
+
+def set_up(spec: TrainSpec, comm: Comm) -> tuple[RankRun, ResumeState]:
+    """Everything the epochs use, in the order that keeps runs reproducible and ranks in step: the seed
+    before the initial weights, a checkpoint's weights before rank 0's are shared with every rank."""
+    rank, size, device = comm.rank, comm.size, comm.device
+    log = set_up_rank(spec, rank)
+    amp = autocast_dtype(spec.train.mixed_precision, device)
+    model = build_model(spec.model, spec.feature_shape, spec.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.lr)
+    store = CheckpointStore(spec.checkpoint_uri, spec.storage)
+    state = restore(store, model, optimizer, log)
+    host = host_averaging(spec.train.allreduce, comm)
+    forward, optimizer = comm.prepare(model, optimizer, host)
+    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log, spec.tracking_credentials) if rank == 0 else None
+    if rank == 0:
+        log.info(
+            "device %s, mixed precision %s, gradients averaged %s, %d ranks",
+            device,
+            spec.train.mixed_precision,
+            "on host copies" if host else f"by {spec.train.launcher}",
+            size,
+        )
+    train, val = build_loaders(spec, rank, size)
     log.info(
         "%d train rows on this rank (%d in all), %d steps per epoch", train.local_rows, train.total_rows, train.steps
     )
-    warmup_steps = max(1, int(spec.warmup_epochs * train.steps))
+    run = RankRun(
+        spec=spec,
+        comm=comm,
+        log=log,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        amp=amp,
+        objective=Objective(spec.task, spec.label_mean, spec.label_std),
+        train=train,
+        val=val,
+        store=store,
+        tracker=tracker,
+        resumed_from=state.epoch,
+        warmup_steps=warmup_steps(spec.train.warmup_epochs, train.steps),
+        started=time.time(),
+    )
+    return run, state
 
-    history: list[dict] = state["history"]
-    started = time.time()
-    for epoch in range(start_epoch, spec.epochs + 1):
-        t0 = time.time()
-        model.train()
-        # summed on the device: a float() per step would wait for the GPU every step
-        loss_t = torch.zeros((), device=device)
-        correct_t = torch.zeros((), device=device)
-        for step, (x, y) in enumerate(train.epoch(epoch), 1):
-            # lr x ranks for the ranks x larger effective batch, reached by a linear warm-up (Goyal et al.)
-            progress = min(1.0, ((epoch - 1) * train.steps + step) / warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = spec.lr * (1 + (size - 1) * progress)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            with autocast(device, amp):
-                logits = forward(x)
-                loss = objective.loss(logits.float(), y)
-            scaled = loss / len(y)
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            optimizer_step(optimizer, scaler)
-            loss_t += loss.detach()
-            correct_t += objective.hits(logits, y)
-            if rank == 0 and step % 200 == 0:
-                done = (step / train.steps + epoch - start_epoch) / (spec.epochs - start_epoch + 1)
-                log.info(
-                    "epoch %d/%d batch %d/%d loss %.4f ETA %.0fs",
-                    epoch,
-                    spec.epochs,
-                    step,
-                    train.steps,
-                    float(loss_t) / train.rows_last_epoch,
-                    (time.time() - started) * (1 - done) / max(done, 1e-9),
-                )
-        loss_sum, correct = float(loss_t), float(correct_t)  # waits for the epoch's last GPU work
-        seconds = time.time() - t0
-        model.eval()
-        v_loss, v_correct = 0.0, 0.0
-        with torch.no_grad(), autocast(device, amp):
-            for x, y in val.epoch(epoch):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
-                v_loss += float(objective.loss(logits.float(), y))
-                v_correct += float(objective.hits(logits.float(), y))
-        rows, loss_sum, correct, v_rows, v_loss, v_correct = comm.allreduce_sum(
-            [train.rows_last_epoch, loss_sum, correct, val.rows_last_epoch, v_loss, v_correct], f"epoch{epoch}"
-        )
-        if int(rows) != spec.train_rows or int(v_rows) != spec.val_rows:
-            raise ShortEpochError(
-                f"epoch {epoch}: ranks read {int(rows)}/{spec.train_rows} train and {int(v_rows)}/{spec.val_rows} "
-                "validation rows: refusing to train on partial data"
-            )
-        record = {
-            "epoch": epoch,
-            **objective.record("train", loss_sum, correct, rows),
-            **objective.record("val", v_loss, v_correct, v_rows),
-            "samples_per_s_per_rank": train.rows_last_epoch / max(seconds, 1e-9),
-            "epoch_seconds": seconds,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(record)
-        improved = record["val_loss"] < state["best_loss"] - spec.min_delta
-        if improved:
-            state["best_loss"], state["bad_epochs"] = record["val_loss"], 0
-            state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        if rank == 0:
-            if tracker is not None:
-                tracker.log_epoch(record, history)
-            store.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
-            eta = (time.time() - started) / (epoch - start_epoch + 1) * (spec.epochs - epoch)
-            log.info(
-                "epoch %d/%d train_loss %.4f val_loss %.4f val_%s %.4f %.0f samples/s/rank ETA %.0fs",
+
+def run_epoch(run: RankRun, state: ResumeState, epoch: int) -> ResumeState:
+    """One epoch: train, validate, add up the ranks' numbers, keep the best weights, checkpoint (rank 0),
+    and, in a fault-tolerance test, die where asked. Returns the state the next epoch starts from."""
+    rows, loss_sum, correct, seconds = train_epoch(run, epoch)
+    v_rows, v_loss, v_correct = validate(run, epoch)
+    record = epoch_record(run, epoch, [rows, loss_sum, correct, v_rows, v_loss, v_correct], seconds)
+    model = run.model
+    state = state.after_epoch(
+        record,
+        run.spec.train.early_stopping.min_delta,
+        lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    )
+    if run.comm.rank == 0:
+        checkpoint(run, state, record)
+    inject_fault(run, epoch)
+    return state
+
+
+def train_epoch(run: RankRun, epoch: int) -> tuple[int, float, float, float]:
+    """One pass over this rank's train shard: (rows, summed loss, hits, seconds), all of this rank."""
+    spec, train, optimizer, device = run.spec, run.train, run.optimizer, run.comm.device
+    t0 = time.time()
+    run.model.train()
+    # summed on the device: a float() per step would wait for the GPU every step
+    loss_t = torch.zeros((), device=device)
+    correct_t = torch.zeros((), device=device)
+    for step, (x, y) in enumerate(train.epoch(epoch), 1):
+        lr = scaled_lr(spec.train.lr, run.comm.size, epoch, step, train.steps, run.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad()
+        with autocast(device, run.amp):
+            logits = run.forward(x)
+            loss = run.objective.loss(logits.float(), y)
+        scaled = loss / len(y)
+        (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        optimizer_step(optimizer, run.scaler)
+        loss_t += loss.detach()
+        correct_t += run.objective.hits(logits, y)
+        if run.comm.rank == 0 and step % 200 == 0:
+            epochs, first = spec.train.epochs, run.first_epoch
+            done = (step / train.steps + epoch - first) / (epochs - first + 1)
+            run.log.info(
+                "epoch %d/%d batch %d/%d loss %.4f ETA %.0fs",
                 epoch,
-                spec.epochs,
-                record["train_loss"],
-                record["val_loss"],
-                objective.metric,
-                record[f"val_{objective.metric}"],
-                record["samples_per_s_per_rank"],
-                eta,
+                epochs,
+                step,
+                train.steps,
+                float(loss_t) / train.rows_last_epoch,
+                (time.time() - run.started) * (1 - done) / max(done, 1e-9),
             )
-        if spec.fault and resumed_from == 0 and epoch == spec.fault[1]:
-            comm.allreduce_sum([0.0], f"fault{epoch}")  # the checkpoint of this epoch is on the store
-            if rank == spec.fault[0]:
-                log.warning("fault injection: killing rank %d (pid %d) after epoch %d", rank, os.getpid(), epoch)
-                os.kill(os.getpid(), signal.SIGKILL)
-        if spec.patience and state["bad_epochs"] >= spec.patience:
-            log.info("early stopping after epoch %d: no better validation loss for %d epochs", epoch, spec.patience)
-            break
-    if rank != 0:
+    loss_sum, correct = float(loss_t), float(correct_t)  # waits for the epoch's last GPU work
+    return train.rows_last_epoch, loss_sum, correct, time.time() - t0
+
+
+def validate(run: RankRun, epoch: int) -> tuple[int, float, float]:
+    """This rank's validation shard under the epoch's weights: (rows, summed loss, hits)."""
+    device = run.comm.device
+    run.model.eval()
+    v_loss, v_correct = 0.0, 0.0
+    with torch.no_grad(), autocast(device, run.amp):
+        for x, y in run.val.epoch(epoch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = run.model(x)
+            v_loss += float(run.objective.loss(logits.float(), y))
+            v_correct += float(run.objective.hits(logits.float(), y))
+    return run.val.rows_last_epoch, v_loss, v_correct
+
+
+def epoch_record(run: RankRun, epoch: int, local: list[float], seconds: float) -> dict[str, Any]:
+    """The epoch's numbers over all ranks (one allreduce), refused when the ranks did not read every row
+    of both splits exactly once: training on partial data is never silent."""
+    spec = run.spec
+    rows, loss_sum, correct, v_rows, v_loss, v_correct = run.comm.allreduce_sum(local, f"epoch{epoch}")
+    if int(rows) != spec.train_rows or int(v_rows) != spec.val_rows:
+        raise ShortEpochError(
+            f"epoch {epoch}: ranks read {int(rows)}/{spec.train_rows} train and {int(v_rows)}/{spec.val_rows} "
+            "validation rows: refusing to train on partial data"
+        )
+    return {
+        "epoch": epoch,
+        **run.objective.record("train", loss_sum, correct, rows),
+        **run.objective.record("val", v_loss, v_correct, v_rows),
+        "samples_per_s_per_rank": run.train.rows_last_epoch / max(seconds, 1e-9),
+        "epoch_seconds": seconds,
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
+
+
+def checkpoint(run: RankRun, state: ResumeState, record: dict[str, Any]) -> None:
+    """Rank 0, at the end of each epoch: the epoch to MLflow as it ends, then the checkpoint a retried or
+    resumed run starts from, then the progress line."""
+    spec, epoch = run.spec, record["epoch"]
+    if run.tracker is not None:
+        run.tracker.log_epoch(record, list(state.history))
+    run.store.save_state(state, run.model.state_dict(), run.optimizer.state_dict())
+    epochs = spec.train.epochs
+    eta = (time.time() - run.started) / (epoch - run.first_epoch + 1) * (epochs - epoch)
+    metric = run.objective.metric
+    run.log.info(
+        "epoch %d/%d train_loss %.4f val_loss %.4f val_%s %.4f %.0f samples/s/rank ETA %.0fs",
+        epoch,
+        epochs,
+        record["train_loss"],
+        record["val_loss"],
+        metric,
+        record[f"val_{metric}"],
+        record["samples_per_s_per_rank"],
+        eta,
+    )
+
+
+def inject_fault(run: RankRun, epoch: int) -> None:
+    """train.fault_injection, for fault-tolerance tests: in a fresh run only, once `epoch`'s checkpoint is
+    on the store, the chosen rank kills its own process (SIGKILL), as a lost executor would."""
+    fault = run.spec.train.fault_injection
+    if fault is None or run.resumed_from != 0 or epoch != fault.epoch:
+        return
+    run.comm.allreduce_sum([0.0], f"fault{epoch}")  # the checkpoint of this epoch is on the store
+    if run.comm.rank == fault.rank:
+        run.log.warning("fault injection: killing rank %d (pid %d) after epoch %d", fault.rank, os.getpid(), epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def result(run: RankRun, state: ResumeState) -> dict | None:
+    """What rank 0 returns to the driver: the best epoch's weights (serialized), the history and how the run
+    went; the other ranks return None."""
+    if run.comm.rank != 0:
         return None
-    model.cpu()
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
+    model = run.model.cpu()
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return {
         "state_dict": buf.getvalue(),
-        "history": history,
-        "ranks": size,
-        "resumed_from_epoch": resumed_from,
-        "best_val_loss": state["best_loss"],
-        "live_epochs": sorted(tracker.logged) if tracker is not None else [],
-        "device": str(device),
+        "history": list(state.history),
+        "ranks": run.comm.size,
+        "resumed_from_epoch": run.resumed_from,
+        "best_val_loss": state.best_loss,
+        "live_epochs": sorted(run.tracker.logged) if run.tracker is not None else [],
+        "device": str(run.comm.device),
     }
