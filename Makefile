@@ -53,16 +53,16 @@ airflow-run: $(STAMP) $(AIRFLOW_STAMP)
 	$(AIRFLOW) dags test dlpipe -c '$(DAG_CONF)'
 
 # What spark-submit ships to executors that have nothing installed: dist/dlpipe-code.zip (--py-files) and
-# dist/dlpipe-env.tar.gz (a venv-pack archive for --archives); `python -m dlpipe.ship args` prints the flags.
+# dist/dlpipe-env.tar.gz (a venv-pack archive for --archives); `python -m dlpipe.ops.ship args` prints the flags.
 ship: $(STAMP)
-	$(PY) -m dlpipe.ship build
+	$(PY) -m dlpipe.ops.ship build
 
 # A Spark standalone master + workers on 127.0.0.1, for `make run ARGS="spark.master=spark://..."`.
 cluster-up: $(STAMP)
-	$(PY) -m dlpipe.cluster up --dir $(CLUSTER_DIR) --workers $(WORKERS) --cores $(CORES)
+	$(PY) -m dlpipe.ops.cluster up --dir $(CLUSTER_DIR) --workers $(WORKERS) --cores $(CORES)
 
 cluster-down:
-	$(PY) -m dlpipe.cluster down --dir $(CLUSTER_DIR)
+	$(PY) -m dlpipe.ops.cluster down --dir $(CLUSTER_DIR)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

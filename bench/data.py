@@ -30,7 +30,7 @@ def _spark_csv_to_parquet(spark, cfg, raw: str, out: str) -> float:
     """Seconds for Spark's typed CSV reader to write the files as Parquet, nothing else."""
     from pyspark.sql import types as T
 
-    from dlpipe.ingest import SPARK_DATA_TYPES
+    from dlpipe.data.ingest import SPARK_DATA_TYPES
 
     schema = T.StructType([T.StructField(c.name, SPARK_DATA_TYPES[c.type]) for c in cfg.dataset.columns])
     started = time.perf_counter()
@@ -39,9 +39,9 @@ def _spark_csv_to_parquet(spark, cfg, raw: str, out: str) -> float:
 
 
 def run() -> dict[str, float]:
-    from dlpipe import features, ingest
     from dlpipe.config import load_config
-    from dlpipe.generate import generate
+    from dlpipe.data import features, ingest
+    from dlpipe.data.generate import generate
     from dlpipe.session import build_spark
     from dlpipe.storage import dataset_paths
 

@@ -20,7 +20,7 @@ what the infer job sets from infer.batch_size, whose default is 4096); predict_b
 the same 4096. Each method runs in Python workers of its own, as it would in an application of its own:
 Spark keys its pools of Python workers by the UDF's environment, so a variable naming the method gives
 each a fresh pool. Shared workers would carry one method's state into the next: our scorer freezes the
-worker's objects out of the garbage collector (dlpipe/scoring.py), which would speed up every method
+worker's objects out of the garbage collector (dlpipe/serve/scoring.py), which would speed up every method
 measured after it in the same processes.
 """
 
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dlpipe.tensors import decode_arrow, encode_arrow
+from dlpipe.data.tensors import decode_arrow, encode_arrow
 
 ROOT = Path("data/bench/inference-root").resolve()
 DIM, CLASSES, BATCH = 64, 4, 4096
@@ -64,7 +64,7 @@ def _write_rows(path: Path, rows: int, files: int = 8) -> np.ndarray:
 def _register_int8(model: torch.nn.Module) -> str:
     import mlflow
 
-    from dlpipe.quantize import quantize_dynamic
+    from dlpipe.model.quantize import quantize_dynamic
 
     int8 = quantize_dynamic(model)
     with mlflow.start_run():
@@ -170,7 +170,7 @@ def _spark_udf(spark, df, model_uri: str):
 
 
 def _torch(x: np.ndarray, model_uri: str) -> float:
-    from dlpipe.scoring import load_model
+    from dlpipe.serve.scoring import load_model
 
     model = load_model(model_uri)
     torch.set_num_threads(2)  # the two cores Spark gets

@@ -37,8 +37,8 @@ def main(argv: list[str]) -> int:
     cfg = load_or_exit(args)
     setup_logging()
     if args.command == "status":
+        from dlpipe.ops.status import render, stage_status
         from dlpipe.pipeline import stages_for
-        from dlpipe.status import render, stage_status
 
         print(redact.text(render(stage_status(cfg, stages_for(cfg)))))
         return 0

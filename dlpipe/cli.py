@@ -59,8 +59,8 @@ PREFLIGHT_EXIT = 3  # a service the run needs is down or refuses it: nothing was
 
 
 def preflight_or_exit(cfg: Config, stages: tuple[str, ...] | list[str]) -> None:
-    """dlpipe.preflight for these stages, or exit 3 with its lines before any Spark starts."""
-    from dlpipe.preflight import PreflightError, check
+    """dlpipe.ops.preflight for these stages, or exit 3 with its lines before any Spark starts."""
+    from dlpipe.ops.preflight import PreflightError, check
 
     try:
         check(cfg, stages)
@@ -77,9 +77,9 @@ def clear_failures() -> Iterator[None]:
     """A failure whose message already says what happened and what to do (out of memory or disk, another run
     holding the dataset, too many bad rows, a schema that does not match) ends the command with that message
     alone; its traceback goes to the debug log. Any other error keeps its traceback."""
-    from dlpipe.ingest import BadDataError, SchemaMismatchError
-    from dlpipe.runlock import RunLockedError
+    from dlpipe.data.ingest import BadDataError, SchemaMismatchError
     from dlpipe.session import StageResourceError
+    from dlpipe.storage.runlock import RunLockedError
 
     try:
         yield

@@ -90,7 +90,7 @@ DATETIME_TYPES = ("date", "timestamp")
 # The default `format` of a date or timestamp column (a Spark datetime pattern).
 DEFAULT_DATETIME_FORMATS = {"date": "yyyy-MM-dd", "timestamp": "yyyy-MM-dd HH:mm:ss"}
 # The letters a `format` may use: each parses the same in Spark SQL and in the registered model's Python
-# (dlpipe.rawmodel), by a regular expression of its exact shape and strptime. Longest first.
+# (dlpipe.model.rawmodel), by a regular expression of its exact shape and strptime. Longest first.
 DATETIME_TOKENS = ("yyyy", "SSS", "MM", "dd", "HH", "mm", "ss", "M", "d", "H", "m", "s")
 
 

@@ -136,13 +136,13 @@ def learning_curve(cfg: Config):
 
 def prediction_plot(spark: SparkSession, cfg: Config):
     """Classification: the confusion matrix of the test predictions; regression: predicted vs true."""
-    from dlpipe import evaluate
-    from dlpipe.objective import is_regression
+    from dlpipe.model import evaluate
+    from dlpipe.model.task import is_regression
 
     preds = datasets(spark, cfg)["predictions"]
     if is_regression(cfg.dataset.task):
         return evaluate.plot_regression(preds)
-    from dlpipe.features import class_names, read_stats
+    from dlpipe.data.features import class_names, read_stats
 
     names = class_names(read_stats(spark, cfg))
     return evaluate.plot_confusion(evaluate.confusion_matrix(preds, len(names)), names)
@@ -163,7 +163,7 @@ def model_versions(cfg: Config) -> pd.DataFrame:
                 "aliases": ", ".join(mv.aliases),
                 "variant": mv.tags.get("dlpipe.variant", "fp32"),
                 "run_id": mv.run_id,
-                "promotion": mv.tags.get("dlpipe.promotion", ""),
+                "promotion": mv.tags.get("dlpipe.model.promotion", ""),
                 "created": pd.Timestamp(mv.creation_timestamp, unit="ms"),
             }
         )
@@ -172,7 +172,7 @@ def model_versions(cfg: Config) -> pd.DataFrame:
 
 def load_model(cfg: Config, alias: str = "production"):
     """The registered model under alias (the served form: probabilities or values), on the CPU."""
-    from dlpipe.scoring import load_model as load
+    from dlpipe.serve.scoring import load_model as load
     from dlpipe.tracking import tracking_uri
 
     return load(f"models:/{cfg.model_name}@{alias}", tracking_uri(cfg))
@@ -182,8 +182,8 @@ def sample_test_rows(spark: SparkSession, cfg: Config, n: int = 8) -> tuple[pd.D
     """n test rows (key, label) and their features as one float32 array, ready for the model."""
     import numpy as np
 
-    from dlpipe.features import read_stats
-    from dlpipe.tensors import decode_cells
+    from dlpipe.data.features import read_stats
+    from dlpipe.data.tensors import decode_cells
 
     stats = read_stats(spark, cfg)
     rows = datasets(spark, cfg)["test"].orderBy(stats["key"]).limit(n).toPandas()
@@ -194,8 +194,8 @@ def sample_test_rows(spark: SparkSession, cfg: Config, n: int = 8) -> tuple[pd.D
 def sample_raw_records(spark: SparkSession, cfg: Config, n: int = 5) -> pd.DataFrame:
     """n test rows as a user would send them to the registered model: the key and the raw feature columns,
     as the clean dataset holds them (before any scaling or encoding)."""
-    from dlpipe.features import read_stats
-    from dlpipe.ingest import read_clean
+    from dlpipe.data.features import read_stats
+    from dlpipe.data.ingest import read_clean
 
     key = read_stats(spark, cfg)["key"]
     test_keys = datasets(spark, cfg)["test"].select(key).orderBy(key).limit(n)
@@ -205,6 +205,6 @@ def sample_raw_records(spark: SparkSession, cfg: Config, n: int = 5) -> pd.DataF
 
 def score_in_memory(model, x) -> Any:
     """The model's answer for x, in this process (what the batch job computes per Arrow batch)."""
-    from dlpipe.scoring import predict_proba
+    from dlpipe.serve.scoring import predict_proba
 
     return predict_proba(model, x)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import SparkSession
 
-from dlpipe import lineage, tracking
+from dlpipe import tracking
 from dlpipe.config import Config
-from dlpipe.runlock import dataset_lock
 from dlpipe.session import resource_error
 from dlpipe.stage import Plan, Stage, execute
-from dlpipe.storage import configure_spark_storage, dataset_paths, storage_settings
+from dlpipe.storage import configure_spark_storage, dataset_paths, lineage, storage_settings
+from dlpipe.storage.runlock import dataset_lock
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,13 @@ class Generate(Stage):
     name = "generate"
 
     def plan(self, spark: SparkSession, cfg: Config) -> Plan:
-        from dlpipe.generate import params_of
+        from dlpipe.data.generate import params_of
 
         raw = dataset_paths(cfg).raw
         return Plan(lineage.digest({"stage": "generate", "params": params_of(cfg)}), {}, lineage_outputs=(raw,))
 
     def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
-        from dlpipe.generate import manifest_metrics, params_of, read_manifest
+        from dlpipe.data.generate import manifest_metrics, params_of, read_manifest
 
         raw = dataset_paths(cfg).raw
         existing = read_manifest(raw, storage_settings(cfg))
@@ -41,7 +41,7 @@ class Generate(Stage):
         return manifest_metrics(existing)
 
     def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
-        from dlpipe.generate import generate, manifest_metrics
+        from dlpipe.data.generate import generate, manifest_metrics
 
         return manifest_metrics(generate(cfg, dataset_paths(cfg).raw, force=True))
 
@@ -50,11 +50,11 @@ class Generate(Stage):
 # loads torch only for the stages that need it). A new stage is a Stage subclass and a line here.
 STAGE_CLASSES = {
     "generate": "dlpipe.pipeline:Generate",
-    "ingest": "dlpipe.ingest:Ingest",
-    "preprocess": "dlpipe.features:Preprocess",
+    "ingest": "dlpipe.data.ingest:Ingest",
+    "preprocess": "dlpipe.data.features:Preprocess",
     "train": "dlpipe.train.stage:Train",
-    "infer": "dlpipe.infer:Infer",
-    "evaluate": "dlpipe.evaluate:Evaluate",
+    "infer": "dlpipe.serve.infer:Infer",
+    "evaluate": "dlpipe.model.evaluate:Evaluate",
 }
 STAGES = tuple(STAGE_CLASSES)
 

@@ -19,9 +19,8 @@ from typing import Any, ClassVar
 
 from pyspark.sql import SparkSession
 
-from dlpipe import lineage
 from dlpipe.config import Config
-from dlpipe.storage import HadoopFS, atomic_output
+from dlpipe.storage import HadoopFS, atomic_output, lineage
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dlpipe.processes import pid_alive
+from dlpipe.ops.processes import pid_alive
 from tests.servers import HdfsCluster, MlflowServer, S3Server, group_members, missing_components, spark_jars
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +49,8 @@ def make_cfg(root: Path, *overrides: str, rows: int = 1500, dataset: str | None 
 
 def prepare(spark, root: Path, *overrides: str, rows: int, dataset: str | None = None):
     """A config rooted in root whose dataset is generated, ingested and preprocessed: ready to train."""
-    from dlpipe import features, ingest
-    from dlpipe.generate import generate
+    from dlpipe.data import features, ingest
+    from dlpipe.data.generate import generate
     from dlpipe.storage import dataset_paths
 
     cfg = make_cfg(root, *overrides, rows=rows, dataset=dataset)
@@ -221,17 +221,17 @@ def mlflow_server(s3_server, tmp_path_factory) -> Iterator[MlflowEndpoint]:
     assert not alive, f"MLflow server processes {sorted(set(alive))} still running after stop()"
 
 
-# --- a real Spark standalone cluster on 127.0.0.1 (dlpipe/cluster.py, what `make cluster-up` runs) -----------------
+# --- a real Spark standalone cluster on 127.0.0.1 (dlpipe/ops/cluster.py, what `make cluster-up` runs) ---
 @pytest.fixture(scope="session")
 def standalone_cluster(tmp_path_factory):
     """A master and two 1-core workers, started with the `make cluster-up` command and stopped by process id
     with `make cluster-down`'s. Two slots in all: exactly the 2 ranks the training tests ask for."""
     import subprocess
 
-    from dlpipe.cluster import StandaloneCluster
+    from dlpipe.ops.cluster import StandaloneCluster
 
     directory = tmp_path_factory.mktemp("cluster")
-    cli = [sys.executable, "-m", "dlpipe.cluster"]
+    cli = [sys.executable, "-m", "dlpipe.ops.cluster"]
     up = subprocess.run(
         [*cli, "up", "--dir", str(directory), "--workers", "2", "--cores", "1", "--memory", "2g"],
         capture_output=True,

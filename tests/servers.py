@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from dlpipe.processes import LOOPBACK, free_ports
+from dlpipe.ops.processes import LOOPBACK, free_ports
 
 S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
 # Each component directory that tools/provision_servers.sh completes carries this marker.

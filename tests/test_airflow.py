@@ -18,8 +18,8 @@ import mlflow
 import psutil
 import pytest
 
-from dlpipe import features, ingest
-from dlpipe.generate import generate
+from dlpipe.data import features, ingest
+from dlpipe.data.generate import generate
 from dlpipe.pipeline import STAGES
 from dlpipe.storage import dataset_paths
 from tests.conftest import REPO, cfg_overrides, make_cfg

@@ -21,12 +21,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from dlpipe import ingest, lineage, tracking
+from dlpipe import tracking
 from dlpipe.config import ConfigError, DatasetConfig, load_config
-from dlpipe.ingest import BadDataError, SchemaMismatchError
-from dlpipe.parquet_io import sql_conf
+from dlpipe.data import ingest
+from dlpipe.data.ingest import BadDataError, SchemaMismatchError
 from dlpipe.pipeline import run_pipeline, run_stage
-from dlpipe.storage import dataset_paths, local_path
+from dlpipe.storage import dataset_paths, lineage, local_path
+from dlpipe.storage.parquet_io import sql_conf
 from tests.conftest import REPO, make_cfg
 
 COLUMNS = [
@@ -300,7 +301,7 @@ def test_labels_the_model_never_saw_are_scored_counted_and_named(spark, penguins
     src.mkdir()
     new.to_csv(src / "new.csv", index=False, na_rep="NA")
     ncfg = _scoring(cfg, src, tmp_path / "scored")
-    with caplog.at_level(logging.WARNING, logger="dlpipe.infer"):
+    with caplog.at_level(logging.WARNING, logger="dlpipe.serve.infer"):
         m = run_stage(spark, ncfg, "infer")
     assert (m["rows_in"], m["rows_scored"], m["rows_quarantined"], m["unseen_label_rows"]) == (60, 60, 0, 7)
     warning = [r.getMessage() for r in caplog.records if "never trained on" in r.getMessage()]
@@ -354,7 +355,7 @@ def test_rest_requests_with_wrong_columns_or_types_get_a_4xx_naming_them(penguin
     (test_your_data covers out of range, not allowed, missing values and text in a number column sent as
     dataframe_split). What MLflow accepts is accepted as ingest would: an undeclared column is ignored, an
     optional (imputed) column may be absent, a number in a string column is its text."""
-    from dlpipe.serving import ModelServer
+    from dlpipe.serve.serving import ModelServer
 
     cfg, result, raw = penguins
     good = raw[[c.name for c in cfg.dataset.features]].head(3)

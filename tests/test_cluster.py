@@ -79,7 +79,7 @@ def _train_on_both_launchers(cluster, root: Path, rows: int, dataset: str | None
 @pytest.fixture(scope="session")
 def shipment():
     """The code zip and the packed environment (`make ship`; rebuilt only when the lock changes)."""
-    from dlpipe import ship
+    from dlpipe.ops import ship
 
     return ship.build()
 

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dlpipe import features, ingest, tracking
+from dlpipe import tracking
 from dlpipe.config import load_config
-from dlpipe.generate import generate
-from dlpipe.ingest import BadDataError, SchemaMismatchError
+from dlpipe.data import features, ingest
+from dlpipe.data.generate import generate
+from dlpipe.data.ingest import BadDataError, SchemaMismatchError
 from dlpipe.pipeline import run_pipeline, run_stage
 from dlpipe.storage import dataset_paths, local_path, storage_settings
 from dlpipe.train.loader import ShardLoader
@@ -269,7 +270,7 @@ def test_credentials_come_from_env_or_file_and_are_never_logged(spark, tmp_path,
 
 def test_names_and_values_reach_spark_sql_intact(spark):
     """ingest builds its checks as Spark SQL text: quotes, backslashes and backticks survive it."""
-    from dlpipe.ingest import q, sql_str
+    from dlpipe.data.ingest import q, sql_str
 
     for text in ["plain", "it's", 'say "hi"', "back\\slash", "tick`s", "new\nline", "%_*"]:
         row = spark.sql(f"SELECT {sql_str(text)} AS {q(text)}").first()

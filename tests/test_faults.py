@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dlpipe import ingest
-from dlpipe.generate import generate
+from dlpipe.data import ingest
+from dlpipe.data.generate import generate
 from dlpipe.storage import dataset_paths, local_path
 from tests.conftest import REPO, cfg_overrides, job_env, kill_once_it_writes, make_cfg
 

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from dlpipe import features, ingest, rawmodel
 from dlpipe.config import load_config
+from dlpipe.data import features, ingest
+from dlpipe.model import rawmodel
 from dlpipe.storage import dataset_paths
 from tests.conftest import REPO
 

@@ -9,7 +9,7 @@ import sys
 import mlflow
 import pytest
 
-from dlpipe.generate import read_manifest
+from dlpipe.data.generate import read_manifest
 from dlpipe.pipeline import STAGES, run_pipeline
 from dlpipe.storage import dataset_paths
 from tests.conftest import REPO, cfg_overrides, make_cfg

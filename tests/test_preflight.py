@@ -1,5 +1,5 @@
 """Services that are down or refuse the run fail it before any Spark work, within 30 s, with one line each
-naming the setting to fix (dlpipe.preflight)."""
+naming the setting to fix (dlpipe.ops.preflight)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dlpipe.processes import free_ports
+from dlpipe.ops.processes import free_ports
 from tests.conftest import REPO, run_dlpipe
 
 LIMIT_S = 30  # the promise: a dead or misconfigured service is named within this
@@ -59,7 +59,7 @@ def test_s3_credentials_that_are_refused_are_named_with_the_default_retries(tmp_
     stderr = _failed_fast(proc, seconds, refused)
     assert "AWS_SECRET_ACCESS_KEY" in stderr and "wrong-secret-98765" not in stderr
     from dlpipe.config import load_config
-    from dlpipe.preflight import check_s3
+    from dlpipe.ops.preflight import check_s3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
@@ -86,7 +86,7 @@ def test_an_hdfs_namenode_and_webhdfs_that_are_down_are_named_at_once(tmp_path):
 def test_an_unknown_registered_model_alias_or_version_is_named_at_once(tmp_path, model_uri, expected):
     import mlflow
 
-    from dlpipe.preflight import check_model
+    from dlpipe.ops.preflight import check_model
     from tests.conftest import make_cfg
 
     (tmp_path / "mlruns").mkdir()

@@ -8,9 +8,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dlpipe import tracking
-from dlpipe.evaluate import macro_auc
+from dlpipe.model.evaluate import macro_auc
+from dlpipe.model.promotion import decide
 from dlpipe.pipeline import run_pipeline
-from dlpipe.promotion import decide
 from tests.conftest import make_cfg
 
 
@@ -59,7 +59,7 @@ def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spar
         filter_string="tags.`dlpipe.stage` = 'evaluate'",
         order_by=["attributes.start_time DESC"],
     )[0]
-    assert run.data.tags["dlpipe.promotion"] == "kept production"
+    assert run.data.tags["dlpipe.model.promotion"] == "kept production"
     assert "margin 0.5" in run.data.tags["dlpipe.promotion_reason"]
-    assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.promotion"].endswith("margin 0.5")
+    assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.model.promotion"].endswith("margin 0.5")
     assert tracking.tracking_uri(cfg) == first.tracking_uri

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 
 from dlpipe import tracking
-from dlpipe.generate import read_manifest
+from dlpipe.data.generate import read_manifest
 from dlpipe.pipeline import run_pipeline
 from dlpipe.storage import dataset_paths
 from tests.conftest import make_cfg
@@ -63,8 +63,8 @@ def test_the_registered_regressor_answers_raw_records_in_label_units(spark, pipe
     """The pyfunc model takes the raw feature columns and answers the value the batch job predicted."""
     import numpy as np
 
-    from dlpipe.features import read_stats
-    from dlpipe.ingest import read_clean
+    from dlpipe.data.features import read_stats
+    from dlpipe.data.ingest import read_clean
 
     cfg, result = pipeline
     mlflow.set_tracking_uri(result.tracking_uri)

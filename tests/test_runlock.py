@@ -1,4 +1,4 @@
-"""One run at a time per dataset and warehouse (dlpipe.runlock): a second run fails at once, or waits; a
+"""One run at a time per dataset and warehouse (dlpipe.storage.runlock): a second run fails at once, or waits; a
 lock left by a dead process is taken over; nothing is corrupted and the counts stay exact."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import mlflow
 import pyarrow.parquet as pq
 
-from dlpipe.runlock import LOCK
+from dlpipe.storage.runlock import LOCK
 from tests.conftest import REPO
 
 

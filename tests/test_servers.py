@@ -1,7 +1,7 @@
 """Real S3 (SeaweedFS) and HDFS (Hadoop 2.7.3) servers on 127.0.0.1, used the way dlpipe uses them.
 
 No mocks: pyarrow's S3 client and Spark's s3a:// talk to a server that checks signatures; HdfsCLI, Spark's hdfs://
-and dlpipe.webhdfs talk to a real NameNode and DataNode. The servers start once per session (tests/conftest.py).
+and dlpipe.storage.webhdfs talk to a real NameNode and DataNode. The servers start once per session (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from hdfs import InsecureClient
 from pyarrow import fs
 
-from dlpipe.processes import pid_alive
-from dlpipe.webhdfs import webhdfs_filesystem
+from dlpipe.ops.processes import pid_alive
+from dlpipe.storage.webhdfs import webhdfs_filesystem
 from tests.servers import HdfsCluster, S3Server, ServerError, s3a_hadoop_conf
 
 TABLE = pa.table({"id": pa.array(range(100), pa.int64()), "x": pa.array([i * 0.5 for i in range(100)], pa.float64())})

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from dlpipe import ingest
 from dlpipe.config import ConfigError, DatasetConfig
-from dlpipe.ingest import SchemaMismatchError
+from dlpipe.data import ingest
+from dlpipe.data.ingest import SchemaMismatchError
 from dlpipe.storage import dataset_paths
 from tests.conftest import make_cfg
 
@@ -153,7 +153,7 @@ def test_headers_with_extra_columns_or_another_order_are_read_by_name(spark, tmp
     (raw / "b.csv").write_text("label,name,x,id\n2,a,3.0,3\n1,b,zz,4\n")  # reordered; a bad value
     (raw / "c.csv").write_text("id,note,x,NAME,label,extra\n5,hi,5.0,a,0,x\n6,there,6.0,b,1\n")  # extras; short
     cfg = _cfg(tmp_path, raw, options={"header": True})
-    with caplog.at_level(logging.INFO, logger="dlpipe.ingest"):
+    with caplog.at_level(logging.INFO, logger="dlpipe.data.ingest"):
         m = ingest.run(spark, cfg)
     _books(m, 6, 4, type=1, malformed=1)
     clean = _clean(spark, cfg)
@@ -176,7 +176,7 @@ def test_rows_of_a_csv_file_that_lacks_a_column_are_quarantined_naming_it(spark,
     (raw / "b 2.csv").write_text("id,label,x\n4,0,1.0\n5,1,1.0\n")  # no `name`; a space in its name
     (raw / "c.csv").write_text("label,id\n0,6\n")  # no `x`, no `name`
     cfg = _cfg(tmp_path, raw, options={"header": True})
-    with caplog.at_level(logging.WARNING, logger="dlpipe.ingest"):
+    with caplog.at_level(logging.WARNING, logger="dlpipe.data.ingest"):
         m = ingest.run(spark, cfg)
     _books(m, 6, 2, missing_column=3, label_range=1)
     q = _quarantine(spark, cfg)

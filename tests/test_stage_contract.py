@@ -7,9 +7,9 @@ import json
 import mlflow
 import pytest
 
-from dlpipe import lineage, tracking
+from dlpipe import tracking
 from dlpipe.stage import AccountingError, Plan, Stage, execute
-from dlpipe.storage import dataset_base, local_path
+from dlpipe.storage import dataset_base, lineage, local_path
 from tests.conftest import make_cfg
 
 

@@ -8,8 +8,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from dlpipe import evaluate, features, infer, ingest, tracking
-from dlpipe.generate import MALFORMED_KINDS, generate
+from dlpipe import tracking
+from dlpipe.data import features, ingest
+from dlpipe.data.generate import MALFORMED_KINDS, generate
+from dlpipe.model import evaluate
+from dlpipe.serve import infer
 from dlpipe.storage import HadoopFS, configure_spark_storage, dataset_paths, local_path
 from dlpipe.train import stage as train_stage
 from tests.conftest import cfg_overrides, kill_once_it_writes, make_cfg
@@ -173,7 +176,8 @@ def test_every_reader_honours_infer_output(spark, cfg, inferred, tmp_path):
     """infer.output moves the test split's predictions: infer writes there, and evaluate, the end-of-run
     summary, `status` and the notebook helpers read there. The default folder is moved away meanwhile, so a
     reader that still looked there would fail."""
-    from dlpipe import notebook, status
+    from dlpipe import notebook
+    from dlpipe.ops import status
     from dlpipe.pipeline import run_pipeline, summary
 
     out = tmp_path / "elsewhere"
@@ -222,8 +226,8 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
 def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, inferred, tmp_path):
     """`mlflow models serve` on 127.0.0.1 (started here, stopped by pid) for the candidate version, fed the
     raw records of the same test rows: the same classes and probabilities as the batch predictions."""
-    from dlpipe.processes import pid_alive
-    from dlpipe.serving import ModelServer
+    from dlpipe.ops.processes import pid_alive
+    from dlpipe.serve.serving import ModelServer
 
     stats = features.read_stats(spark, cfg)
     key = stats["key"]
@@ -241,7 +245,7 @@ def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, infer
 
 
 def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg, trained):
-    from dlpipe.tensors import encode_rows
+    from dlpipe.data.tensors import encode_rows
     from udfs.score import score_frame
 
     stats = features.read_stats(spark, cfg)
@@ -308,7 +312,7 @@ def test_new_data_on_any_store_is_scored_onto_the_same_store(spark, cfg, inferre
     """infer.source and infer.output on file://, s3a:// and hdfs://: the generator's raw CSV (labels and
     all, with its broken lines) scored by the registered model, whose statistics come from MLflow, not
     from the warehouse (which, on S3 and HDFS, holds no dataset at all)."""
-    from dlpipe.generate import generate
+    from dlpipe.data.generate import generate
 
     base = store.base or tmp_path.as_uri()
     scfg = make_cfg(cfg.root, *store.overrides, f"infer.source={base}/new", f"infer.output={base}/scored")

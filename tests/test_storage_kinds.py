@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from dlpipe import features, ingest
-from dlpipe.generate import generate
+from dlpipe.data import features, ingest
+from dlpipe.data.generate import generate
 from dlpipe.storage import HadoopFS, StorageError, configure_spark_storage, dataset_paths, python_fs, storage_settings
 from dlpipe.train.loader import ShardLoader
 from tests.conftest import FAIL_FAST_S3, make_cfg

@@ -7,7 +7,7 @@ import pyarrow as pa
 from petastorm.codecs import NdarrayCodec
 from petastorm.unischema import UnischemaField
 
-from dlpipe.tensors import decode_arrow, decode_cells, encode_arrow, encode_rows
+from dlpipe.data.tensors import decode_arrow, decode_cells, encode_arrow, encode_rows
 
 
 def test_encode_is_byte_identical_to_petastorm():
@@ -44,7 +44,7 @@ def test_encode_arrow_matches_petastorm_cells():
 
 
 def test_checked_decoding_names_each_bad_cell_and_keeps_the_good_ones():
-    from dlpipe.tensors import decode_arrow_checked
+    from dlpipe.data.tensors import decode_arrow_checked
 
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
     cells = encode_rows(x)
@@ -70,7 +70,7 @@ def test_checked_decoding_names_each_bad_cell_and_keeps_the_good_ones():
 def test_checked_decoding_finds_a_bad_cell_in_a_batch_without_nulls():
     """No nulls and every cell the right size: the all-good fast path must still see one bad header or one
     inf, and a null whose slot has a cell's length is still missing."""
-    from dlpipe.tensors import decode_arrow_checked
+    from dlpipe.data.tensors import decode_arrow_checked
 
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     cells = encode_rows(x)

@@ -20,7 +20,7 @@ from tests.conftest import CommandLines, MlflowEndpoint, make_cfg, run_dlpipe
 
 EPOCHS = 2
 ROWS = 3000
-LIMIT_S = 30  # dlpipe.preflight's promise: a refusing tracking server is named within this
+LIMIT_S = 30  # dlpipe.ops.preflight's promise: a refusing tracking server is named within this
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -98,7 +98,7 @@ def test_the_pipeline_logs_its_runs_live_metrics_and_model_to_the_server(credent
     production = client.get_model_version_by_alias(name, "production")  # the first model passes the gate
     assert candidate.version == production.version == train.data.tags["dlpipe.model_version"]
     assert candidate.run_id == train.info.run_id
-    assert children["evaluate"].data.tags["dlpipe.promotion"] == "promoted"
+    assert children["evaluate"].data.tags["dlpipe.model.promotion"] == "promoted"
 
 
 def _s3_objects(s3_server, prefix: str) -> dict[str, bytes]:
@@ -137,13 +137,13 @@ def test_the_artifacts_are_in_the_s3_bucket(credentials, pipeline, s3_server):
 
 
 def test_the_registered_model_is_served_from_the_server(credentials, pipeline, tmp_path):
-    """`mlflow models serve -m models:/NAME@production` (dlpipe.serving, credentials from its environment)
+    """`mlflow models serve -m models:/NAME@production` (dlpipe.serve.serving, credentials from its environment)
     answers raw records from the clean data with what the batch job predicted for them."""
     import numpy as np
     import pandas as pd
 
-    from dlpipe.processes import pid_alive
-    from dlpipe.serving import ModelServer
+    from dlpipe.ops.processes import pid_alive
+    from dlpipe.serve.serving import ModelServer
     from dlpipe.storage import dataset_paths
 
     cfg = pipeline["cfg"]
@@ -199,7 +199,7 @@ def test_executors_without_credentials_in_their_environment_use_the_drivers(cred
 
     from mlflow import MlflowClient
 
-    from dlpipe.scoring import load_model
+    from dlpipe.serve.scoring import load_model
     from dlpipe.tracking import CREDENTIAL_ENV, Credentials
     from dlpipe.train.live import LiveTracker
 
@@ -268,7 +268,7 @@ def test_a_wrong_password_fails_at_once_naming_the_setting(mlflow_server, tmp_pa
     ],
 )
 def test_missing_or_refused_credentials_are_told_apart(mlflow_server, monkeypatch, tmp_path, given, expected):
-    from dlpipe.preflight import check_tracking
+    from dlpipe.ops.preflight import check_tracking
 
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         monkeypatch.delenv(var, raising=False)

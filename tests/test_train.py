@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dlpipe.tensors import encode_rows
+from dlpipe.data.tensors import encode_rows
 from dlpipe.train.launcher import SlotShortageError, check_slots, rank_plan, run_horovod
 from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from dlpipe.config import EarlyStoppingConfig, ModelConfig, TrainConfig
-from dlpipe.tensors import encode_rows
+from dlpipe.data.tensors import encode_rows
 from dlpipe.train.checkpoints import CheckpointStore, ResumeState
-from dlpipe.train.comm import gloo_env
-from dlpipe.train.launcher import GPU_ENV, gpu_env, horovod_env, rank_plan
+from dlpipe.train.comm import GPU_ENV, gloo_env
+from dlpipe.train.launcher import gpu_env, horovod_env, rank_plan
 from dlpipe.train.loader import Piece, epoch_order, plan_shard
 from dlpipe.train.worker import TrainSpec, scaled_lr, train_worker, warmup_steps
 from tests.conftest import REPO, make_cfg

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from dlpipe import features, ingest
 from dlpipe.config import ConfigError, load_config
+from dlpipe.data import features, ingest
 from dlpipe.pipeline import run_pipeline
 from dlpipe.storage import dataset_paths
 from tests.conftest import REPO
@@ -138,7 +138,7 @@ def test_a_missing_value_becomes_the_train_fill_and_the_indicator_says_so(spark,
 
 
 def test_the_breast_cancer_example_keeps_its_declared_class_order(spark, tmp_path):
-    from dlpipe.generate import generate
+    from dlpipe.data.generate import generate
 
     cfg = load_config(
         "local", ["dataset=breast_cancer", f"project.root={tmp_path}", "spark.master=local[2]"], conf_dir=REPO / "conf"
@@ -164,9 +164,9 @@ def _raw_penguins(cfg):
 def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, penguins, tmp_path):
     """One set of raw rows (with NA values and strings) through the batch infer job on new data, the loaded
     pyfunc, mlflow.pyfunc.spark_udf and the REST server: the same classes and probabilities."""
+    from dlpipe.ops.processes import pid_alive
     from dlpipe.pipeline import run_stage
-    from dlpipe.processes import pid_alive
-    from dlpipe.serving import ModelServer
+    from dlpipe.serve.serving import ModelServer
 
     cfg, result = penguins
     mlflow.set_tracking_uri(result.tracking_uri)

@@ -1,7 +1,7 @@
-"""Batch scoring in Spark, the model loaded once per Python worker (dlpipe.scoring caches it by URI).
+"""Batch scoring in Spark, the model loaded once per Python worker (dlpipe.serve.scoring caches it by URI).
 
 `score_frame` is what the infer job uses: a `mapInArrow` scorer that decodes the feature tensors
-(dlpipe.tensors: list or NdarrayCodec layout) straight from Arrow buffers, scores a whole Arrow batch at once
+(dlpipe.data.tensors: list or NdarrayCodec layout) straight from Arrow buffers, scores a whole Arrow batch at once
 and builds the probability lists from one buffer, carrying the key columns through. `score_column` is the same
 scoring as an iterator pandas UDF, for when a column expression is handier (it pays pandas conversions: `make
 bench ONLY=inference`).
@@ -18,8 +18,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
-from dlpipe.scoring import load_model, predict_proba, task_device
-from dlpipe.tensors import decode_cells, decode_column_checked
+from dlpipe.data.tensors import decode_cells, decode_column_checked
+from dlpipe.serve.scoring import load_model, predict_proba, task_device
 from dlpipe.tracking import Credentials
 
 RESULT_TYPE = "prediction int, probabilities array<float>"

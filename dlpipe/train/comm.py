@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+GPU_ENV = "DLPIPE_GPU"  # the GPU a rank pins: set by the launcher from Spark's resources, read by pick_device
+
 
 def to_device(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Move the model and any optimizer state there (in place: the optimizer keeps its parameters).

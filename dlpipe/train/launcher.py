@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # executors import this module (GPU_ENV, the barrier task): it must not need pyspark
+if TYPE_CHECKING:  # executors import this module (the barrier task): it must not need pyspark
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+from dlpipe.train.comm import GPU_ENV
+
 log = logging.getLogger(__name__)
-GPU_ENV = "DLPIPE_GPU"  # read by dlpipe.train.worker.pick_device
 
 
 class SlotShortageError(RuntimeError):

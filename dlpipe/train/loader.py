@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from dlpipe.data.tensors import decode_column
 from dlpipe.storage import StorageSettings, python_fs
-from dlpipe.tensors import decode_column
 
 PREFETCH = 2  # pieces (row groups) read ahead of the one being trained on
 

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from dlpipe import lineage, objective
 from dlpipe.config import Config
-from dlpipe.features import STATS_ARTIFACT, class_names, read_stats
-from dlpipe.promotion import CANDIDATE
+from dlpipe.data.features import class_names, read_stats
+from dlpipe.model import objective, task
+from dlpipe.model.names import CANDIDATE, INT8_ALIAS, STATS_ARTIFACT
 from dlpipe.stage import Plan, Stage, execute
-from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
+from dlpipe.storage import dataset_paths, lineage, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
 from dlpipe.train.live import epoch_metrics, learning_curve, logged_epochs
@@ -266,12 +266,12 @@ def train_metrics(spec: TrainSpec, trained: Trained) -> dict:
     """The stage's figures from the ranks' history: final and best epoch, throughput, resume point."""
     history, result = trained.history, trained.result
     last = history[-1]
-    metric = objective.epoch_metric(spec.task)
+    metric = task.epoch_metric(spec.task)
     return {
         "final_train_loss": last["train_loss"],
         "final_val_loss": last["val_loss"],
         f"final_val_{metric}": last[f"val_{metric}"],
-        f"best_val_{metric}": objective.best(metric, [h[f"val_{metric}"] for h in history]),
+        f"best_val_{metric}": task.best(metric, [h[f"val_{metric}"] for h in history]),
         "ranks": result["ranks"],
         "samples_per_s_per_rank": float(np.mean([h["samples_per_s_per_rank"] for h in history])),
         "epochs_run": len(history),
@@ -287,7 +287,7 @@ def raw_example(spark, cfg: Config):
     model takes tensors)."""
     if cfg.dataset.source.format == "image":
         return None
-    from dlpipe.ingest import read_clean
+    from dlpipe.data.ingest import read_clean
 
     return read_clean(spark, cfg).select(*[c.name for c in cfg.dataset.features]).limit(5).toPandas()
 
@@ -304,13 +304,13 @@ def log_registered(
     **kwargs,
 ) -> str:
     """Log model to the active run as a new version of the registered model `name`; returns the version.
-    A tabular model is wrapped to take raw records (dlpipe.rawmodel); an image model takes tensors. Either
+    A tabular model is wrapped to take raw records (dlpipe.model.rawmodel); an image model takes tensors. Either
     way with a signature, an input example and honest pip requirements."""
     import mlflow
     from mlflow.models import infer_signature
 
     from dlpipe import tracking
-    from dlpipe.rawmodel import input_columns, log_raw_model
+    from dlpipe.model.rawmodel import input_columns, log_raw_model
 
     if records is not None:
         return log_raw_model(
@@ -340,8 +340,8 @@ def log_registered(
 def model_metadata(stats: dict) -> dict:
     """Logged in the model's MLmodel file: its class names in output order, and where the statistics that
     transform its inputs are (in its training run)."""
-    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.get("task", objective.CLASSIFICATION)}
-    if not objective.is_regression(stats):
+    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.get("task", task.CLASSIFICATION)}
+    if not task.is_regression(stats):
         meta["classes"] = class_names(stats)
     return meta
 
@@ -360,7 +360,7 @@ def register_int8(
     when its accuracy drop (regression: relative RMSE increase) is within quantize's limit."""
     import mlflow
 
-    from dlpipe import quantize
+    from dlpipe.model import quantize
 
     int8 = quantize.quantize_dynamic(served)
     loader = ShardLoader(
@@ -371,10 +371,10 @@ def register_int8(
         spec.feature_shape,
         shuffle=False,
         storage=spec.storage,
-        label_dtype=objective.label_numpy_type(spec.task),
+        label_dtype=task.label_numpy_type(spec.task),
     )
     m = quantize.compare(served, int8, ((x.numpy(), y.numpy()) for x, y in loader.epoch(0)), spec.task)
-    if spec.task == objective.REGRESSION:
+    if spec.task == task.REGRESSION:
         change, limit = m["int8_rmse_increase"], cfg.quantize.max_rmse_increase
         what = f"RMSE {change:+.2%}"
     else:
@@ -405,7 +405,7 @@ def register_int8(
         )
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "dlpipe.variant", "int8")
-        client.set_registered_model_alias(name, quantize.INT8_ALIAS, version)
+        client.set_registered_model_alias(name, INT8_ALIAS, version)
         mlflow.set_tag("dlpipe.int8_model_version", version)
         m["int8_model_version"] = float(version)
     return m

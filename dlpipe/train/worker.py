@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlpipe import objective
 from dlpipe.config import Config, TrainConfig
-from dlpipe.objective import Objective, label_numpy_type
+from dlpipe.model import task as tasks
+from dlpipe.model.objective import Objective
+from dlpipe.model.task import label_numpy_type
 from dlpipe.storage import StorageSettings, dataset_paths, storage_settings
 from dlpipe.tracking import Credentials
 from dlpipe.train.checkpoints import CheckpointStore, ResumeState
-from dlpipe.train.comm import HorovodComm, TorchComm, open_comm, optimizer_step
-from dlpipe.train.launcher import GPU_ENV
+from dlpipe.train.comm import GPU_ENV, HorovodComm, TorchComm, open_comm, optimizer_step
 from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 from dlpipe.train.logstream import rank_logger
@@ -50,7 +50,7 @@ class TrainSpec:
     feature_shape: tuple[int, ...]
     num_classes: int  # the network's output width: the classes, or 1 for regression
     checkpoint_uri: str
-    task: str = objective.CLASSIFICATION  # or regression (dlpipe.objective)
+    task: str = tasks.CLASSIFICATION  # or regression (dlpipe.model.task)
     label_mean: float = 0.0  # regression: targets are standardized with the train split's mean and std
     label_std: float = 1.0
     log_address: str | None = None  # the driver's LogReceiver
@@ -72,7 +72,7 @@ class TrainSpec:
         run_id: str | None = None,
         tracking_credentials: Credentials | None = None,
     ) -> TrainSpec:
-        """The spec of cfg's training on the data `stats` describes (dlpipe.features): settings from cfg,
+        """The spec of cfg's training on the data `stats` describes (dlpipe.data.features): settings from cfg,
         split locations from cfg's dataset, row counts, shapes and label scaling from stats (older statistics
         without a task or label scaling get the fields' defaults)."""
         paths = dataset_paths(cfg)
@@ -85,7 +85,7 @@ class TrainSpec:
             train_rows=stats["rows"]["train"],
             val_rows=stats["rows"]["val"],
             feature_shape=tuple(stats["feature_shape"]),
-            num_classes=objective.outputs(task, stats["num_classes"]),
+            num_classes=tasks.outputs(task, stats["num_classes"]),
             checkpoint_uri=checkpoint_uri,
             **labels,
             storage=storage_settings(cfg),

@@ -3,7 +3,7 @@
 For checking that what the batch job predicts is what a served model answers, and for trying a model by
 hand:
 
-    python -m dlpipe.serving models:/tabular_example-classifier@candidate [--port 5001]
+    python -m dlpipe.serve.serving models:/tabular_example-classifier@candidate [--port 5001]
 
 The server runs in the project's environment (`--env-manager local`), in its own process group, and is
 stopped by process id.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dlpipe.processes import free_ports
+from dlpipe.ops.processes import free_ports
 
 
 class ServingError(RuntimeError):
@@ -117,7 +117,7 @@ class ModelServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dlpipe.serving", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dlpipe.serve.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("model_uri")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db"))

@@ -5,8 +5,8 @@ Spark documents it (https://spark.apache.org/docs/latest/api/python/user_guide/p
 - the environment as a packed virtualenv (`venv-pack`) unpacked in each executor's working directory as
   `./environment`, through `--archives`, and used with `spark.pyspark.python=./environment/bin/python`.
 
-    python -m dlpipe.ship build [--dist dist]   # dist/dlpipe-code.zip and dist/dlpipe-env.tar.gz
-    python -m dlpipe.ship args [--dist dist]    # the spark-submit arguments that ship them
+    python -m dlpipe.ops.ship build [--dist dist]   # dist/dlpipe-code.zip and dist/dlpipe-env.tar.gz
+    python -m dlpipe.ops.ship args [--dist dist]    # the spark-submit arguments that ship them
 
 The packed environment holds dlpipe's runtime dependencies at the locked versions (constraints.txt),
 the CPU torch build, Petastorm and the cached Horovod wheel; not pyspark (each worker adds its own
@@ -31,7 +31,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # dlpipe/ops/ship.py -> the project folder
 CODE_PACKAGES = ("dlpipe", "udfs")
 ENV_NAME = "environment"  # the folder the archive is unpacked into, in each executor's working directory
 
@@ -133,12 +133,12 @@ def shipment(dist: Path = REPO / "dist") -> Shipment:
     s = Shipment(dist / "dlpipe-code.zip", dist / "dlpipe-env.tar.gz")
     missing = [str(p) for p in (s.code_zip, s.env_archive) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{', '.join(missing)} missing: run `python -m dlpipe.ship build` (make ship)")
+        raise FileNotFoundError(f"{', '.join(missing)} missing: run `python -m dlpipe.ops.ship build` (make ship)")
     return s
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m dlpipe.ship", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dlpipe.ops.ship", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["build", "args"])
     p.add_argument("--dist", type=Path, default=REPO / "dist")
     p.add_argument("--cache", type=Path, default=REPO / ".cache")

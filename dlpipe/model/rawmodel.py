@@ -3,7 +3,7 @@
 A tabular model is logged as an MLflow pyfunc model that holds the network (an MLflow PyTorch model, as an
 artifact), the statistics it was trained with and the declarations of its input columns. `predict` takes a
 DataFrame of the dataset's raw feature columns, checks each record as ingest checks a row (missing value,
-type, range, allowed values: the same reasons), transforms it exactly as preprocess does (dlpipe.features:
+type, range, allowed values: the same reasons), transforms it exactly as preprocess does (dlpipe.data.features:
 imputation, scaling, one-hot, missing indicators), and answers the class index, its name and the
 probabilities in class order, or a regressor's value. `mlflow.pyfunc.load_model`, `mlflow models serve`
 and `mlflow.pyfunc.spark_udf` all take raw rows. A record that cannot be scored fails the call with every
@@ -40,7 +40,7 @@ SIGNATURE_TYPES = {
     "date": "string",
     "timestamp": "string",
 }
-# ingest's words (dlpipe.ingest.TRUE_WORDS, FALSE_WORDS), here too so that the model needs no Spark
+# ingest's words (dlpipe.data.ingest.TRUE_WORDS, FALSE_WORDS), here too so that the model needs no Spark
 TRUE_WORDS = ("true", "yes", "1", "t", "y")
 FALSE_WORDS = ("false", "no", "0", "f", "n")
 _FIELDS = {"yyyy": "year", "MM": "month", "M": "month", "dd": "day", "d": "day", "HH": "hour", "H": "hour"}
@@ -99,7 +99,7 @@ def _boolean_number(value) -> float:
 
 
 def hash_buckets(values, buckets: int) -> np.ndarray:
-    """dlpipe.features.hash_bucket in Python: crc32 of the value's UTF-8 bytes, mod buckets."""
+    """dlpipe.data.features.hash_bucket in Python: crc32 of the value's UTF-8 bytes, mod buckets."""
     return np.array([zlib.crc32(str(v).encode("utf-8")) % buckets for v in values], dtype=np.int64)
 
 
@@ -180,7 +180,7 @@ def _check_and_fill(col: dict, entry: dict, values: pd.Series, reasons: list[str
 
 
 def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -> tuple[np.ndarray, list[str | None]]:
-    """Raw records -> (n, features) float32, as `dlpipe.features.feature_vector` computes it in Spark, and
+    """Raw records -> (n, features) float32, as `dlpipe.data.features.feature_vector` computes it in Spark, and
     a reason per record that cannot be scored (None for the others; their rows of the array are zeros)."""
     n = len(records)
     reasons: list[str | None] = [None] * n
@@ -215,7 +215,7 @@ def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -
 
 
 def _date_parts(values: pd.Series, entry: dict) -> np.ndarray:
-    """dlpipe.features._date_parts in numpy: standardized year; month, day of week (Monday = 0) and hour of
+    """dlpipe.data.features._date_parts in numpy: standardized year; month, day of week (Monday = 0) and hour of
     the day (timestamps) as sine and cosine; (day of year - 1) / 366. A value that is None gives zeros."""
     whens = [v if v is not None else dt.datetime(1970, 1, 1) for v in values]
     year = np.array([w.year for w in whens], np.float64)
@@ -261,7 +261,7 @@ class RawRecordModel(PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from dlpipe.scoring import predict_proba
+        from dlpipe.serve.scoring import predict_proba
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)

@@ -182,7 +182,7 @@ def check_model(cfg: Config, stages: Sequence[str]) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dlpipe.infer import model_uri
+    from dlpipe.serve.infer import model_uri
     from dlpipe.tracking import setup
 
     uri = model_uri(cfg)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-INT8_ALIAS = "candidate-int8"
 
 
 def quantize_dynamic(model: nn.Module) -> torch.jit.ScriptModule:

@@ -58,7 +58,7 @@ def load_model(
 
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
-            from dlpipe.rawmodel import network_of
+            from dlpipe.model.rawmodel import network_of
 
             with credentials_env(credentials):
                 model = network_of(model_uri)  # a raw-record pyfunc's network, or a plain PyTorch model

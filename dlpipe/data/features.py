@@ -5,7 +5,7 @@ beside the datasets (`_dlpipe_stats.json`), so every later stage applies exactly
 Splits come from a hash of the key, so a row lands in the same split on every run and every cluster.
 
 Two passes over the clean data, nothing cached: one aggregation fits the statistics, then one write
-transforms every row and sends it to its split (dlpipe.parquet_io). Tabular features are computed inside
+transforms every row and sends it to its split (dlpipe.storage.parquet_io). Tabular features are computed inside
 the JVM and stored as a Parquet list of float32 (a fixed-shape tensor per row: Petastorm reads it as an
 ndarray field with no codec); images stay NdarrayCodec cells, scaled on the executors. Each split gets
 Petastorm's metadata (its Unischema and row groups per file, in `_common_metadata`), from the footers of
@@ -25,15 +25,16 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dlpipe import lineage
+from dlpipe.storage import lineage
 from dlpipe.config import ColumnSpec, Config
-from dlpipe.ingest import read_clean
-from dlpipe.objective import is_regression, label_spark_type
-from dlpipe.parquet_io import Output, PartFile, write_routed
+from dlpipe.data.ingest import read_clean
+from dlpipe.model.names import STATS_ARTIFACT
+from dlpipe.model.task import is_regression, label_spark_type
+from dlpipe.storage.parquet_io import Output, PartFile, write_routed
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import STATS_FILE, HadoopFS, dataset_paths, storage_settings
-from dlpipe.tensors import decode_arrow, encode_arrow
+from dlpipe.data.tensors import decode_arrow, encode_arrow
 from dlpipe.tracking import ModelRef
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _label_aggregates(cfg: Config) -> list[Column]:
     """Class counts (classification, where the YAML fixes the classes) or the target's mean and std
     (regression), for the statistics' one aggregation over the train split."""
     label = F.col(cfg.dataset.column("label").name)
-    if cfg.dataset.task == "regression":  # targets are standardized while training (dlpipe.objective)
+    if cfg.dataset.task == "regression":  # targets are standardized while training (dlpipe.model.objective)
         return [F.avg(label).alias("__label_mean"), F.stddev_pop(label).alias("__label_std")]
     classes = cfg.dataset.declared_classes or []
     named = cfg.dataset.column("label").type == "string"
@@ -323,7 +324,7 @@ HASH = "crc32_utf8"  # a hashed value's bucket: pmod(crc32(its UTF-8 bytes), buc
 
 def hash_bucket(c: Column, buckets: int) -> Column:
     """The bucket of a string value: crc32 of its UTF-8 bytes (an unsigned 32-bit number) mod buckets, the
-    same as `zlib.crc32(value.encode("utf-8")) % buckets` (dlpipe.rawmodel)."""
+    same as `zlib.crc32(value.encode("utf-8")) % buckets` (dlpipe.model.rawmodel)."""
     return F.pmod(F.crc32(F.encode(c, "UTF-8")), F.lit(buckets))
 
 
@@ -603,7 +604,6 @@ def read_stats(spark: SparkSession, cfg: Config) -> dict:
     return HadoopFS(spark).read_json(dataset_paths(cfg).stats)
 
 
-STATS_ARTIFACT = "preprocessing/stats.json"  # in the training run: the statistics its model was trained with
 
 
 def model_stats(mv: ModelRef, fallback: Callable[[], dict]) -> dict:

@@ -6,9 +6,9 @@ distribution. Daemons are started with pyspark's own `spark-class` (no Spark ins
 own process group, and stopped by process id; their pids and URLs are kept in `<dir>/cluster.json` so a
 later command can stop a cluster an earlier one started.
 
-    python -m dlpipe.cluster up [--workers 2 --cores 1 --memory 2g --dir .cache/cluster]
-    python -m dlpipe.cluster status
-    python -m dlpipe.cluster down
+    python -m dlpipe.ops.cluster up [--workers 2 --cores 1 --memory 2g --dir .cache/cluster]
+    python -m dlpipe.ops.cluster status
+    python -m dlpipe.ops.cluster down
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyspark
 
-from dlpipe.processes import LOOPBACK, free_ports, pid_alive
+from dlpipe.ops.processes import LOOPBACK, free_ports, pid_alive
 
 STATE_FILE = "cluster.json"
 
@@ -184,7 +184,7 @@ class StandaloneCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dlpipe.cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dlpipe.ops.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--dir", default=".cache/cluster", help="state, logs and worker dirs (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dlpipe.objective import LOWER_IS_BETTER
+from dlpipe.model.names import PRODUCTION
+from dlpipe.model.task import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
-CANDIDATE, PRODUCTION = "candidate", "production"
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ def record(name: str, candidate_version: str, decision: Decision, production: st
         metrics[f"production_{decision.metric}"] = decision.production
     mlflow.set_tags(
         {
-            "dlpipe.promotion": "promoted" if decision.promote else "kept production",
+            "dlpipe.model.promotion": "promoted" if decision.promote else "kept production",
             "dlpipe.promotion_reason": decision.reason,
             "dlpipe.production_version_before": production or "none",
         }
     )
-    client.set_model_version_tag(name, candidate_version, "dlpipe.promotion", decision.reason)
+    client.set_model_version_tag(name, candidate_version, "dlpipe.model.promotion", decision.reason)
     if decision.promote:
         client.set_registered_model_alias(name, PRODUCTION, candidate_version)
         log.info("evaluate: %s version %s is now @%s (%s)", name, candidate_version, PRODUCTION, decision.reason)

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 
 from dlpipe.config import Config
-from dlpipe.generate import MANIFEST
-from dlpipe.lineage import META, digest
+from dlpipe.data.generate import MANIFEST
 from dlpipe.storage import dataset_paths, python_fs, storage_settings
+from dlpipe.storage.lineage import META, digest
 
 MLFLOW_FIGURES = ("model_version", "epochs_run", "accuracy", "auc", "rmse", "mae", "promoted", "predictions")
 

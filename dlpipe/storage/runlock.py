@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pyspark.sql import SparkSession
 
 from dlpipe.config import Config
-from dlpipe.processes import pid_alive
+from dlpipe.ops.processes import pid_alive
 from dlpipe.storage import HadoopFS, dataset_base
 
 log = logging.getLogger(__name__)

@@ -384,7 +384,7 @@ def python_fs(uri: str, settings: StorageSettings | None = None):
                 f"storage.hdfs.webhdfs_url is not set: Python-side access to {uri} goes through WebHDFS; "
                 "set it to the NameNode's HTTP address, e.g. http://namenode:9870"
             )
-        from dlpipe.webhdfs import webhdfs_filesystem
+        from dlpipe.storage.webhdfs import webhdfs_filesystem
 
         return webhdfs_filesystem(settings.webhdfs_url, settings.hdfs_user), parsed.path or "/"
     raise ValueError(f"unsupported storage scheme '{parsed.scheme}' in {uri}: use file://, hdfs:// or s3a://")

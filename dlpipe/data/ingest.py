@@ -7,7 +7,7 @@ parse are split again as text to find the reason; JSON lines and Parquet are rea
 images are decoded on the executors.
 
 The input is read once: each row is written either to clean or to quarantine in the same pass
-(dlpipe.parquet_io), with nothing cached. The stage checks its own books: rows in (counted in that pass)
+(dlpipe.storage.parquet_io), with nothing cached. The stage checks its own books: rows in (counted in that pass)
 = rows kept + rows quarantined (counted from the footers of what was written), or it fails and commits
 nothing. More bad rows than `dataset.max_bad_fraction` also fail it.
 
@@ -28,9 +28,9 @@ from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dlpipe import lineage
+from dlpipe.storage import lineage
 from dlpipe.config import ColumnSpec, Config, ConfigError, datetime_regex
-from dlpipe.parquet_io import Output, write_routed
+from dlpipe.storage.parquet_io import Output, write_routed
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import dataset_paths, storage_settings
@@ -658,7 +658,7 @@ def _decode_images(shape: tuple[int, ...], image: str):
         import numpy as np
         from PIL import Image, UnidentifiedImageError
 
-        from dlpipe.tensors import encode_rows
+        from dlpipe.data.tensors import encode_rows
 
         mode = "L" if len(shape) == 2 or shape[2] == 1 else "RGB"
         for pdf in batches:

@@ -7,7 +7,7 @@ Two inputs, one scorer (udfs/score.py):
   are scaled exactly like the rows it learned from, whatever preprocess has run since), then scored.
 
 Every row in comes out either scored or quarantined with its reason (validation or scoring), in one pass
-over the input (dlpipe.parquet_io: nothing cached, each row scored once), and the stage checks rows in
+over the input (dlpipe.storage.parquet_io: nothing cached, each row scored once), and the stage checks rows in
 (counted on the way) = rows scored + rows quarantined (from the footers of what it wrote). Both outputs are
 Parquet partitioned by `infer.partition_by`, written to temporary folders and renamed into place; the
 quarantine holds the row's key (null where the key itself was unreadable), the reason, its code, the raw
@@ -27,23 +27,22 @@ from functools import partial
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from dlpipe import lineage, redact, tracking
+from dlpipe import redact, tracking
 from dlpipe.config import Config
-from dlpipe.features import class_names, label_index, model_stats, read_stats, transform
-from dlpipe.ingest import (
+from dlpipe.data.features import class_names, label_index, model_stats, read_stats, transform
+from dlpipe.data.ingest import (
     QUARANTINE_COLUMNS,
     BadDataError,
     quarantine_by_code,
     read_source,
     validate,
 )
-from dlpipe.objective import is_regression
-from dlpipe.parquet_io import Output, write_routed
-from dlpipe.promotion import CANDIDATE
-from dlpipe.quantize import INT8_ALIAS
+from dlpipe.model.names import CANDIDATE, INT8_ALIAS
+from dlpipe.model.task import is_regression
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
-from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
+from dlpipe.storage import dataset_paths, lineage, resolve_uri, storage_settings
+from dlpipe.storage.parquet_io import Output, write_routed
 from dlpipe.tracking import ModelRef
 
 log = logging.getLogger(__name__)

@@ -12,13 +12,12 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dlpipe import lineage
 from dlpipe.config import Config
-from dlpipe.features import class_names, read_stats
-from dlpipe.generate import read_manifest
-from dlpipe.objective import is_regression
+from dlpipe.data.features import class_names, read_stats
+from dlpipe.data.generate import read_manifest
+from dlpipe.model.task import is_regression
 from dlpipe.stage import Plan, Stage, execute, require_input
-from dlpipe.storage import dataset_paths, storage_settings
+from dlpipe.storage import dataset_paths, lineage, storage_settings
 
 log = logging.getLogger(__name__)
 METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # what MLflow does not allow in a metric name
@@ -206,8 +205,9 @@ def gate_metrics(preds, stats: dict) -> dict:
 
 def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict:
     """Compare the candidate with @production on the same test rows; promote it if it passes."""
-    from dlpipe import promotion, tracking
-    from dlpipe.infer import model_uri, score_rows
+    from dlpipe import tracking
+    from dlpipe.model import promotion
+    from dlpipe.serve.infer import model_uri, score_rows
 
     mv = tracking.model_version_for(model_uri(cfg))
     if mv.name is None:

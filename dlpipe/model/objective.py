@@ -11,39 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-CLASSIFICATION, REGRESSION = "classification", "regression"
-LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
-
-
-def is_regression(stats_or_task: dict | str) -> bool:
-    task = stats_or_task if isinstance(stats_or_task, str) else stats_or_task.get("task", CLASSIFICATION)
-    return task == REGRESSION
-
-
-def outputs(task: str, num_classes: int | None) -> int:
-    """Width of the network's last layer."""
-    return 1 if task == REGRESSION else int(num_classes or 0)
-
-
-def label_numpy_type(task: str) -> type:
-    return np.float32 if task == REGRESSION else np.int32
-
-
-def label_spark_type(task: str) -> str:
-    return "float" if task == REGRESSION else "int"
-
-
-def epoch_metric(task: str) -> str:
-    """The per-epoch quality figure next to the loss: accuracy, or mean absolute error in label units."""
-    return "mae" if task == REGRESSION else "accuracy"
-
-
-def best(metric: str, values: list[float]) -> float:
-    return min(values) if metric in LOWER_IS_BETTER else max(values)
+from dlpipe.model.task import REGRESSION, epoch_metric, is_regression
 
 
 class Objective:

@@ -1,0 +1,7 @@
+"""What the registry and the tracking runs call things: the model aliases and the artifacts every stage
+finds by name. Defined once, imported without loading anything else."""
+
+CANDIDATE = "candidate"  # the newest trained version: what infer scores with by default
+PRODUCTION = "production"  # the version that passed the promotion gate
+INT8_ALIAS = "candidate-int8"  # the candidate's dynamically quantized variant, when it passed its gate
+STATS_ARTIFACT = "preprocessing/stats.json"  # in the training run: the statistics its model was trained with
