@@ -9,24 +9,24 @@ model undoes it, so predictions are in the label's own units.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-CLASSIFICATION, REGRESSION = "classification", "regression"
+# defined beside the statistics, which carry the task; re-exported for the modules that ask this one
+from dlpipe.stats import CLASSIFICATION as CLASSIFICATION
+from dlpipe.stats import REGRESSION as REGRESSION
+
+if TYPE_CHECKING:
+    from dlpipe.stats import FittedStats
 LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
 
 
-def is_regression(stats_or_task: dict | str) -> bool:
-    task = stats_or_task if isinstance(stats_or_task, str) else stats_or_task.get("task", CLASSIFICATION)
+def is_regression(task: str) -> bool:
+    """For a task named in the config; fitted statistics answer `FittedStats.is_regression`."""
     return task == REGRESSION
-
-
-def outputs(task: str, num_classes: int | None) -> int:
-    """Width of the network's last layer."""
-    return 1 if task == REGRESSION else int(num_classes or 0)
 
 
 def label_numpy_type(task: str) -> type:
@@ -86,10 +86,10 @@ class Rescaled(nn.Module):
         return self.model(x).reshape(-1) * self.std + self.mean
 
 
-def served(model: nn.Module, stats: dict[str, Any]) -> nn.Module:
+def served(model: nn.Module, stats: FittedStats) -> nn.Module:
     """What gets logged and scored: probabilities for a classifier, the value for a regressor."""
     from dlpipe.train.models import with_probabilities
 
-    if is_regression(stats):
-        return Rescaled(model, stats["label_mean"], stats["label_std"])
+    if stats.is_regression:
+        return Rescaled(model, stats.label_mean, stats.label_std)
     return with_probabilities(model)

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from pyspark.sql import SparkSession
 
 from dlpipe import redact
+from dlpipe.stats import STATS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class DatasetPaths:
 
     @property
     def stats(self) -> str:
-        return f"{self.petastorm}/_dlpipe_stats.json"
+        return f"{self.petastorm}/{STATS_FILE}"
 
 
 def dataset_base(cfg: Any) -> str:

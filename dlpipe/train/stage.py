@@ -12,8 +12,9 @@ from pyspark.sql import SparkSession
 
 from dlpipe import lineage, objective
 from dlpipe.config import Config
-from dlpipe.features import STATS_ARTIFACT, class_names, read_stats
+from dlpipe.features import STATS_ARTIFACT, read_stats
 from dlpipe.promotion import CANDIDATE
+from dlpipe.stats import FittedStats
 from dlpipe.storage import dataset_paths, resolve_uri, storage_settings
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
@@ -81,7 +82,7 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
 
 
 def make_spec(
-    cfg: Config, stats: dict, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
+    cfg: Config, stats: FittedStats, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
 ) -> TrainSpec:
     """What every rank needs, picklable; rank 0 logs live to run_id on this process's tracking URI (with this
     process's MLflow credentials, which executors on other machines do not have in their environment)."""
@@ -96,13 +97,13 @@ def make_spec(
     return TrainSpec(
         train_uri=paths.split("train"),
         val_uri=paths.split("val"),
-        train_rows=stats["rows"]["train"],
-        val_rows=stats["rows"]["val"],
-        feature_shape=tuple(stats["feature_shape"]),
-        num_classes=objective.outputs(stats.get("task", objective.CLASSIFICATION), stats["num_classes"]),
-        task=stats.get("task", objective.CLASSIFICATION),
-        label_mean=stats.get("label_mean", 0.0),
-        label_std=stats.get("label_std", 1.0),
+        train_rows=stats.rows["train"],
+        val_rows=stats.rows["val"],
+        feature_shape=stats.feature_shape,
+        num_classes=stats.outputs,
+        task=stats.task,
+        label_mean=stats.label_mean,
+        label_std=stats.label_std,
         model=t.model.model_dump(mode="json"),
         epochs=t.epochs,
         batch_size=t.batch_size,
@@ -196,7 +197,9 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
-    mlflow.log_dict(stats, STATS_ARTIFACT)  # what new rows must be transformed with to be scored by this model
+    mlflow.log_dict(
+        stats.to_dict(), STATS_ARTIFACT
+    )  # what new rows must be transformed with to be scored by this model
     result = launch(spark, cfg, spec)
     history = result["history"]
     live = set(result["live_epochs"])
@@ -262,7 +265,7 @@ def log_registered(
     name: str,
     example,
     example_out,
-    stats: dict,
+    stats: FittedStats,
     cfg: Config,
     records=None,
     **kwargs,
@@ -301,12 +304,12 @@ def log_registered(
     return str(info.registered_model_version)
 
 
-def model_metadata(stats: dict) -> dict:
+def model_metadata(stats: FittedStats) -> dict:
     """Logged in the model's MLmodel file: its class names in output order, and where the statistics that
     transform its inputs are (in its training run)."""
-    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.get("task", objective.CLASSIFICATION)}
-    if not objective.is_regression(stats):
-        meta["classes"] = class_names(stats)
+    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task}
+    if not stats.is_regression:
+        meta["classes"] = stats.class_names
     return meta
 
 
@@ -316,7 +319,7 @@ def register_int8(
     served: torch.nn.Module,
     example,
     example_out,
-    stats: dict,
+    stats: FittedStats,
     records=None,
     metadata: dict | None = None,
 ) -> dict:
