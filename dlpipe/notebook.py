@@ -136,15 +136,14 @@ def learning_curve(cfg: Config):
 
 def prediction_plot(spark: SparkSession, cfg: Config):
     """Classification: the confusion matrix of the test predictions; regression: predicted vs true."""
+    from dlpipe.data.features import read_stats
     from dlpipe.model import evaluate
-    from dlpipe.model.task import is_regression
 
     preds = datasets(spark, cfg)["predictions"]
-    if is_regression(cfg.dataset.task):
+    stats = read_stats(spark, cfg)  # the task the predictions were made for, not the config's of now
+    if stats.is_regression:
         return evaluate.plot_regression(preds)
-    from dlpipe.data.features import class_names, read_stats
-
-    names = class_names(read_stats(spark, cfg))
+    names = stats.class_names
     return evaluate.plot_confusion(evaluate.confusion_matrix(preds, len(names)), names)
 
 
@@ -186,9 +185,9 @@ def sample_test_rows(spark: SparkSession, cfg: Config, n: int = 8) -> tuple[pd.D
     from dlpipe.data.tensors import decode_cells
 
     stats = read_stats(spark, cfg)
-    rows = datasets(spark, cfg)["test"].orderBy(stats["key"]).limit(n).toPandas()
-    x = decode_cells(rows["features"].tolist(), np.float32, tuple(stats["feature_shape"]))
-    return rows[[stats["key"], "label"]], x
+    rows = datasets(spark, cfg)["test"].orderBy(stats.key).limit(n).toPandas()
+    x = decode_cells(rows["features"].tolist(), np.float32, stats.feature_shape)
+    return rows[[stats.key, "label"]], x
 
 
 def sample_raw_records(spark: SparkSession, cfg: Config, n: int = 5) -> pd.DataFrame:
@@ -197,7 +196,7 @@ def sample_raw_records(spark: SparkSession, cfg: Config, n: int = 5) -> pd.DataF
     from dlpipe.data.features import read_stats
     from dlpipe.data.ingest import read_clean
 
-    key = read_stats(spark, cfg)["key"]
+    key = read_stats(spark, cfg).key
     test_keys = datasets(spark, cfg)["test"].select(key).orderBy(key).limit(n)
     clean = read_clean(spark, cfg).select(key, *[c.name for c in cfg.dataset.features])
     return clean.join(test_keys, key).orderBy(key).toPandas()

@@ -44,7 +44,7 @@ def test_image_dataset_decodes_quarantines_and_becomes_tensors(spark, tmp_path):
     p = features.run(spark, cfg)
     assert p["rows_train"] + p["rows_val"] + p["rows_test"] == 294
     stats = features.read_stats(spark, cfg)
-    assert stats["feature_shape"] == [1, 8, 8] and stats["num_classes"] == 10
+    assert stats.feature_shape == (1, 8, 8) and stats.num_classes == 10 and stats.is_image
     from petastorm import make_reader
 
     with make_reader(dataset_paths(cfg).split("train"), reader_pool_type="dummy", num_epochs=1) as reader:

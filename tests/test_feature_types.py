@@ -187,24 +187,24 @@ def mixed(spark, tmp_path_factory):
 
 def test_the_new_types_become_named_features_fitted_on_the_train_split(spark, mixed):
     cfg, rows, stats, pre = mixed
-    names = stats["feature_names"]
+    names = list(stats.feature_names)
     day = ["day_year", "day_month_sin", "day_month_cos", "day_dow_sin", "day_dow_cos", "day_doy", "day_missing"]
     at = ["at_year", "at_month_sin", "at_month_cos", "at_dow_sin", "at_dow_cos", "at_doy", "at_hour_sin", "at_hour_cos"]
-    by_name = {f["name"]: f for f in stats["features"]}
-    vocab = by_name["city"]["vocab"]
+    by_name = {f.name: f for f in stats.features}
+    vocab = list(by_name["city"].vocab)
     city = [f"city={v}" for v in vocab] + ["city=__other__"]
     assert names == ["x", "flag", *day, *at, *city, *(f"user#{b}" for b in range(8))]
-    assert stats["feature_shape"] == [len(names)]
+    assert stats.feature_shape == (len(names),) and stats.input_width == len(names)
     # the vocabulary is the 3 most frequent cities of the train split, counted here from the clean rows
     clean = ingest.read_clean(spark, cfg).withColumn("_s", features.split_column(cfg)).where("_s = 'train'")
     counts = pd.Series([r["city"] for r in clean.select("city").collect()]).value_counts()
     assert sorted(vocab) == vocab and set(vocab) == set(counts.index[:3]) and counts.iloc[2] > counts.iloc[3]
     # the year is standardized with the train split's mean and std of the year
     years = np.array([r["y"] for r in clean.selectExpr("year(day) AS y").where("y IS NOT NULL").collect()])
-    assert by_name["day"]["year_mean"] == pytest.approx(years.mean())
-    assert by_name["day"]["year_std"] == pytest.approx(years.std())
-    assert by_name["flag"]["fill"] in (True, False) and isinstance(by_name["day"]["fill"], str)
-    assert by_name["user"]["fill"].startswith("user-")  # most frequent in train, from a bounded top-1 query
+    assert by_name["day"].year_mean == pytest.approx(years.mean())
+    assert by_name["day"].year_std == pytest.approx(years.std())
+    assert by_name["flag"].fill in (True, False) and isinstance(by_name["day"].fill, str)
+    assert by_name["user"].fill.startswith("user-")  # most frequent in train, from a bounded top-1 query
     assert pre["imputed_share_flag"] > 0 and pre["imputed_share_day"] > 0
 
 
@@ -215,11 +215,11 @@ def test_the_date_expansion_is_the_documented_one(spark, mixed):
     row.update(city="c0", user="u", y=0)
     df = spark.createDataFrame([row], schema)
     x = np.asarray(features.transform(df, cfg, stats).collect()[0]["features"], dtype=np.float64)
-    names = stats["feature_names"]
+    names = stats.feature_names
     got = {n: x[names.index(n)] for n in names if n.startswith(("day_", "at_"))}
-    f = {e["name"]: e for e in stats["features"]}
+    day = stats.feature("day")
     # 2024-01-01 is a Monday (day 0 of the week), day 1 of the year, month 1
-    assert got["day_year"] == pytest.approx((2024 - f["day"]["year_mean"]) / f["day"]["year_std"], abs=1e-5)
+    assert got["day_year"] == pytest.approx((2024 - day.year_mean) / day.year_std, abs=1e-5)
     assert [got[f"day_{p}"] for p in ("month_sin", "month_cos", "dow_sin", "dow_cos", "doy")] == pytest.approx(
         [0.0, 1.0, 0.0, 1.0, 0.0], abs=1e-6
     )
@@ -260,7 +260,7 @@ def test_raw_records_through_the_registered_model_give_the_spark_features(spark,
     expected = np.stack([spark_x[int(i)] for i in raw["id"]])
     np.testing.assert_allclose(x, expected, atol=1e-5)
     # a value the train split never had: the top_k's __other__, its own hash bucket; the same both ways
-    names = stats["feature_names"]
+    names = stats.feature_names
     new = {"id": 9001, "x": 1.0, "flag": False, "day": dt.date(2031, 12, 31), "at": dt.datetime(2030, 6, 1, 0, 0, 1)}
     new.update(city="never-seen", user="never-seen", y=None)
     gone = dict(new, id=9002, flag=None, day=None, user=None)  # missing: imputed with the train fill
@@ -315,7 +315,7 @@ def test_the_signature_takes_json_booleans_and_dates_as_text(mixed):
     )
     enforced = _enforce_schema(pd.DataFrame(records), sig.inputs)
     x, reasons = rawmodel.transform_records(enforced, stats, columns)
-    assert reasons == [None, None] and x[0, stats["feature_names"].index("flag")] == 1.0
+    assert reasons == [None, None] and x[0, stats.feature_names.index("flag")] == 1.0
     # the input example logged with the model: the clean rows' dates written back in their format
     example = rawmodel.as_records(
         pd.DataFrame({"day": [dt.date(2021, 3, 2), None], "at": [pd.Timestamp("2021-03-02 10:00:00"), pd.NaT]}),
@@ -398,7 +398,7 @@ def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_en
     stats = features.read_stats(spark, cfg)
     cities = [f"city=city{k}" for k in range(4)]
     joined = [f"joined_{p}" for p in ("year", "month_sin", "month_cos", "dow_sin", "dow_cos", "doy")]
-    assert stats["feature_names"] == ["member", *joined, *cities, "city=__other__"]
+    assert list(stats.feature_names) == ["member", *joined, *cities, "city=__other__"]
     assert pre["feature_dim"] == 12 and pre["rows_in"] == 597
     assert ev["accuracy"] > 0.9  # the label is the boolean: learnable only if it reached the features
     # the registered model takes raw records: JSON booleans, dates as text in their format, unknown cities

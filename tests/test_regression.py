@@ -68,7 +68,7 @@ def test_the_registered_regressor_answers_raw_records_in_label_units(spark, pipe
 
     cfg, result = pipeline
     mlflow.set_tracking_uri(result.tracking_uri)
-    key = read_stats(spark, cfg)["key"]
+    key = read_stats(spark, cfg).key
     test_keys = spark.read.parquet(dataset_paths(cfg).split("test")).select(key).limit(30)
     rows = read_clean(spark, cfg).join(test_keys, key).orderBy(key).toPandas()
     batch = spark.read.parquet(dataset_paths(cfg).predictions).toPandas().set_index(key)

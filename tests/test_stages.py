@@ -125,7 +125,7 @@ def test_preprocess_splits_deterministically_with_train_only_stats(spark, cfg, i
     clean = spark.read.parquet(paths.clean).withColumn("_split", features.split_column(cfg))
     train_mean = clean.where("_split = 'train'").agg({"x0": "avg"}).first()[0]
     all_mean = clean.agg({"x0": "avg"}).first()[0]
-    assert stats["features"][0]["mean"] == pytest.approx(train_mean) and train_mean != pytest.approx(all_mean, abs=1e-9)
+    assert stats.feature("x0").mean == pytest.approx(train_mean) and train_mean != pytest.approx(all_mean, abs=1e-9)
     # the split of a key is a pure function of the key: same ids on a second computation
     test_ids = {r[0] for r in spark.read.parquet(paths.split("test")).select("id").collect()}
     again = {r[0] for r in clean.where("_split = 'test'").select("id").collect()}
@@ -205,12 +205,10 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
     stats = features.read_stats(spark, cfg)
     mv = tracking.model_version_for(infer.model_uri(cfg))
     test = spark.read.parquet(dataset_paths(cfg).split("test"))
-    key = stats["key"]
+    key = stats.key
     via_udf = test.select(
         key,
-        score_column(
-            test["features"], mv.download_uri, tuple(stats["feature_shape"]), tracking.tracking_uri(cfg)
-        ).alias("s"),
+        score_column(test["features"], mv.download_uri, stats.feature_shape, tracking.tracking_uri(cfg)).alias("s"),
     )
     a = {r[key]: (r["s"]["prediction"], r["s"]["probabilities"]) for r in via_udf.collect()}
     b = {
@@ -230,7 +228,7 @@ def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, infer
     from dlpipe.serve.serving import ModelServer
 
     stats = features.read_stats(spark, cfg)
-    key = stats["key"]
+    key = stats.key
     test_keys = spark.read.parquet(dataset_paths(cfg).split("test")).select(key).limit(50)
     rows = ingest.read_clean(spark, cfg).join(test_keys, key).orderBy(key).toPandas()
     batch = {r[key]: r for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
@@ -239,7 +237,7 @@ def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, infer
         served = server.predict(rows[[c.name for c in cfg.dataset.features]])
     assert not pid_alive(server.proc.pid)
     expected = np.array([batch[k].probabilities for k in rows[key]], dtype=np.float32)
-    assert np.stack(served["probabilities"]).shape == expected.shape == (len(rows), stats["num_classes"])
+    assert np.stack(served["probabilities"]).shape == expected.shape == (len(rows), stats.num_classes)
     np.testing.assert_allclose(np.stack(served["probabilities"]), expected, rtol=1e-5, atol=1e-6)
     assert list(served["predicted_class"]) == [batch[k].predicted_class for k in rows[key]]
 
@@ -249,7 +247,7 @@ def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg
     from udfs.score import score_frame
 
     stats = features.read_stats(spark, cfg)
-    shape = tuple(stats["feature_shape"])
+    shape = stats.feature_shape
     good = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)
     nan = good[:1].copy()
     nan[0, 0] = np.nan
@@ -272,7 +270,7 @@ def test_new_raw_data_is_validated_transformed_with_the_models_statistics_and_sc
     with its reason, and rows equal to test rows get exactly the test split's predictions (the same
     training statistics were applied, read from the model's own run)."""
     stats = features.read_stats(spark, cfg)
-    key = stats["key"]
+    key = stats.key
     mv = tracking.model_version_for(infer.model_uri(cfg))
     assert features.model_stats(mv, fallback=lambda: pytest.fail("no statistics logged with the model")) == stats
     test_keys = spark.read.parquet(dataset_paths(cfg).split("test")).select(key)
@@ -323,7 +321,7 @@ def test_new_data_on_any_store_is_scored_onto_the_same_store(spark, cfg, inferre
     broken = manifest["malformed"]["wrong_field_count"] + manifest["malformed"]["bad_number"]
     assert m["rows_in"] == manifest["rows_written"] == m["rows_scored"] + m["rows_quarantined"]
     assert m["rows_quarantined"] == broken == m["quarantined_malformed"] + m["quarantined_type"]
-    key = features.read_stats(spark, cfg)["key"]
+    key = features.read_stats(spark, cfg).key
     expected = {r[key]: r.prediction for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
     scored = {r[key]: r.prediction for r in spark.read.parquet(f"{base}/scored").collect()}
     assert len(scored) == m["rows_scored"] and set(expected) <= set(scored)
@@ -364,7 +362,7 @@ def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg,
     mv = client.get_model_version_by_alias(cfg.model_name, "candidate-int8")
     assert int(mv.version) == trained["int8_model_version"] != trained["model_version"]
     assert mv.tags["dlpipe.variant"] == "int8"
-    key = features.read_stats(spark, cfg)["key"]
+    key = features.read_stats(spark, cfg).key
     fp32 = {r[key]: r.prediction for r in spark.read.parquet(dataset_paths(cfg).predictions).collect()}
     # (this replaces the fp32 predictions on disk: the module's last test)
     m = _in_run(make_cfg(cfg.root, "infer.variant=int8"), "infer", infer.run, spark)

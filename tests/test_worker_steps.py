@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dlpipe.config import EarlyStoppingConfig, ModelConfig, TrainConfig
+from dlpipe.data.stats import FittedStats
 from dlpipe.data.tensors import encode_rows
 from dlpipe.train.checkpoints import CheckpointStore, ResumeState
 from dlpipe.train.comm import GPU_ENV, gloo_env
@@ -184,7 +185,15 @@ def test_a_checkpoint_without_the_newer_keys_resumes_with_their_defaults():
 # --- the spec, from the config --------------------------------------------------------------------------
 
 
-STATS = {"rows": {"train": 60, "val": 21}, "feature_shape": [4], "num_classes": 3}
+_STATS = {
+    "key": "id",
+    "label": "label",
+    "features": [{"name": "x", "transform": "standardize", "mean": 0.0, "std": 1.0}],
+    "feature_shape": [4],
+    "num_classes": 3,
+    "rows": {"train": 60, "val": 21},
+}
+STATS = FittedStats.from_dict(_STATS)
 
 
 def test_train_spec_carries_the_config_section_and_repeats_none_of_its_settings(tmp_path):
@@ -203,7 +212,9 @@ def test_train_spec_carries_the_config_section_and_repeats_none_of_its_settings(
     # no setting of train: is a field of its own here, so none has a second default
     assert not {f.name for f in dataclasses.fields(TrainSpec)} & set(TrainConfig.model_fields)
     assert pickle.loads(pickle.dumps(spec)) == spec  # it travels to every rank
-    regression = TrainSpec.from_config(cfg, {**STATS, "task": "regression", "label_mean": 5.0, "label_std": 2.0}, "x")
+    regression = TrainSpec.from_config(
+        cfg, FittedStats.from_dict({**_STATS, "task": "regression", "label_mean": 5.0, "label_std": 2.0}), "x"
+    )
     assert (regression.task, regression.num_classes, regression.label_mean, regression.label_std) == (
         "regression",
         1,

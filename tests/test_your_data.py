@@ -78,7 +78,7 @@ def test_a_class_never_seen_in_train_is_quarantined_by_preprocess_with_its_reaso
     ingest.run(spark, cfg)
     m = features.run(spark, cfg)
     stats = features.read_stats(spark, cfg)
-    assert stats["classes"] == ["a", "b"] and stats["num_classes"] == 2
+    assert stats.class_names == ["a", "b"] and stats.num_classes == 2
     assert m["rows_quarantined"] == 3 and m["rows_in"] == 400
     assert m["rows_train"] + m["rows_val"] + m["rows_test"] == 397
     paths = dataset_paths(cfg)
@@ -105,8 +105,8 @@ def test_penguins_run_end_to_end_from_their_yaml_with_species_names_and_missing_
     assert pre["imputed_share_bill_length_mm"] == pytest.approx(2 / 344)
     assert pre["imputed_share_sex"] == pytest.approx(11 / 344)
     stats = features.read_stats(spark, cfg)
-    assert stats["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
-    assert "bill_length_mm_missing" in stats["feature_names"]
+    assert stats.class_names == ["Adelie", "Chinstrap", "Gentoo"]
+    assert "bill_length_mm_missing" in stats.feature_names
     assert ev["accuracy"] > 0.9 and ev["accuracy"] > ev["majority_baseline_accuracy"] + 0.3
     assert {"f1_Adelie", "f1_Chinstrap", "f1_Gentoo"} <= set(ev)
     # the share imputed reaches MLflow with the preprocess run
@@ -125,14 +125,14 @@ def test_penguins_run_end_to_end_from_their_yaml_with_species_names_and_missing_
 def test_a_missing_value_becomes_the_train_fill_and_the_indicator_says_so(spark, penguins):
     cfg, _ = penguins
     stats = features.read_stats(spark, cfg)
-    names, by_name = stats["feature_names"], {f["name"]: f for f in stats["features"]}
+    names = stats.feature_names
     paths = dataset_paths(cfg)
     rows = spark.read.parquet(*(paths.split(s) for s in features.SPLITS)).where("id = 4").collect()  # all NA
     x = np.asarray(rows[0]["features"], dtype=np.float32)
-    depth = by_name["bill_depth_mm"]
-    assert x[names.index("bill_depth_mm")] == pytest.approx((depth["fill"] - depth["mean"]) / depth["std"], abs=1e-5)
+    depth = stats.feature("bill_depth_mm")
+    assert x[names.index("bill_depth_mm")] == pytest.approx((depth.fill - depth.mean) / depth.std, abs=1e-5)
     assert x[names.index("bill_length_mm_missing")] == 1.0
-    assert x[names.index(f"sex={by_name['sex']['fill']}")] == 1.0
+    assert x[names.index(f"sex={stats.feature('sex').fill}")] == 1.0
     full = spark.read.parquet(*(paths.split(s) for s in features.SPLITS)).where("id = 1").collect()
     assert np.asarray(full[0]["features"])[names.index("bill_length_mm_missing")] == 0.0
 
@@ -148,10 +148,10 @@ def test_the_breast_cancer_example_keeps_its_declared_class_order(spark, tmp_pat
     assert ingest.run(spark, cfg)["rows_kept"] == 569
     features.run(spark, cfg)
     stats = features.read_stats(spark, cfg)
-    assert stats["classes"] == ["benign", "malignant"]  # as declared in values:, not sorted or learned
+    assert stats.class_names == ["benign", "malignant"]  # as declared in values:, not sorted or learned
     train = spark.read.parquet(dataset_paths(cfg).split("train")).groupBy("label").count().collect()
-    assert {r["label"]: r["count"] for r in train} == dict(enumerate(stats["class_counts_train"]))
-    assert stats["class_counts_train"][0] > stats["class_counts_train"][1]  # 357 benign, 212 malignant in all
+    assert {r["label"]: r["count"] for r in train} == dict(enumerate(stats.class_counts_train))
+    assert stats.class_counts_train[0] > stats.class_counts_train[1]  # 357 benign, 212 malignant in all
 
 
 def _raw_penguins(cfg):
@@ -249,5 +249,5 @@ def test_a_numeric_most_frequent_fill_is_the_train_splits_commonest_value(spark,
     _write_csv(tmp_path / "data" / "raw" / "mine", rows)
     ingest.run(spark, cfg)
     features.run(spark, cfg)
-    (x,) = features.read_stats(spark, cfg)["features"]
-    assert x["fill"] == 2.5 and x["missing_share_train"] > 0
+    (x,) = features.read_stats(spark, cfg).features
+    assert x.fill == 2.5 and x.missing_share_train > 0

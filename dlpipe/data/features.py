@@ -14,6 +14,7 @@ what was written, so Petastorm's `make_reader` / `make_batch_reader` read it as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -28,13 +29,14 @@ from pyspark.sql import types as T
 from dlpipe.storage import lineage
 from dlpipe.config import ColumnSpec, Config
 from dlpipe.data.ingest import read_clean
+from dlpipe.data.stats import FeatureStats, FittedStats
+from dlpipe.data.tensors import decode_arrow, encode_arrow
 from dlpipe.model.names import STATS_ARTIFACT
-from dlpipe.model.task import is_regression, label_spark_type
-from dlpipe.storage.parquet_io import Output, PartFile, write_routed
+from dlpipe.model.task import label_spark_type
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import STATS_FILE, HadoopFS, dataset_paths, storage_settings
-from dlpipe.data.tensors import decode_arrow, encode_arrow
+from dlpipe.storage.parquet_io import Output, PartFile, write_routed
 from dlpipe.tracking import ModelRef
 
 log = logging.getLogger(__name__)
@@ -83,47 +85,41 @@ def _label_aggregates(cfg: Config) -> list[Column]:
     return [F.count_if(label == F.lit(name if named else k)).alias(f"__class_{k}") for k, name in enumerate(classes)]
 
 
-def fit_stats(train: DataFrame, cfg: Config) -> dict:
+def fit_stats(train: DataFrame, cfg: Config) -> FittedStats:
     """Feature statistics and class counts, from the training split only: one aggregation (tabular), plus
     a bounded distinct for a category column (or string label) whose values are not declared."""
     if cfg.dataset.source.format == "image":
-        stats = _fit_image_stats(train, cfg)
+        feats, names, shape = _fit_image_stats(train, cfg)
         row = train.agg(*_label_aggregates(cfg)).first().asDict()
     else:
-        stats, row = _fit_tabular_stats(train, cfg, _label_aggregates(cfg))
-    stats.update(
-        {
-            "feature_dim": int(np.prod(stats["feature_shape"])),
-            "task": cfg.dataset.task,
-            "key": cfg.dataset.column("key").name,
-            "label": cfg.dataset.column("label").name,
-            "label_type": cfg.dataset.column("label").type,
-        }
-    )
+        (feats, names, shape), row = _fit_tabular_stats(train, cfg, _label_aggregates(cfg))
+    label = cfg.dataset.column("label")
+    common = {
+        "key": cfg.dataset.column("key").name,
+        "label": label.name,
+        "label_type": label.type,
+        "task": cfg.dataset.task,
+        "features": tuple(feats),
+        "feature_names": tuple(names),
+        "feature_shape": tuple(shape),
+    }
     if cfg.dataset.task == "regression":
         std = float(row["__label_std"] or 0.0)
-        stats.update(
-            {
-                "num_classes": None,
-                "label_mean": float(row["__label_mean"] or 0.0),
-                "label_std": std if std > 1e-12 else 1.0,
-            }
+        return FittedStats(
+            **common, label_mean=float(row["__label_mean"] or 0.0), label_std=std if std > 1e-12 else 1.0
         )
-        return stats
     classes = cfg.dataset.declared_classes
     if classes is not None:
         class_counts = [int(row[f"__class_{k}"]) for k in range(len(classes))]
     else:
-        classes, class_counts = _learned_classes(train, stats["label"])
-    stats.update(
-        {
-            "classes": classes,
-            "num_classes": len(classes),
-            "class_counts_train": class_counts,
-            "majority_class": int(np.argmax(class_counts)),
-        }
+        classes, class_counts = _learned_classes(train, label.name)
+    return FittedStats(
+        **common,
+        classes=tuple(classes),
+        num_classes=len(classes),
+        class_counts_train=tuple(class_counts),
+        majority_class=int(np.argmax(class_counts)),
     )
-    return stats
 
 
 def _learned_classes(train: DataFrame, label: str) -> tuple[list[str], list[int]]:
@@ -143,25 +139,24 @@ def _learned_classes(train: DataFrame, label: str) -> tuple[list[str], list[int]
     return list(counts), list(counts.values())
 
 
-def class_names(stats: dict) -> list[str]:
-    """The model's classes in index order (statistics written before names existed: "0", "1", ...)."""
-    return list(stats.get("classes") or [str(k) for k in range(stats["num_classes"])])
-
-
-def label_index(stats: dict, column: str) -> Column:
+def label_index(stats: FittedStats, column: str) -> Column:
     """The class index of a label column as read (a class name, or an index for integer labels); null for a
     value that is not one of the model's classes."""
     c = F.col(column)
-    if is_regression(stats):
+    if stats.is_regression:
         return c.cast("float")
-    if stats.get("label_type", "int") != "string":
-        k = stats["num_classes"]
+    if stats.label_type != "string":
+        k = stats.num_classes
         return F.when((c >= 0) & (c < k), c.cast("int"))
-    position = F.call_function("array_position", F.array(*[F.lit(v) for v in stats["classes"]]), c)
+    position = F.call_function("array_position", F.array(*[F.lit(v) for v in stats.class_names]), c)
     return F.when(position > 0, (position - 1).cast("int"))
 
 
-def _fit_image_stats(train: DataFrame, cfg: Config) -> dict:
+# fitted features: each input column's statistics, the names of the numbers they become, one row's shape
+_Fitted = tuple[list[FeatureStats], list[str], list[int]]
+
+
+def _fit_image_stats(train: DataFrame, cfg: Config) -> _Fitted:
     col = cfg.dataset.image_column
     shape = tuple(col.shape or ())
     parts = train.select(col.name).mapInArrow(_image_moments(shape, col.name), "s double, sq double, n long").collect()
@@ -170,11 +165,7 @@ def _fit_image_stats(train: DataFrame, cfg: Config) -> dict:
     std = max(float(np.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0))), 1e-6)
     h, w = shape[:2]
     channels = shape[2] if len(shape) == 3 else 1
-    return {
-        "features": [{"name": col.name, "transform": "scale", "mean": mean, "std": std, "shape": list(shape)}],
-        "feature_names": [col.name],
-        "feature_shape": [channels, h, w],
-    }
+    return [FeatureStats(col.name, "scale", mean=mean, std=std, shape=shape)], [col.name], [channels, h, w]
 
 
 def _learned_vocab(train: DataFrame, name: str) -> list[str]:
@@ -238,7 +229,7 @@ def _fill_aggregate(col: ColumnSpec, alias: str) -> Column:
     return F.mode(col.name).alias(alias)
 
 
-def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = ()) -> tuple[dict, dict]:
+def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = ()) -> tuple[_Fitted, dict]:
     aggs = list(more)
     for col in cfg.dataset.features:
         t = col.effective_transform
@@ -257,22 +248,18 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
     if any(c.missing_policy != "quarantine" for c in cfg.dataset.features):
         aggs.append(F.count(F.lit(1)).alias("__rows"))
     row = train.agg(*aggs).first().asDict() if aggs else {}
-    features, names = [], []
+    features: list[FeatureStats] = []
+    names: list[str] = []
     for col in cfg.dataset.features:
         t = col.effective_transform
         if t == "standardize":
             std = row[f"{col.name}__std"] or 0.0
-            entry = {
-                "name": col.name,
-                "transform": t,
-                "mean": row[f"{col.name}__mean"] or 0.0,
-                "std": std if std > 1e-12 else 1.0,
-            }
+            entry: dict = {"mean": row[f"{col.name}__mean"] or 0.0, "std": std if std > 1e-12 else 1.0}
             names.append(col.name)
         elif t == "onehot":
             if col.top_k is not None:  # the k most frequent values of the train split; the rest are __other__
                 top = _most_frequent(train, col.name, col.top_k)
-                entry = {"name": col.name, "transform": t, "vocab": sorted(top), "other": True}
+                entry = {"vocab": tuple(sorted(top)), "other": True}
                 names += [f"{col.name}={v}" for v in entry["vocab"]] + [f"{col.name}={OTHER}"]
                 if col.missing_policy != "quarantine":
                     row[f"{col.name}__fill"] = top[0] if top else None
@@ -281,23 +268,21 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
                     vocab = sorted(v for i, v in enumerate(col.values) if row[f"{col.name}__n{i}"])
                 else:
                     vocab = _learned_vocab(train, col.name)
-                entry = {"name": col.name, "transform": t, "vocab": vocab}
+                entry = {"vocab": tuple(vocab)}
                 names += [f"{col.name}={v}" for v in vocab]
         elif t == "hash":
-            entry = {"name": col.name, "transform": t, "buckets": col.buckets, "hash": HASH}
+            entry = {"buckets": col.buckets, "hash": HASH}
             names += [f"{col.name}#{b}" for b in range(col.buckets)]
         elif t == "date":
             std = row[f"{col.name}__year_std"] or 0.0
             entry = {
-                "name": col.name,
-                "transform": t,
                 "kind": col.type,
                 "year_mean": row[f"{col.name}__year_mean"] or 0.0,
                 "year_std": std if std > 1e-12 else 1.0,
             }
             names += date_feature_names(col.name, col.type)
         else:
-            entry = {"name": col.name, "transform": "none"}
+            t, entry = "none", {}
             names.append(col.name)
         if col.missing_policy != "quarantine":
             if f"{col.name}__fill" not in row:  # most frequent of many possible values: a bounded query
@@ -314,8 +299,8 @@ def _fit_tabular_stats(train: DataFrame, cfg: Config, more: Sequence[Column] = (
             if col.missing_policy == "indicator":
                 entry["indicator"] = True
                 names.append(f"{col.name}_missing")
-        features.append(entry)
-    return {"features": features, "feature_names": names, "feature_shape": [len(names)]}, row
+        features.append(FeatureStats(col.name, t, **entry))
+    return (features, names, [len(names)]), row
 
 
 OTHER = "__other__"  # the one-hot column of a top_k feature's values outside its vocabulary
@@ -335,7 +320,7 @@ def _one_hot(index: Column, size: int) -> Column:
     return F.transform(F.sequence(F.lit(0), F.lit(size - 1)), lambda b: (b == i).cast("float"))
 
 
-def _date_parts(c: Column, f: dict) -> list[Column]:
+def _date_parts(c: Column, f: FeatureStats) -> list[Column]:
     """A date (or timestamp) as numbers: the year standardized with the train split's mean and std; the
     month, the day of the week (Monday = 0) and, for timestamps, the hour of the day (hour + minute/60 +
     second/3600) as the sine and cosine of their angle on their cycle; the day of the year as (day - 1)/366."""
@@ -345,15 +330,15 @@ def _date_parts(c: Column, f: dict) -> list[Column]:
         angle = value.cast("double") * F.lit(two_pi / period)
         return [F.sin(angle), F.cos(angle)]
 
-    parts = [(F.year(c) - F.lit(f["year_mean"])) / F.lit(f["year_std"])]
+    parts = [(F.year(c) - F.lit(f.year_mean)) / F.lit(f.year_std)]
     parts += cycle(F.month(c) - 1, 12.0) + cycle(F.call_function("weekday", c), 7.0)
     parts.append((F.dayofyear(c) - 1) / F.lit(366.0))
-    if f["kind"] == "timestamp":
+    if f.kind == "timestamp":
         parts += cycle(F.hour(c) + F.minute(c) / 60.0 + F.second(c) / 3600.0, 24.0)
     return [p.cast("float") for p in parts]
 
 
-def feature_vector(stats: dict) -> Column:
+def feature_vector(stats: FittedStats) -> Column:
     """array<float> of the transformed features, as fitted in stats: a missing value (null) imputed with
     the train split's fill, and a 0/1 `<name>_missing` feature after the column's own where asked."""
     pieces: list[Column] = []  # array<float> columns, concatenated in order
@@ -364,30 +349,31 @@ def feature_vector(stats: dict) -> Column:
             pieces.append(F.array(*parts))
             parts.clear()
 
-    for f in stats["features"]:
-        raw = F.col(f["name"])
-        fill = F.lit(f.get("fill"))
-        if f["transform"] == "date":  # the fill is ISO text
-            fill = fill.cast("date" if f["kind"] == "date" else "timestamp_ntz")
-        c = F.coalesce(raw, fill) if "fill" in f else raw
-        if f["transform"] == "standardize":
-            parts.append(((c - F.lit(f["mean"])) / F.lit(f["std"])).cast("float"))
-        elif f["transform"] == "onehot" and f.get("other"):
-            vocab = F.array(*[F.lit(v) for v in f["vocab"]]) if f["vocab"] else F.array().cast("array<string>")
-            position = F.coalesce(F.call_function("array_position", vocab, c), F.lit(0))  # 0: not in vocab
+    for f in stats.features:
+        raw = F.col(f.name)
+        fill = F.lit(f.fill)
+        if f.transform == "date":  # the fill is ISO text
+            fill = fill.cast("date" if f.kind == "date" else "timestamp_ntz")
+        c = F.coalesce(raw, fill) if f.imputed else raw
+        vocab = f.vocab or ()
+        if f.transform == "standardize":
+            parts.append(((c - F.lit(f.mean)) / F.lit(f.std)).cast("float"))
+        elif f.transform == "onehot" and f.other:
+            words = F.array(*[F.lit(v) for v in vocab]) if vocab else F.array().cast("array<string>")
+            position = F.coalesce(F.call_function("array_position", words, c), F.lit(0))  # 0: not in vocab
             flush()
-            pieces.append(_one_hot(position - 1, len(f["vocab"])) if f["vocab"] else F.array().cast("array<float>"))
+            pieces.append(_one_hot(position - 1, len(vocab)) if vocab else F.array().cast("array<float>"))
             parts.append((position == 0).cast("float"))
-        elif f["transform"] == "onehot":
-            parts += [F.when(c == F.lit(v), 1.0).otherwise(0.0).cast("float") for v in f["vocab"]]
-        elif f["transform"] == "hash":
+        elif f.transform == "onehot":
+            parts += [F.when(c == F.lit(v), 1.0).otherwise(0.0).cast("float") for v in vocab]
+        elif f.transform == "hash":
             flush()
-            pieces.append(_one_hot(hash_bucket(c, f["buckets"]), f["buckets"]))
-        elif f["transform"] == "date":
+            pieces.append(_one_hot(hash_bucket(c, f.buckets), f.buckets))
+        elif f.transform == "date":
             parts += _date_parts(c, f)
         else:
             parts.append(c.cast("float"))
-        if f.get("indicator"):
+        if f.indicator:
             parts.append(raw.isNull().cast("float"))
     if not pieces:
         return F.array(*parts)
@@ -404,25 +390,21 @@ _NP_SPARK = {
 }
 
 
-def is_image(stats: dict) -> bool:
-    return stats["features"][0]["transform"] == "scale"
-
-
-def unischema(cfg: Config, stats: dict):
+def unischema(cfg: Config, stats: FittedStats):
     """The Petastorm Unischema of a split: key, features (a float32 tensor: NdarrayCodec cells for images, a
     plain Parquet list of floats for tabular rows), label (int32 class or float32 value)."""
     from petastorm.codecs import NdarrayCodec, ScalarCodec
     from petastorm.unischema import Unischema, UnischemaField
 
-    key = cfg.dataset.column("key")
+    key = cfg.dataset.column("key")  # for its type: the statistics keep the key's name only
     np_key, spark_key = _NP_SPARK[key.type]
-    np_label, spark_label = _NP_SPARK[label_spark_type(cfg.dataset.task)]
-    codec = NdarrayCodec() if is_image(stats) else None
+    np_label, spark_label = _NP_SPARK[label_spark_type(stats.task)]
+    codec = NdarrayCodec() if stats.is_image else None
     return Unischema(
         f"{cfg.dataset.name}_schema",
         [
             UnischemaField(key.name, np_key, (), ScalarCodec(spark_key), False),
-            UnischemaField("features", np.float32, tuple(stats["feature_shape"]), codec, False),
+            UnischemaField("features", np.float32, stats.feature_shape, codec, False),
             UnischemaField("label", np_label, (), ScalarCodec(spark_label), False),
         ],
     )
@@ -462,18 +444,18 @@ def _scale_images(key: str, image: str, shape: tuple[int, ...], mean: float, std
 
 
 def transform(
-    clean: DataFrame, cfg: Config, stats: dict, label_optional: bool = False, carry: Sequence[str] = ()
+    clean: DataFrame, cfg: Config, stats: FittedStats, label_optional: bool = False, carry: Sequence[str] = ()
 ) -> DataFrame:
     """Clean typed rows -> (key, features float32 tensor, label, *carry), the Petastorm layout.
 
     label_optional: new rows to score, whose label may be null (the schema then allows it)."""
-    key = stats["key"]
-    label = label_index(stats, stats["label"]).cast(label_spark_type(cfg.dataset.task)).alias("label")
-    if not is_image(stats):
+    key = stats.key
+    label = label_index(stats, stats.label).cast(label_spark_type(stats.task)).alias("label")
+    if not stats.is_image:
         return clean.select(F.col(key), feature_vector(stats).alias("features"), label, *carry)
-    f = stats["features"][0]
-    fn = _scale_images(key, f["name"], tuple(f["shape"]), f["mean"], f["std"], tuple(stats["feature_shape"]))
-    rows = clean.select(key, f["name"], label, *carry)
+    f = stats.features[0]
+    fn = _scale_images(key, f.name, f.shape or (), f.mean, f.std, stats.feature_shape)
+    rows = clean.select(key, f.name, label, *carry)
     fields = {fl.name: fl for fl in rows.schema.fields}
     schema = T.StructType(
         [
@@ -512,7 +494,7 @@ class Preprocess(Stage):
         clean = read_clean(spark, cfg, next(iter(plan.inputs))).withColumn(SPLIT, split_column(cfg))
         with job_description(spark, "preprocess: fit statistics on the train split"):
             stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
-        log.info("preprocess: statistics fitted on the train split; features of shape %s", stats["feature_shape"])
+        log.info("preprocess: statistics fitted on the train split; features of shape %s", list(stats.feature_shape))
         seen = Observation("preprocess")
         rows = _route_unknown_labels(clean, stats).observe(seen, *_observed(stats))
         out = tmp["petastorm"]
@@ -520,14 +502,14 @@ class Preprocess(Stage):
             written = write_splits(spark, cfg, transform(rows, cfg, stats, carry=[SPLIT, *REASON_COLUMNS]), stats, out)
         counts = seen.get
         rows_in, quarantined = int(counts["rows"]), written.pop(QUARANTINE)
-        stats["rows"] = written
-        HadoopFS(spark).write_json(f"{out}/{STATS_FILE}", stats)
+        stats = dataclasses.replace(stats, rows=written)
+        save_stats(spark, stats, out)
         if quarantined:
             log.warning(
                 "preprocess: %d rows have a label that is not among the classes learned from the train split %s; "
                 "they are in %s/%s",
                 quarantined,
-                stats["classes"],
+                stats.class_names,
                 plan.outputs["petastorm"],
                 QUARANTINE,
             )
@@ -535,8 +517,8 @@ class Preprocess(Stage):
             "rows_in": rows_in,
             **{f"rows_{split}": written.get(split, 0) for split in SPLITS},
             "rows_quarantined": quarantined,
-            "feature_dim": stats["feature_dim"],
-            **{f"imputed_share_{f['name']}": counts[f"nulls_{f['name']}"] / max(rows_in, 1) for f in _imputed(stats)},
+            "feature_dim": stats.input_width,
+            **{f"imputed_share_{f.name}": counts[f"nulls_{f.name}"] / max(rows_in, 1) for f in stats.imputed},
         }
 
 
@@ -549,25 +531,21 @@ QUARANTINE = "quarantine"  # beside the splits: rows whose label is not a class 
 REASON_COLUMNS = ("reason", "reason_code")
 
 
-def _imputed(stats: dict) -> list[dict]:
-    return [f for f in stats["features"] if "fill" in f]
-
-
-def _observed(stats: dict) -> list[Column]:
+def _observed(stats: FittedStats) -> list[Column]:
     """Counted on the way through the write: the rows, and the missing values of each imputed feature."""
-    nulls = [F.count_if(F.col(f["name"]).isNull()).alias(f"nulls_{f['name']}") for f in _imputed(stats)]
+    nulls = [F.count_if(F.col(f.name).isNull()).alias(f"nulls_{f.name}") for f in stats.imputed]
     return [F.count(F.lit(1)).alias("rows"), *nulls]
 
 
-def _route_unknown_labels(clean: DataFrame, stats: dict) -> DataFrame:
+def _route_unknown_labels(clean: DataFrame, stats: FittedStats) -> DataFrame:
     """A row whose label is not one of the classes (a string label learned from the train split, met again
     in val or test with a class train never had) goes to the quarantine, with its reason."""
-    if is_regression(stats):
+    if stats.is_regression:
         unknown = F.lit(False)
     else:
-        unknown = label_index(stats, stats["label"]).isNull()
-    text = F.coalesce(F.col(stats["label"]).cast("string"), F.lit(""))
-    reason = F.concat(F.lit(f"label is not a class learned from the train split {stats.get('classes')}: "), text)
+        unknown = label_index(stats, stats.label).isNull()
+    text = F.coalesce(F.col(stats.label).cast("string"), F.lit(""))
+    reason = F.concat(F.lit(f"label is not a class learned from the train split {stats.class_names}: "), text)
     return clean.select(
         "*",
         F.when(unknown, reason).alias("reason"),
@@ -575,13 +553,13 @@ def _route_unknown_labels(clean: DataFrame, stats: dict) -> DataFrame:
     ).withColumn(SPLIT, F.when(unknown, F.lit(QUARANTINE)).otherwise(F.col(SPLIT)))
 
 
-def write_splits(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, out: str) -> dict[str, int]:
+def write_splits(spark: SparkSession, cfg: Config, rows: DataFrame, stats: FittedStats, out: str) -> dict[str, int]:
     """rows (key, features, label, _split, reason, reason_code) -> one Petastorm dataset per split under out
     (and the rows _split calls quarantine, with their reason), in one write. Returns the rows of each (from
     the footers)."""
     schema = unischema(cfg, stats)
     metadata: Callable[[Sequence[PartFile]], dict[bytes, bytes]] = lambda files: petastorm_metadata(schema, files)  # noqa: E731
-    key = stats["key"]
+    key = stats.key
     outputs = {name: Output(f"{out}/{name}", [key, "features", "label"], metadata) for name in SPLITS}
     outputs[QUARANTINE] = Output(f"{out}/{QUARANTINE}", [key, *REASON_COLUMNS])
     written = write_routed(
@@ -600,13 +578,20 @@ def write_splits(spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict,
     return rows_per_split
 
 
-def read_stats(spark: SparkSession, cfg: Config) -> dict:
-    return HadoopFS(spark).read_json(dataset_paths(cfg).stats)
+def save_stats(spark: SparkSession, stats: FittedStats, petastorm: str) -> None:
+    """The one writer of the statistics file, beside the splits in the folder petastorm (the temporary
+    folder preprocess renames into place)."""
+    HadoopFS(spark).write_bytes(f"{petastorm.rstrip('/')}/{STATS_FILE}", stats.to_json().encode())
+
+
+def read_stats(spark: SparkSession, cfg: Config) -> FittedStats:
+    """The statistics preprocess fitted for cfg's dataset (any version's file)."""
+    return FittedStats.from_json(HadoopFS(spark).read_bytes(dataset_paths(cfg).stats))
 
 
 
 
-def model_stats(mv: ModelRef, fallback: Callable[[], dict]) -> dict:
+def model_stats(mv: ModelRef, fallback: Callable[[], FittedStats]) -> FittedStats:
     """The statistics logged with the training run of model version mv (train logs them), so new rows are
     transformed exactly as its training rows were; fallback() for a model trained elsewhere, with a warning."""
     import mlflow
@@ -614,7 +599,7 @@ def model_stats(mv: ModelRef, fallback: Callable[[], dict]) -> dict:
 
     if mv.run_id:
         try:
-            return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{STATS_ARTIFACT}")
+            return FittedStats.from_dict(mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{STATS_ARTIFACT}"))
         except (MlflowException, OSError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     else:

@@ -13,9 +13,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from dlpipe.config import Config
-from dlpipe.data.features import class_names, read_stats
+from dlpipe.data.features import read_stats
 from dlpipe.data.generate import read_manifest
-from dlpipe.model.task import is_regression
+from dlpipe.data.stats import FittedStats
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import dataset_paths, lineage, storage_settings
 
@@ -196,14 +196,14 @@ def plot_regression(preds, sample_rows: int = 5000):
     return fig
 
 
-def gate_metrics(preds, stats: dict) -> dict:
+def gate_metrics(preds, stats: FittedStats) -> dict:
     """The metrics the gate compares, for either task."""
-    if is_regression(stats):
-        return regression_metrics(preds, stats["label_mean"])
-    return classification_metrics(preds, stats["num_classes"])[0]
+    if stats.is_regression:
+        return regression_metrics(preds, stats.label_mean)
+    return classification_metrics(preds, stats.outputs)[0]
 
 
-def gate(spark: SparkSession, cfg: Config, stats: dict, candidate: dict) -> dict:
+def gate(spark: SparkSession, cfg: Config, stats: FittedStats, candidate: dict) -> dict:
     """Compare the candidate with @production on the same test rows; promote it if it passes."""
     from dlpipe import tracking
     from dlpipe.model import promotion
@@ -251,12 +251,12 @@ class Evaluate(Stage):
     def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
         paths = dataset_paths(cfg)
         stats = read_stats(spark, cfg)
-        key = stats["key"]
+        key = stats.key
         preds = spark.read.parquet(paths.predictions)
         test = spark.read.parquet(paths.split("test")).select(key, "label")
         missing = test.join(preds.select(key), key, "left_anti").count()
         manifest = read_manifest(paths.raw, storage_settings(cfg)) if cfg.dataset.generator else None
-        if is_regression(stats):
+        if stats.is_regression:
             metrics = _evaluate_regression(preds, stats, manifest)
         else:
             metrics = _evaluate_classification(preds, stats, manifest)
@@ -281,17 +281,17 @@ def _log_figure(fig, name: str) -> None:
     plt.close(fig)
 
 
-def _evaluate_classification(preds, stats: dict, manifest: dict | None) -> dict:
+def _evaluate_classification(preds, stats: FittedStats, manifest: dict | None) -> dict:
     import mlflow
 
-    k = stats["num_classes"]
+    k = stats.outputs
     metrics, cm, hist = classification_metrics(preds, k)
-    metrics["majority_baseline_accuracy"] = float(cm[stats["majority_class"]].sum() / cm.sum())
+    metrics["majority_baseline_accuracy"] = float(cm[stats.majority_class].sum() / cm.sum())
     metrics["accuracy_over_baseline"] = metrics["accuracy"] - metrics["majority_baseline_accuracy"]
     metrics["predictions"] = int(cm.sum())
     if manifest and manifest.get("bayes_accuracy") is not None:
         metrics["bayes_accuracy"] = manifest["bayes_accuracy"]
-    names = class_names(stats)
+    names = stats.class_names
     for name, f1 in zip(names, per_class_f1(cm), strict=True):
         metrics["f1_" + METRIC_UNSAFE.sub("_", name)] = f1
     _log_figure(plot_confusion(cm, names), "confusion_matrix.png")
@@ -308,8 +308,8 @@ def _evaluate_classification(preds, stats: dict, manifest: dict | None) -> dict:
     return metrics
 
 
-def _evaluate_regression(preds, stats: dict, manifest: dict | None) -> dict:
-    metrics = regression_metrics(preds, stats["label_mean"])
+def _evaluate_regression(preds, stats: FittedStats, manifest: dict | None) -> dict:
+    metrics = regression_metrics(preds, stats.label_mean)
     if manifest and manifest.get("bayes_rmse") is not None:
         metrics["bayes_rmse"] = manifest["bayes_rmse"]
     _log_figure(plot_regression(preds), "predicted_vs_true.png")

@@ -9,12 +9,15 @@ model undoes it, so predictions are in the label's own units.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from dlpipe.model.task import REGRESSION, epoch_metric, is_regression
+from dlpipe.model.task import REGRESSION, epoch_metric
+
+if TYPE_CHECKING:
+    from dlpipe.data.stats import FittedStats
 
 
 class Objective:
@@ -57,10 +60,10 @@ class Rescaled(nn.Module):
         return self.model(x).reshape(-1) * self.std + self.mean
 
 
-def served(model: nn.Module, stats: dict[str, Any]) -> nn.Module:
+def served(model: nn.Module, stats: FittedStats) -> nn.Module:
     """What gets logged and scored: probabilities for a classifier, the value for a regressor."""
     from dlpipe.train.models import with_probabilities
 
-    if is_regression(stats):
-        return Rescaled(model, stats["label_mean"], stats["label_std"])
+    if stats.is_regression:
+        return Rescaled(model, stats.label_mean, stats.label_std)
     return with_probabilities(model)

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from dlpipe.data.stats import FeatureStats, FittedStats
+
 NUMERIC = {"int", "long", "float", "double"}
 # JSON has booleans but no dates: a date or timestamp is text in the column's `format`, as in the raw files
 SIGNATURE_TYPES = {
@@ -118,7 +120,7 @@ def _missing(values: pd.Series) -> np.ndarray:
     return (values.isna() | text.str.strip().eq("")).to_numpy(dtype=bool)
 
 
-def _check_and_fill(col: dict, entry: dict, values: pd.Series, reasons: list[str | None]) -> pd.Series:
+def _check_and_fill(col: dict, entry: FeatureStats, values: pd.Series, reasons: list[str | None]) -> pd.Series:
     """The column's values ready to transform (missing ones filled), recording the first reason per bad
     record in `reasons`: the checks, their order and their words are ingest's."""
     name, kind = col["name"], col["type"]
@@ -150,12 +152,11 @@ def _check_and_fill(col: dict, entry: dict, values: pd.Series, reasons: list[str
         low = number.lt(col["min"]).to_numpy() if col.get("min") is not None else np.zeros(len(values), bool)
         high = number.gt(col["max"]).to_numpy() if col.get("max") is not None else np.zeros(len(values), bool)
         fail(low | high, lambda i: f"out of range [{col.get('min')}, {col.get('max')}]: {name}={text.iloc[i]}")
-        return number.where(~missing, entry.get("fill", math.nan))
+        return number.where(~missing, math.nan if entry.fill is None else entry.fill)
     if kind == "boolean":
         number = pd.Series([_boolean_number(v) for v in values.astype("object")], dtype="float64")
         fail(~missing & number.isna().to_numpy(), lambda i: f"not a boolean: {name}={text.iloc[i]}")
-        fill = entry.get("fill")
-        return number.where(~missing, math.nan if fill is None else float(fill))
+        return number.where(~missing, math.nan if entry.fill is None else float(entry.fill))
     if kind in ("date", "timestamp"):
         fmt = DatetimeFormat(col["format"])
 
@@ -169,44 +170,47 @@ def _check_and_fill(col: dict, entry: dict, values: pd.Series, reasons: list[str
             ~missing & np.array([p is None for p in parsed], dtype=bool),
             lambda i: f"not a {kind}: {name}={text.iloc[i]}",
         )
-        fill = _iso(entry["fill"]) if entry.get("fill") is not None else None
+        fill = _iso(str(entry.fill)) if entry.fill is not None else None
         return pd.Series([fill if m else p for p, m in zip(parsed, missing, strict=True)], dtype="object")
     if col.get("values") is not None:
         fail(
             ~missing & ~text.isin(col["values"]).fillna(False).to_numpy(),
             lambda i: f"not an allowed value of {name}: {text.iloc[i]}",
         )
-    return values.astype("object").where(~missing, entry.get("fill"))
+    return values.astype("object").where(~missing, entry.fill)
 
 
-def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+def transform_records(
+    records: pd.DataFrame, stats: FittedStats, columns: list[dict]
+) -> tuple[np.ndarray, list[str | None]]:
     """Raw records -> (n, features) float32, as `dlpipe.data.features.feature_vector` computes it in Spark, and
     a reason per record that cannot be scored (None for the others; their rows of the array are zeros)."""
     n = len(records)
     reasons: list[str | None] = [None] * n
     by_name = {c["name"]: c for c in columns}
     parts: list[np.ndarray] = []
-    for entry in stats["features"]:
-        col = by_name[entry["name"]]
+    for entry in stats.features:
+        col = by_name[entry.name]
         raw = records[col["name"]] if col["name"] in records.columns else pd.Series([None] * n, dtype="object")
         raw = raw.reset_index(drop=True)
         values = _check_and_fill(col, entry, raw, reasons)
-        if entry["transform"] == "standardize":
-            parts.append(((values.to_numpy(np.float64) - entry["mean"]) / entry["std"])[:, None])
-        elif entry["transform"] == "onehot":
+        if entry.transform == "standardize":
+            parts.append(((values.to_numpy(np.float64) - entry.mean) / entry.std)[:, None])
+        elif entry.transform == "onehot":
             v = values.astype("string").fillna("").to_numpy(dtype=object)
-            hot = [v == word for word in entry["vocab"]]
-            if entry.get("other"):  # top_k: a value outside the vocabulary is __other__
-                hot.append(~np.isin(v, np.asarray(entry["vocab"], dtype=object)))
+            vocab = entry.vocab or ()
+            hot = [v == word for word in vocab]
+            if entry.other:  # top_k: a value outside the vocabulary is __other__
+                hot.append(~np.isin(v, np.asarray(vocab, dtype=object)))
             parts.append(np.stack(hot, axis=1).astype(np.float64) if hot else np.zeros((n, 0)))
-        elif entry["transform"] == "hash":
-            bucket = hash_buckets(values.astype("string").fillna("").to_numpy(dtype=object), entry["buckets"])
-            parts.append((bucket[:, None] == np.arange(entry["buckets"])[None, :]).astype(np.float64))
-        elif entry["transform"] == "date":
+        elif entry.transform == "hash":
+            bucket = hash_buckets(values.astype("string").fillna("").to_numpy(dtype=object), entry.buckets)
+            parts.append((bucket[:, None] == np.arange(entry.buckets)[None, :]).astype(np.float64))
+        elif entry.transform == "date":
             parts.append(_date_parts(values, entry))
         else:
             parts.append(pd.to_numeric(values, errors="coerce").to_numpy(np.float64)[:, None])
-        if entry.get("indicator"):
+        if entry.indicator:
             parts.append(_missing(raw)[:, None].astype(np.float64))
     x = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((n, 0), np.float32)
     bad = np.array([r is not None for r in reasons], dtype=bool)
@@ -214,7 +218,7 @@ def transform_records(records: pd.DataFrame, stats: dict, columns: list[dict]) -
     return np.nan_to_num(x, copy=False), reasons
 
 
-def _date_parts(values: pd.Series, entry: dict) -> np.ndarray:
+def _date_parts(values: pd.Series, entry: FeatureStats) -> np.ndarray:
     """dlpipe.data.features._date_parts in numpy: standardized year; month, day of week (Monday = 0) and hour of
     the day (timestamps) as sine and cosine; (day of year - 1) / 366. A value that is None gives zeros."""
     whens = [v if v is not None else dt.datetime(1970, 1, 1) for v in values]
@@ -222,23 +226,23 @@ def _date_parts(values: pd.Series, entry: dict) -> np.ndarray:
     month = np.array([w.month - 1 for w in whens], np.float64)
     dow = np.array([w.weekday() for w in whens], np.float64)
     doy = np.array([w.timetuple().tm_yday - 1 for w in whens], np.float64)
-    cols = [(year - entry["year_mean"]) / entry["year_std"]]
+    cols = [(year - entry.year_mean) / entry.year_std]
     for value, period in ((month, 12.0), (dow, 7.0)):
         angle = value * (2.0 * np.pi / period)
         cols += [np.sin(angle), np.cos(angle)]
     cols.append(doy / 366.0)
-    if entry["kind"] == "timestamp":
+    if entry.kind == "timestamp":
         hour = np.array([w.hour + w.minute / 60.0 + w.second / 3600.0 for w in whens], np.float64)
         angle = hour * (2.0 * np.pi / 24.0)
         cols += [np.sin(angle), np.cos(angle)]
     return np.stack(cols, axis=1)
 
 
-def answers(scores: np.ndarray, stats: dict) -> pd.DataFrame:
+def answers(scores: np.ndarray, stats: FittedStats) -> pd.DataFrame:
     """What predict returns: a regressor's value; a classifier's index, class name and probabilities."""
-    if stats.get("task") == "regression":
+    if stats.is_regression:
         return pd.DataFrame({"prediction": scores.reshape(-1).astype(np.float64)})
-    classes = np.asarray(stats.get("classes") or [str(k) for k in range(scores.shape[1])], dtype=object)
+    classes = np.asarray(stats.class_names, dtype=object)
     index = scores.argmax(1).astype(np.int32)
     return pd.DataFrame(
         {"prediction": index, "predicted_class": classes[index], "probabilities": list(scores.astype(np.float32))}
@@ -254,7 +258,7 @@ class RawRecordModel(PythonModel):
         self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location="cpu")
         if hasattr(self.network, "eval") and not _is_graph_module(self.network):
             self.network.eval()
-        self.stats = json.loads(Path(context.artifacts["stats"]).read_text())
+        self.stats = FittedStats.from_json(Path(context.artifacts["stats"]).read_text())
         self.columns = json.loads(Path(context.artifacts["columns"]).read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -323,7 +327,7 @@ def as_records(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
 
 def log_raw_model(
     network,
-    stats: dict,
+    stats: FittedStats,
     columns: list[dict],
     artifact: str,
     registered_name: str,
@@ -351,7 +355,7 @@ def log_raw_model(
             pip_requirements=pip_requirements,
             **kwargs,
         )
-        (Path(tmp) / "stats.json").write_text(json.dumps(stats))
+        (Path(tmp) / "stats.json").write_text(stats.to_json())
         (Path(tmp) / "columns.json").write_text(json.dumps(columns))
         model = RawRecordModel()
         example = as_records(example, columns)

@@ -4,28 +4,18 @@ promotion gate, infer's planning) asks here without loading a deep-learning fram
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-CLASSIFICATION, REGRESSION = "classification", "regression"
+# defined beside the statistics, which carry the task; named here for the code that asks about a task
+from dlpipe.data.stats import CLASSIFICATION as CLASSIFICATION
+from dlpipe.data.stats import REGRESSION as REGRESSION
+
 LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
 
 
-def is_regression(stats_or_task: Any) -> bool:
-    """Of a task name, or of fitted statistics (which carry their task)."""
-    if isinstance(stats_or_task, str):
-        task = stats_or_task
-    elif isinstance(stats_or_task, dict):
-        task = stats_or_task.get("task", CLASSIFICATION)
-    else:
-        task = stats_or_task.task
+def is_regression(task: str) -> bool:
+    """For a task named in the config; fitted statistics answer `FittedStats.is_regression`."""
     return task == REGRESSION
-
-
-def outputs(task: str, num_classes: int | None) -> int:
-    """Width of the network's last layer."""
-    return 1 if task == REGRESSION else int(num_classes or 0)
 
 
 def label_numpy_type(task: str) -> type:

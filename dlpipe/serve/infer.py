@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 
 from dlpipe import redact, tracking
 from dlpipe.config import Config
-from dlpipe.data.features import class_names, label_index, model_stats, read_stats, transform
+from dlpipe.data.features import label_index, model_stats, read_stats, transform
 from dlpipe.data.ingest import (
     QUARANTINE_COLUMNS,
     BadDataError,
@@ -37,8 +37,8 @@ from dlpipe.data.ingest import (
     read_source,
     validate,
 )
+from dlpipe.data.stats import FittedStats
 from dlpipe.model.names import CANDIDATE, INT8_ALIAS
-from dlpipe.model.task import is_regression
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import dataset_paths, lineage, resolve_uri, storage_settings
@@ -64,20 +64,12 @@ def _identity(mv: ModelRef) -> list:
     ]
 
 
-def _outputs(stats: dict) -> list[str]:
-    """A regressor's value; a classifier's class index, class name, probabilities (in class order) and the
-    same probabilities by class name."""
-    if is_regression(stats):
-        return ["prediction"]
-    return ["prediction", "predicted_class", "probabilities", "class_probabilities"]
-
-
-def _named(stats: dict) -> list:
+def _named(stats: FittedStats) -> list:
     """predicted_class and class_probabilities of a classifier's scored rows: the names come from the
     statistics the model was trained with (integer labels: "0", "1", ...)."""
-    if is_regression(stats):
+    if stats.is_regression:
         return []
-    classes = F.array(*[F.lit(c) for c in class_names(stats)])
+    classes = F.array(*[F.lit(c) for c in stats.class_names])
     return [
         F.element_at(classes, F.col("prediction") + 1).alias("predicted_class"),
         F.when(F.col("probabilities").isNotNull(), F.map_from_arrays(classes, F.col("probabilities"))).alias(
@@ -87,7 +79,7 @@ def _named(stats: dict) -> list:
 
 
 def score_rows(
-    spark: SparkSession, cfg: Config, rows: DataFrame, stats: dict, mv: ModelRef, carry: tuple[str, ...] = ()
+    spark: SparkSession, cfg: Config, rows: DataFrame, stats: FittedStats, mv: ModelRef, carry: tuple[str, ...] = ()
 ) -> DataFrame:
     """rows (key, label, *carry, features) -> key, label, prediction, probabilities (classification),
     quarantine_reason (null for scored rows), *carry and the model's identity, scored in Arrow batches of
@@ -95,33 +87,35 @@ def score_rows(
     from udfs.score import score_frame
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.infer.batch_size))
-    key = stats["key"]
+    key = stats.key
     scored = score_frame(
         rows,
         mv.download_uri,
-        tuple(stats["feature_shape"]),
+        stats.feature_shape,
         [key, "label", *carry],
         tracking.tracking_uri(cfg),
-        regression=is_regression(stats),
+        regression=stats.is_regression,
         credentials=tracking.credentials(tracking.tracking_uri(cfg)),
     )
     scored = scored.select("*", *_named(stats))
-    return scored.select(key, "label", *_outputs(stats), "quarantine_reason", *carry, *_identity(mv))
+    return scored.select(key, "label", *stats.output_columns, "quarantine_reason", *carry, *_identity(mv))
 
 
 UNSEEN = "unseen_label_rows"
 
 
-def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tuple[DataFrame, Observation | None]:
+def _new_rows(
+    spark: SparkSession, cfg: Config, source: str, stats: FittedStats
+) -> tuple[DataFrame, Observation | None]:
     """Raw rows at source, validated: (key, label, the validation's reason columns, features), features null
     where the row failed validation; and, for a classifier, an Observation of the valid rows whose label is
     a class the model never saw (counted as they pass; the rows are scored all the same)."""
     checked = validate(read_source(spark, cfg, source, label_optional=True), cfg, scoring=True)
     rows = checked.rows()
     unseen = None
-    if not is_regression(stats):
-        label = F.col(stats["label"])  # typed; null where missing or where the row failed validation
-        other = F.when(label.isNotNull() & label_index(stats, stats["label"]).isNull(), label.cast("string"))
+    if not stats.is_regression:
+        label = F.col(stats.label)  # typed; null where missing or where the row failed validation
+        other = F.when(label.isNotNull() & label_index(stats, stats.label).isNull(), label.cast("string"))
         unseen = Observation("infer-labels")
         rows = rows.observe(
             unseen,
@@ -132,11 +126,11 @@ def _new_rows(spark: SparkSession, cfg: Config, source: str, stats: dict) -> tup
         )
     valid = F.col("reason_code").isNull()
     cells = transform(rows, cfg, stats, label_optional=True, carry=list(QUARANTINE_COLUMNS))
-    cells = cells.select(stats["key"], "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))
+    cells = cells.select(stats.key, "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))
     return cells, unseen
 
 
-def _report_unseen(unseen: Observation | None, stats: dict, out: str) -> dict[str, int]:
+def _report_unseen(unseen: Observation | None, stats: FittedStats, out: str) -> dict[str, int]:
     """The unseen_label_rows metric, and a warning naming the classes (the first and last by name, and how
     many: four numbers kept whatever the data's size)."""
     if unseen is None:
@@ -151,13 +145,13 @@ def _report_unseen(unseen: Observation | None, stats: dict, out: str) -> dict[st
             n,
             int(got["classes"]),
             names,
-            class_names(stats),
+            stats.class_names,
             out,
         )
     return {UNSEEN: n}
 
 
-def _unify_reasons(scored: DataFrame, stats: dict, validated: bool) -> DataFrame:
+def _unify_reasons(scored: DataFrame, stats: FittedStats, validated: bool) -> DataFrame:
     """One set of quarantine columns for both kinds of bad row: the validation's reason where there is one,
     else the scorer's."""
     failed = F.col("quarantine_reason").isNotNull()
@@ -169,7 +163,7 @@ def _unify_reasons(scored: DataFrame, stats: dict, validated: bool) -> DataFrame
     ]
     if validated:
         scoring = [F.coalesce(F.col(c), s).alias(c) for c, s in zip(QUARANTINE_COLUMNS, scoring, strict=True)]
-    keep = [stats["key"], "label", *_outputs(stats), *IDENTITY]
+    keep = [stats.key, "label", *stats.output_columns, *IDENTITY]
     return scored.select(*keep, *scoring)
 
 
@@ -232,7 +226,7 @@ def _write(
     spark: SparkSession,
     cfg: Config,
     scored: DataFrame,
-    stats: dict,
+    stats: FittedStats,
     tmp: dict[str, str],
     seen: Observation,
     new_data: bool,
@@ -240,14 +234,14 @@ def _write(
 ) -> dict:
     """Predictions and quarantine in one pass into the stage's temporary folders; report() adds the metrics
     observed on the way (unseen labels) once the pass is done."""
-    key = stats["key"]
+    key = stats.key
     with job_description(spark, "infer: score and write predictions + quarantine"):
         written = write_routed(
             spark,
             scored,
             F.when(F.col("reason_code").isNull(), "scored").otherwise("quarantine"),
             {
-                "scored": Output(tmp["scored"], [key, "label", *_outputs(stats), *IDENTITY]),
+                "scored": Output(tmp["scored"], [key, "label", *stats.output_columns, *IDENTITY]),
                 "quarantine": Output(tmp["quarantine"], [key, *QUARANTINE_COLUMNS, *IDENTITY]),
             },
             staging=f"{tmp['scored']}-routing",

@@ -11,7 +11,8 @@ import torch
 from pyspark.sql import SparkSession
 
 from dlpipe.config import Config
-from dlpipe.data.features import class_names, read_stats
+from dlpipe.data.features import read_stats
+from dlpipe.data.stats import FittedStats
 from dlpipe.model import objective, task
 from dlpipe.model.names import CANDIDATE, INT8_ALIAS, STATS_ARTIFACT
 from dlpipe.stage import Plan, Stage, execute
@@ -82,7 +83,7 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
 
 
 def make_spec(
-    cfg: Config, stats: dict, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
+    cfg: Config, stats: FittedStats, checkpoints: str, use_gpu: bool = False, run_id: str | None = None
 ) -> TrainSpec:
     """What every rank needs, picklable; rank 0 logs live to run_id on this process's tracking URI (with this
     process's MLflow credentials, which executors on other machines do not have in their environment)."""
@@ -212,7 +213,7 @@ def prepare(spark: SparkSession, cfg: Config, stats: dict) -> tuple[TrainSpec, t
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
-    mlflow.log_dict(stats, STATS_ARTIFACT)  # what new rows must be transformed with to be scored by this model
+    mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)  # what new rows must be transformed with to be scored by it
     return spec, model
 
 
@@ -298,7 +299,7 @@ def log_registered(
     name: str,
     example,
     example_out,
-    stats: dict,
+    stats: FittedStats,
     cfg: Config,
     records=None,
     **kwargs,
@@ -337,12 +338,12 @@ def log_registered(
     return str(info.registered_model_version)
 
 
-def model_metadata(stats: dict) -> dict:
+def model_metadata(stats: FittedStats) -> dict:
     """Logged in the model's MLmodel file: its class names in output order, and where the statistics that
     transform its inputs are (in its training run)."""
-    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.get("task", task.CLASSIFICATION)}
-    if not task.is_regression(stats):
-        meta["classes"] = class_names(stats)
+    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task}
+    if not stats.is_regression:
+        meta["classes"] = stats.class_names
     return meta
 
 
@@ -352,7 +353,7 @@ def register_int8(
     served: torch.nn.Module,
     example,
     example_out,
-    stats: dict,
+    stats: FittedStats,
     records=None,
     metadata: dict | None = None,
 ) -> dict:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dlpipe.config import Config, TrainConfig
+from dlpipe.data.stats import FittedStats
 from dlpipe.model import task as tasks
 from dlpipe.model.objective import Objective
 from dlpipe.model.task import label_numpy_type
@@ -64,7 +65,7 @@ class TrainSpec:
     def from_config(
         cls,
         cfg: Config,
-        stats: dict[str, Any],
+        stats: FittedStats,
         checkpoint_uri: str,
         *,
         use_gpu: bool = False,
@@ -73,21 +74,20 @@ class TrainSpec:
         tracking_credentials: Credentials | None = None,
     ) -> TrainSpec:
         """The spec of cfg's training on the data `stats` describes (dlpipe.data.features): settings from cfg,
-        split locations from cfg's dataset, row counts, shapes and label scaling from stats (older statistics
-        without a task or label scaling get the fields' defaults)."""
+        split locations from cfg's dataset, row counts, shapes and label scaling from stats."""
         paths = dataset_paths(cfg)
-        labels = {k: stats[k] for k in ("task", "label_mean", "label_std") if k in stats}
-        task = labels.get("task", cls.task)  # cls.task: the field's default
         return cls(
             train=cfg.train,
             train_uri=paths.split("train"),
             val_uri=paths.split("val"),
-            train_rows=stats["rows"]["train"],
-            val_rows=stats["rows"]["val"],
-            feature_shape=tuple(stats["feature_shape"]),
-            num_classes=tasks.outputs(task, stats["num_classes"]),
+            train_rows=stats.rows["train"],
+            val_rows=stats.rows["val"],
+            feature_shape=stats.feature_shape,
+            num_classes=stats.outputs,
             checkpoint_uri=checkpoint_uri,
-            **labels,
+            task=stats.task,
+            label_mean=stats.label_mean,
+            label_std=stats.label_std,
             storage=storage_settings(cfg),
             use_gpu=use_gpu,
             tracking_uri=tracking_uri,
