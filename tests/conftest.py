@@ -363,3 +363,13 @@ def kill_once_it_writes(
         proc.wait(timeout=60)
         if log:
             out.close()
+
+
+def quantized_layers(model_uri: str, tracking_uri: str) -> list[str]:
+    """The dynamically quantized Linear layers of the registered model at model_uri (its network, as scoring
+    loads it): none means an fp32 copy was registered as the int8 variant."""
+    from dlpipe import tracking
+    from dlpipe.scoring import load_model
+
+    network = load_model(tracking.model_version_for(model_uri)["download_uri"], tracking_uri)
+    return [n for n, mod in network.named_modules() if getattr(mod, "original_name", "") == "LinearPackedParams"]
