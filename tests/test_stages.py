@@ -161,7 +161,9 @@ def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):
         m = evaluate.run(spark, cfg)
     assert m["test_rows_without_prediction"] == 0
     assert m["predictions"] == m["test_rows"] == inferred["rows_in"]
-    assert 0 <= m["majority_baseline_accuracy"] <= 1 and m["accuracy"] > m["majority_baseline_accuracy"]
+    labels = spark.read.parquet(dataset_paths(cfg).split("test")).groupBy("label").count().collect()
+    assert m["majority_baseline_accuracy"] == pytest.approx(max(r["count"] for r in labels) / m["test_rows"])
+    assert m["accuracy"] > m["majority_baseline_accuracy"]
     assert m["log_loss"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient(tracking.tracking_uri(cfg)).list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "roc.png"} <= artifacts
