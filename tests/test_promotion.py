@@ -38,6 +38,7 @@ def test_the_decision_rule():
     assert "worse by 0.1000" in decide("log_loss", 0.40, 0.30, 0.0).reason
 
 
+@pytest.mark.slow
 def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spark, tmp_path):
     first = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=3", rows=3000))
     client = mlflow.MlflowClient(first.tracking_uri)

@@ -12,6 +12,8 @@ from dlpipe.pipeline import run_pipeline
 from dlpipe.storage import dataset_paths
 from tests.conftest import make_cfg, quantized_layers
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pipeline(spark, tmp_path_factory):

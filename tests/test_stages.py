@@ -193,6 +193,7 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
         np.testing.assert_allclose(probs, b[k][1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_served_model_answers_what_the_batch_job_predicted(spark, cfg, inferred, tmp_path):
     """`mlflow models serve` on 127.0.0.1 (started here, stopped by pid) for the candidate version, fed the
     raw records of the same test rows: the same classes and probabilities as the batch predictions."""
@@ -237,6 +238,7 @@ def test_rows_that_cannot_be_scored_are_quarantined_with_their_reason(spark, cfg
     assert all(rows[i].prediction is None and rows[i].probabilities is None for i in range(4, 8))
 
 
+@pytest.mark.slow
 def test_new_raw_data_is_validated_transformed_with_the_models_statistics_and_scored(spark, cfg, inferred, tmp_path):
     """infer.source: raw CSV without a label column, some lines bad. Every line is scored or quarantined
     with its reason, and rows equal to test rows get exactly the test split's predictions (the same
@@ -301,6 +303,7 @@ def test_new_data_on_any_store_is_scored_onto_the_same_store(spark, cfg, inferre
     assert spark.read.parquet(infer.quarantine_path(f"{base}/scored")).count() == broken
 
 
+@pytest.mark.slow
 def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cfg, inferred, tmp_path):
     """jobs/infer.py on new raw data, killed once it writes: no predictions or quarantine under their final
     names (a reader finds nothing, not half of them); the rerun clears the leftovers and scores every line."""
@@ -322,6 +325,7 @@ def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cf
     assert spark.read.parquet(out.as_uri()).count() == m["rows_scored"]
 
 
+@pytest.mark.slow
 def test_an_int8_variant_is_measured_registered_and_scores_like_fp32(spark, cfg, trained, inferred):
     """quantize.enabled (default): the dynamically quantized model, its accuracy delta and speed, its own
     version under @candidate-int8, and infer.variant=int8 scoring every test row with it."""

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import CommandLines, MlflowEndpoint, make_cfg, run_dlpipe
 
+pytestmark = [pytest.mark.servers, pytest.mark.slow]
+
 EPOCHS = 2
 ROWS = 3000
 LIMIT_S = 30  # dlpipe.preflight's promise: a refusing tracking server is named within this

@@ -15,6 +15,8 @@ from dlpipe import tracking
 from dlpipe.pipeline import run_stage
 from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
 
+pytestmark = pytest.mark.slow
+
 
 def _train(spark, cfg) -> dict:
     with tracking.pipeline_run(cfg, "test-train"):
