@@ -48,7 +48,7 @@ def test_predictions_are_values_and_the_model_is_promoted_on_rmse(spark, pipelin
     train, ev = result.metrics["train"], result.metrics["evaluate"]
     assert train["best_val_mae"] > 0 and "final_val_accuracy" not in train
     assert train["int8_registered"] == 1.0
-    assert quantized_layers(f"models:/{cfg.model_name}/{train['int8_model_version']}", tracking.tracking_uri(cfg))
+    assert quantized_layers(f"models:/{cfg.model_name}/{int(train['int8_model_version'])}", tracking.tracking_uri(cfg))
     # the gate's metric is named in its keys: RMSE, not the classifier's accuracy; no production to beat yet
     assert ev["promoted"] == 1.0 and "candidate_rmse" in ev and "candidate_accuracy" not in ev
     assert "production_rmse" not in ev
