@@ -21,7 +21,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
 
-.PHONY: setup run test lint ui bench clean clean-data cluster-up cluster-down ship airflow-setup airflow-run
+.PHONY: setup run test test-fast test-gpu lint ui bench clean clean-data cluster-up cluster-down ship airflow-setup airflow-run
 
 setup: $(STAMP)
 
@@ -35,6 +35,15 @@ run: $(STAMP)
 
 test: $(STAMP) $(AIRFLOW_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The everyday loop (README, "Testing"): no cluster, Airflow, storage servers, GPU or slow tests.
+FAST_MARKS := not cluster and not airflow and not servers and not slow and not gpu
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "$(FAST_MARKS)" $(PYTEST_ARGS)
+
+# The CUDA paths, on a machine with a GPU (elsewhere they skip, saying so).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 # Benchmarks print `name: value` lines (and data/bench/<group>.json); ONLY=data runs one group.
 bench: $(STAMP)

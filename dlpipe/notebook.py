@@ -162,7 +162,7 @@ def model_versions(cfg: Config) -> pd.DataFrame:
                 "aliases": ", ".join(mv.aliases),
                 "variant": mv.tags.get("dlpipe.variant", "fp32"),
                 "run_id": mv.run_id,
-                "promotion": mv.tags.get("dlpipe.model.promotion", ""),
+                "promotion": mv.tags.get("dlpipe.promotion", ""),
                 "created": pd.Timestamp(mv.creation_timestamp, unit="ms"),
             }
         )

@@ -17,11 +17,70 @@ from pathlib import Path
 import pytest
 
 from dlpipe.ops.processes import pid_alive
+from tests.require_all import (  # noqa: F401  (hooks: DLPIPE_REQUIRE_ALL=1 fails a session with skips)
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 from tests.servers import HdfsCluster, MlflowServer, S3Server, group_members, missing_components, spark_jars
 
 REPO = Path(__file__).resolve().parent.parent
 # What tools/provision_servers.sh fills (`make setup`): the S3 and HDFS servers and the s3a jars.
 SERVERS_CACHE = REPO / ".cache"
+AIRFLOW_VENV = REPO / ".venv-airflow"  # what `make airflow-setup` makes
+
+# Tiers by what a test uses, whatever its module says: these fixtures start server processes or a cluster.
+SERVER_FIXTURES = frozenset({"servers_cache", "s3_server", "hdfs_cluster", "mlflow_server"})
+CLUSTER_FIXTURES = frozenset({"standalone_cluster"})
+
+
+def servers_missing(cache: Path) -> str | None:
+    """Why the storage-server tests cannot run (naming the make target that provides them), or None."""
+    missing = missing_components(cache)
+    if not missing:
+        return None
+    return (
+        f"storage servers not provisioned ({', '.join(missing)} missing under {cache / 'servers'}): "
+        "run `make setup` (it calls tools/provision_servers.sh)"
+    )
+
+
+def airflow_missing(venv: Path) -> str | None:
+    """Why the Airflow tests cannot run (naming the make target that provides them), or None."""
+    if (venv / "bin" / "airflow").exists():
+        return None
+    return f"no Airflow in {venv}: run `make airflow-setup` (tools/setup_airflow.sh; CI does) to test the DAG"
+
+
+def no_gpu() -> str | None:
+    """Why the gpu tests cannot run here, or None when torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return f"no CUDA device (torch {torch.__version__}, {build}): run `make test-gpu` on a machine with a GPU"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests `servers`/`cluster` by the fixtures they use (the `store` fixture by its parameter), and
+    skip `gpu` tests with the reason where there is no GPU."""
+    gpu_reason: str | None = None
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if used & SERVER_FIXTURES or params.get("store", "file") != "file":
+            item.add_marker(pytest.mark.servers)
+        if used & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if item.get_closest_marker("gpu") is not None:
+            gpu_reason = gpu_reason if gpu_reason is not None else (no_gpu() or "")
+            if gpu_reason:
+                item.add_marker(pytest.mark.skip(reason=gpu_reason))
+
+
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
@@ -101,12 +160,9 @@ def _no_dangling_mlflow_run():
 @pytest.fixture(scope="session")
 def servers_cache() -> Path:
     """The provisioned server cache; tests that need a storage server skip (with the reason) without it."""
-    missing = missing_components(SERVERS_CACHE)
-    if missing:
-        pytest.skip(
-            f"storage servers not provisioned ({', '.join(missing)} missing under {SERVERS_CACHE / 'servers'}): "
-            "run `make setup` (it calls tools/provision_servers.sh)"
-        )
+    why = servers_missing(SERVERS_CACHE)
+    if why:
+        pytest.skip(why)
     return SERVERS_CACHE
 
 
@@ -365,3 +421,13 @@ def kill_once_it_writes(
         proc.wait(timeout=60)
         if log:
             out.close()
+
+
+def quantized_layers(model_uri: str, tracking_uri: str) -> list[str]:
+    """The dynamically quantized Linear layers of the registered model at model_uri (its network, as scoring
+    loads it): none means an fp32 copy was registered as the int8 variant."""
+    from dlpipe import tracking
+    from dlpipe.serve.scoring import load_model
+
+    network = load_model(tracking.model_version_for(model_uri)["download_uri"], tracking_uri)
+    return [n for n, mod in network.named_modules() if getattr(mod, "original_name", "") == "LinearPackedParams"]

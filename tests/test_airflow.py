@@ -22,17 +22,16 @@ from dlpipe.data import features, ingest
 from dlpipe.data.generate import generate
 from dlpipe.pipeline import STAGES
 from dlpipe.storage import dataset_paths
-from tests.conftest import REPO, cfg_overrides, make_cfg
+from tests.conftest import AIRFLOW_VENV, REPO, airflow_missing, cfg_overrides, make_cfg
 
-AIRFLOW_VENV = REPO / ".venv-airflow"
 AIRFLOW_PY = AIRFLOW_VENV / "bin" / "python"
 AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
 DAG_FILE = REPO / "pipelines" / "airflow_dag.py"
 
-pytestmark = pytest.mark.skipif(
-    not AIRFLOW.exists(),
-    reason="no .venv-airflow: run `bash tools/setup_airflow.sh` (`make airflow-setup`; CI does) to test the DAG",
-)
+pytestmark = [
+    pytest.mark.airflow,
+    pytest.mark.skipif(bool(airflow_missing(AIRFLOW_VENV)), reason=str(airflow_missing(AIRFLOW_VENV))),
+]
 
 # Runs in .venv-airflow: parse the DAG the way Airflow's DAG processor does, and say what it found.
 PARSE = r"""

@@ -289,6 +289,7 @@ def _scoring(cfg, source, out, **dataset):
 
 
 # --- 4. labels at scoring time that training never saw ------------------------------------------------------
+@pytest.mark.slow
 def test_labels_the_model_never_saw_are_scored_counted_and_named(spark, penguins, tmp_path, caplog):
     """New data whose label holds a class the model was not trained on: its features are fine, so the row
     is scored (the batch job scores, it does not learn); the label is null in the output, the rows are
@@ -316,6 +317,7 @@ def test_labels_the_model_never_saw_are_scored_counted_and_named(spark, penguins
 
 
 # --- 5. new data with more bad rows than allowed ------------------------------------------------------------
+@pytest.mark.slow
 def test_scoring_too_many_bad_rows_fails_writes_nothing_and_a_raised_limit_succeeds(spark, penguins, tmp_path):
     cfg, _, raw = penguins
     new = raw.head(40).drop(columns=["species"]).astype({"body_mass_g": "object"})
@@ -350,6 +352,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_rest_requests_with_wrong_columns_or_types_get_a_4xx_naming_them(penguins, tmp_path):
     """One server. Each wrong request is answered 400 naming the column or the record, never 500
     (test_your_data covers out of range, not allowed, missing values and text in a number column sent as

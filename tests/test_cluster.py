@@ -16,6 +16,8 @@ import pytest
 from dlpipe import tracking
 from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
 
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
 
 def _job(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}

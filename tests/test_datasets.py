@@ -157,6 +157,7 @@ def test_unchanged_stages_are_skipped_and_changes_or_force_redo_them(spark, tmp_
     assert meta["stage"] == "preprocess" and paths.clean in meta["inputs"]
 
 
+@pytest.mark.slow
 def test_killed_preprocess_leaves_no_partial_dataset_and_a_rerun_is_correct(spark, tmp_path):
     overrides = cfg_overrides(tmp_path, rows=20000)
     cfg = make_cfg(tmp_path, rows=20000)
@@ -176,6 +177,7 @@ def test_killed_preprocess_leaves_no_partial_dataset_and_a_rerun_is_correct(spar
     assert spark.read.parquet(paths.split("train")).count() == m["rows_train"]
 
 
+@pytest.mark.slow
 def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_path):
     from sklearn.datasets import load_breast_cancer
 

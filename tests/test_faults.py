@@ -18,6 +18,8 @@ from dlpipe.data.generate import generate
 from dlpipe.storage import dataset_paths, local_path
 from tests.conftest import REPO, cfg_overrides, job_env, kill_once_it_writes, make_cfg
 
+pytestmark = pytest.mark.slow
+
 
 def _expect_exact(m: dict, manifest: dict) -> None:
     """Ingest's counts against the generator's ground truth: every line in, each bad one quarantined."""

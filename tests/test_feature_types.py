@@ -354,6 +354,7 @@ def test_spark_and_the_registered_model_parse_the_same_text_the_same_way(spark, 
     assert sum(p is not None for p in from_python) >= 2  # the pattern does parse some of them
 
 
+@pytest.mark.slow
 def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_end(spark, tmp_path):
     """A CSV written here: ingest quarantines the bad booleans and dates, preprocess expands the rest, the
     pipeline trains, scores and registers a model that takes the raw records."""

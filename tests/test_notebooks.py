@@ -34,6 +34,7 @@ def _outputs(nb, kind: str) -> list:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == kind]
 
 
+@pytest.mark.slow
 def test_quickstart_then_model_exploration_run_headless(tmp_path, monkeypatch):
     quick = _execute("quickstart.ipynb", tmp_path, monkeypatch)
     assert not _outputs(quick, "error")

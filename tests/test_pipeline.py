@@ -14,6 +14,8 @@ from dlpipe.pipeline import STAGES, run_pipeline
 from dlpipe.storage import dataset_paths
 from tests.conftest import REPO, cfg_overrides, make_cfg
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pipeline(spark, tmp_path_factory):

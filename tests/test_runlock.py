@@ -12,9 +12,12 @@ import time
 
 import mlflow
 import pyarrow.parquet as pq
+import pytest
 
 from dlpipe.storage.runlock import LOCK
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def _start(root, *more: str, to: str = "preprocess") -> subprocess.Popen:

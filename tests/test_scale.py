@@ -12,7 +12,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 HEAP_MB = 512
 ROWS = 20_000_000  # about 1.67 GB of CSV, 3.3 times the heap

@@ -60,6 +60,7 @@ def test_the_password_of_any_uri_is_masked_and_remembered_secrets_too(caplog):
         logging.getLogger().removeHandler(handler)
 
 
+@pytest.mark.slow
 def test_secrets_from_every_place_stay_out_of_mlflow_logs_status_and_command_lines(tmp_path):
     """A secret in spark.conf, in storage.s3.hadoop, in the credentials file and in a dataset-independent
     env setting; the pipeline runs generate -> preprocess; then the MLflow database, its artifacts, the

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hdfs import InsecureClient
+from py4j.protocol import Py4JJavaError
 from pyarrow import fs
 
 from dlpipe.ops.processes import pid_alive
@@ -100,7 +101,7 @@ def test_spark_s3a_with_a_wrong_secret_is_denied(spark, s3_server, s3a_conf):
     option = f"fs.s3a.bucket.{bucket}.secret.key"
     hconf.set(option, "not-the-secret")
     try:
-        with pytest.raises(Exception, match=r"403|Access ?Denied") as err:
+        with pytest.raises(Py4JJavaError, match=r"403|Access ?Denied") as err:  # Hadoop's AccessDeniedException
             spark.range(3).write.parquet(f"s3a://{bucket}/x")
     finally:
         hconf.unset(option)

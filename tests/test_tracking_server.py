@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import CommandLines, MlflowEndpoint, make_cfg, run_dlpipe
 
+pytestmark = [pytest.mark.servers, pytest.mark.slow]
+
 EPOCHS = 2
 ROWS = 3000
 LIMIT_S = 30  # dlpipe.ops.preflight's promise: a refusing tracking server is named within this
@@ -98,7 +100,7 @@ def test_the_pipeline_logs_its_runs_live_metrics_and_model_to_the_server(credent
     production = client.get_model_version_by_alias(name, "production")  # the first model passes the gate
     assert candidate.version == production.version == train.data.tags["dlpipe.model_version"]
     assert candidate.run_id == train.info.run_id
-    assert children["evaluate"].data.tags["dlpipe.model.promotion"] == "promoted"
+    assert children["evaluate"].data.tags["dlpipe.promotion"] == "promoted"
 
 
 def _s3_objects(s3_server, prefix: str) -> dict[str, bytes]:

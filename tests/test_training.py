@@ -15,6 +15,8 @@ from dlpipe import tracking
 from dlpipe.pipeline import run_stage
 from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
 
+pytestmark = pytest.mark.slow
+
 
 def _train(spark, cfg) -> dict:
     with tracking.pipeline_run(cfg, "test-train"):
@@ -103,6 +105,25 @@ def test_the_image_dataset_trains_a_cnn(spark, tmp_path, launcher):
     assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)
 
 
+def _val_loss_of_candidate(cfg) -> float:
+    """Mean cross-entropy of the registered @candidate (it answers probabilities) on the validation split."""
+    import numpy as np
+    from petastorm import make_reader
+
+    from dlpipe.model.rawmodel import network_of
+    from dlpipe.storage import dataset_paths
+
+    with make_reader(dataset_paths(cfg).split("val"), reader_pool_type="dummy", num_epochs=1) as reader:
+        rows = list(reader)
+    x = torch.from_numpy(np.stack([r.features for r in rows]))
+    y = torch.tensor([int(r.label) for r in rows])
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    network = network_of(f"models:/{cfg.model_name}@candidate")  # the raw-record model's own network
+    with torch.no_grad():
+        probs = network(x)
+    return float(-torch.log(probs[torch.arange(len(y)), y]).mean())
+
+
 def test_own_model_factory_by_dotted_path_and_early_stopping(spark, tmp_path):
     cfg = prepare(
         spark,
@@ -116,7 +137,9 @@ def test_own_model_factory_by_dotted_path_and_early_stopping(spark, tmp_path):
     m = _train(spark, cfg)
     assert m["epochs_run"] < 40, "patience 1 with a large learning rate should stop early"
     assert m["model_parameters"] == 12 * 3 + 3  # the linear model: 12 features x 3 classes + biases
-    assert m["best_val_loss"] <= m["final_val_loss"]
+    # the registered model is the best epoch's, not the last one's: its validation loss is the best
+    assert m["final_val_loss"] != pytest.approx(m["best_val_loss"], rel=1e-3), "the run never got worse"
+    assert _val_loss_of_candidate(cfg) == pytest.approx(m["best_val_loss"], rel=1e-4)
     with pytest.raises(ValueError, match="cannot be imported"):
         _train(spark, make_cfg(tmp_path, "train.model.factory=tests.nowhere:model", rows=1500))
 
@@ -136,7 +159,9 @@ def test_gradients_averaged_on_host_copies_match_the_frameworks_own(spark, tmp_p
 
 def test_bf16_mixed_precision_trains_and_fp16_asks_for_a_gpu(spark, tmp_path, caplog):
     caplog.set_level("INFO", logger="dlpipe.train")
-    cfg = prepare(spark, tmp_path, "train.mixed_precision=bf16", "train.epochs=4", rows=3000)
+    # the factory's model fails any training step whose logits are not bf16: autocast must have run
+    checked = ("train.model.factory=tests.model_factories:mlp_trained_in", "train.model.params.dtype=bfloat16")
+    cfg = prepare(spark, tmp_path, "train.mixed_precision=bf16", "train.epochs=4", *checked, rows=3000)
     m = _train(spark, cfg)
     assert any("mixed precision bf16" in r.getMessage() for r in caplog.records)
     assert m["best_val_accuracy"] > 0.8  # bf16 autocast still learns (Bayes rate 0.933)

@@ -97,6 +97,7 @@ def penguins(spark, tmp_path_factory):
     return cfg, run_pipeline(spark, cfg)
 
 
+@pytest.mark.slow
 def test_penguins_run_end_to_end_from_their_yaml_with_species_names_and_missing_values(spark, penguins):
     cfg, result = penguins
     ing, pre, ev = (result.metrics[s] for s in ("ingest", "preprocess", "evaluate"))
@@ -122,6 +123,7 @@ def test_penguins_run_end_to_end_from_their_yaml_with_species_names_and_missing_
     assert cm["labels"] == ["Adelie", "Chinstrap", "Gentoo"] and np.asarray(cm["matrix"]).sum() == ev["test_rows"]
 
 
+@pytest.mark.slow
 def test_a_missing_value_becomes_the_train_fill_and_the_indicator_says_so(spark, penguins):
     cfg, _ = penguins
     stats = features.read_stats(spark, cfg)
@@ -161,6 +163,7 @@ def _raw_penguins(cfg):
     return pd.read_csv(dataset_paths(cfg).raw.removeprefix("file://") + "/penguins.csv")
 
 
+@pytest.mark.slow
 def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, penguins, tmp_path):
     """One set of raw rows (with NA values and strings) through the batch infer job on new data, the loaded
     pyfunc, mlflow.pyfunc.spark_udf and the REST server: the same classes and probabilities."""
@@ -225,6 +228,7 @@ def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, peng
     assert type_status == 400 and "body_mass_g" in type_answer["message"], type_answer
 
 
+@pytest.mark.slow
 def test_the_int8_variant_takes_raw_records_too(penguins):
     cfg, result = penguins
     mlflow.set_tracking_uri(result.tracking_uri)

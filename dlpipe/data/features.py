@@ -26,7 +26,6 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dlpipe.storage import lineage
 from dlpipe.config import ColumnSpec, Config
 from dlpipe.data.ingest import read_clean
 from dlpipe.data.stats import FeatureStats, FittedStats
@@ -35,7 +34,7 @@ from dlpipe.model.names import STATS_ARTIFACT
 from dlpipe.model.task import label_spark_type
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
-from dlpipe.storage import STATS_FILE, HadoopFS, dataset_paths, storage_settings
+from dlpipe.storage import STATS_FILE, HadoopFS, dataset_paths, lineage, storage_settings
 from dlpipe.storage.parquet_io import Output, PartFile, write_routed
 from dlpipe.tracking import ModelRef
 

@@ -28,12 +28,11 @@ from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dlpipe.storage import lineage
 from dlpipe.config import ColumnSpec, Config, ConfigError, datetime_regex
-from dlpipe.storage.parquet_io import Output, write_routed
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
-from dlpipe.storage import dataset_paths, storage_settings
+from dlpipe.storage import dataset_paths, lineage, storage_settings
+from dlpipe.storage.parquet_io import Output, write_routed
 
 log = logging.getLogger(__name__)
 

@@ -55,12 +55,12 @@ def record(name: str, candidate_version: str, decision: Decision, production: st
         metrics[f"production_{decision.metric}"] = decision.production
     mlflow.set_tags(
         {
-            "dlpipe.model.promotion": "promoted" if decision.promote else "kept production",
+            "dlpipe.promotion": "promoted" if decision.promote else "kept production",
             "dlpipe.promotion_reason": decision.reason,
             "dlpipe.production_version_before": production or "none",
         }
     )
-    client.set_model_version_tag(name, candidate_version, "dlpipe.model.promotion", decision.reason)
+    client.set_model_version_tag(name, candidate_version, "dlpipe.promotion", decision.reason)
     if decision.promote:
         client.set_registered_model_alias(name, PRODUCTION, candidate_version)
         log.info("evaluate: %s version %s is now @%s (%s)", name, candidate_version, PRODUCTION, decision.reason)
