@@ -74,6 +74,55 @@ def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
     assert "torch==2.13.0+cpu" in text and "download.pytorch.org/whl/cpu" in text
 
 
+def test_every_stage_run_records_its_lineage_chained_through_the_fingerprints(spark, pipeline):
+    """The lineage tags and lineage.json of each stage run: what it read (with that input's fingerprint) and
+    wrote, each output's fingerprint being what the next stage recorded as its input."""
+    import json
+
+    from dlpipe.storage import lineage
+
+    cfg, result = pipeline
+    client = mlflow.MlflowClient(result.tracking_uri)
+    children = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'",
+    )
+    runs = {r.data.tags["dlpipe.stage"]: r for r in children}
+    record = {}
+    for stage, r in runs.items():
+        assert r.data.tags["dlpipe.skipped"] == "false", stage
+        path = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="lineage.json")
+        record[stage] = json.loads(open(path).read())
+        assert record[stage]["fingerprint"] == r.data.tags["dlpipe.fingerprint"], stage
+    paths = dataset_paths(cfg)
+    for stage, out, reader in (
+        ("ingest", paths.clean, "preprocess"),
+        ("preprocess", paths.petastorm, "train"),
+        ("preprocess", paths.petastorm, "evaluate"),
+    ):
+        committed = lineage.read_meta(spark, out)["fingerprint"]
+        assert record[stage]["fingerprint"] == committed and out in record[stage]["outputs"]
+        assert record[reader]["inputs"][out] == committed, f"{reader} does not name {stage}'s output"
+    assert record["ingest"]["inputs"][paths.raw] == lineage.source_fingerprint(spark, paths.raw)
+    version = result.metrics["train"]["model_version"]
+    assert record["train"]["outputs"] == [f"models:/{cfg.model_name}/{version}"]
+    model = f"models:/{cfg.model_name}@candidate"
+    assert record["infer"]["inputs"][model] == f"{cfg.model_name}/{version}/{runs['train'].info.run_id}"
+    assert record["infer"]["outputs"] == [paths.predictions, paths.infer_quarantine]
+
+
+def test_the_registered_model_declares_raw_columns_in_and_answers_out(pipeline):
+    """Its signature: the dataset's raw feature columns with their YAML types, and the columns it answers."""
+    cfg, result = pipeline
+    version = result.metrics["train"]["model_version"]
+    sig = mlflow.models.get_model_info(f"models:/{cfg.model_name}/{version}").signature
+    inputs = {c.name: c.type.name for c in sig.inputs.inputs}
+    assert list(inputs) == [c.name for c in cfg.dataset.features]
+    assert inputs["x0"] == "double" and inputs["segment"] == "string"
+    outputs = {c.name for c in sig.outputs.inputs}
+    assert {"prediction", "predicted_class", "probabilities"} <= outputs
+
+
 def test_the_cli_reruns_from_a_stage_skipping_what_is_unchanged_and_shows_status(pipeline):
     """`python -m dlpipe run --from train` on the finished pipeline: train finds @candidate trained on the
     same data and config, infer its output made from that model and input, and both skip; `python -m
@@ -121,9 +170,13 @@ def test_stage_job_runs_under_spark_submit_with_the_same_arguments(tmp_path):
         "SPARK_LOCAL_IP": "127.0.0.1",
     }
     args = [f"project.root={tmp_path}", "dataset.generator.rows=600", "spark.conf.spark.ui.enabled=false"]
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    client = mlflow.MlflowClient(store)
+    experiment = client.create_experiment("dlpipe", artifact_location=(tmp_path / "mlruns" / "artifacts").as_uri())
+    parent = client.create_run(experiment).info.run_id  # e.g. an orchestrator's run
     for stage in ("generate", "ingest"):
         proc = subprocess.run(
-            [spark_submit, "--master", "local[2]", f"jobs/{stage}.py", *args],
+            [spark_submit, "--master", "local[2]", f"jobs/{stage}.py", "--parent-run-id", parent, *args],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -133,9 +186,12 @@ def test_stage_job_runs_under_spark_submit_with_the_same_arguments(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     clean = list((tmp_path / "data/warehouse/tabular_example/clean").glob("*.parquet"))
     assert clean, "ingest under spark-submit wrote no clean dataset"
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` != ''"
+    )
     assert {r.data.tags["dlpipe.stage"]: r.info.status for r in runs} == {"generate": "FINISHED", "ingest": "FINISHED"}
+    # --parent-run-id: both stage runs hang under the run they were given
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
     ingest_run = next(r for r in runs if r.data.tags["dlpipe.stage"] == "ingest")
     assert ingest_run.data.metrics["rows_in"] == 600
     assert ingest_run.data.metrics["rows_kept"] + ingest_run.data.metrics["rows_quarantined"] == 600

@@ -29,6 +29,20 @@ def test_macro_auc_matches_scikit_learn(spark):
     assert macro_auc(df, k) == pytest.approx(expected, abs=2e-3)  # 1/1000 buckets
 
 
+def test_the_int8_gate_registers_a_variant_within_its_limit_and_rejects_one_beyond():
+    from dlpipe.config import QuantizeConfig
+    from dlpipe.train.stage import int8_gate
+
+    limits = QuantizeConfig(max_accuracy_drop=0.01, max_rmse_increase=0.02)
+    ok, why = int8_gate("classification", {"int8_accuracy_delta": -0.004, "int8_speedup": 1.8}, limits)
+    assert ok and why == "accuracy -0.0040 vs fp32, 1.80x the rows/s (registered)"
+    ok, why = int8_gate("classification", {"int8_accuracy_delta": -0.03, "int8_speedup": 1.8}, limits)
+    assert not ok and why.endswith("(not registered: beyond the limit 0.01)")
+    ok, why = int8_gate("regression", {"int8_rmse_increase": 0.05, "int8_speedup": 2.0}, limits)
+    assert not ok and why.startswith("RMSE +5.00% vs fp32")
+    assert int8_gate("regression", {"int8_rmse_increase": 0.01, "int8_speedup": 2.0}, limits)[0]
+
+
 def test_the_decision_rule():
     assert decide("accuracy", 0.8, None, 0.1).promote  # the first model
     assert decide("accuracy", 0.85, 0.80, 0.02).promote
@@ -39,14 +53,18 @@ def test_the_decision_rule():
 
 
 @pytest.mark.slow
-def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spark, tmp_path):
-    first = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=3", rows=3000))
+def test_the_gate_promotes_the_first_model_keeps_one_short_of_the_margin_and_promotes_a_better_one(spark, tmp_path):
+    """Three runs on one store: a weak first model (one epoch at a tiny learning rate) becomes production;
+    a good one asked to win by 0.9 does not; the same good one asked to win by 0.05 does (its training and
+    scoring are reused: only the gate runs again)."""
+    weak = ("train.epochs=1", "train.lr=0.00001")
+    first = run_pipeline(spark, make_cfg(tmp_path, *weak, rows=3000))
     client = mlflow.MlflowClient(first.tracking_uri)
-    cfg = make_cfg(tmp_path, "train.epochs=3", "evaluate.promote_margin=0.5", rows=3000)
+    cfg = make_cfg(tmp_path, "train.epochs=3", "evaluate.promote_margin=0.9", rows=3000)
     assert first.metrics["evaluate"]["promoted"] == 1.0
     assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == "1"
 
-    second = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=4", "evaluate.promote_margin=0.5", rows=3000))
+    second = run_pipeline(spark, cfg)
     ev = second.metrics["evaluate"]
     assert ev["promoted"] == 0.0
     candidate = str(second.metrics["train"]["model_version"])
@@ -62,7 +80,14 @@ def test_first_model_is_promoted_and_a_candidate_short_of_the_margin_is_not(spar
     assert run.data.tags["dlpipe.promotion"] == "kept production"
     # the gate weighed this run's test accuracy against production's, measured on the same rows
     gain = ev["accuracy"] - first.metrics["evaluate"]["accuracy"]
-    said = f"accuracy {'better' if gain >= 0 else 'worse'} by {abs(gain):.4f}; margin 0.5"
+    said = f"accuracy {'better' if gain >= 0 else 'worse'} by {abs(gain):.4f}; margin 0.9"
     assert run.data.tags["dlpipe.promotion_reason"] == said
-    assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.promotion"].endswith("margin 0.5")
+    assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.promotion"].endswith("margin 0.9")
     assert tracking.tracking_uri(cfg) == first.tracking_uri
+
+    assert gain > 0.05, f"the good model should beat the weak one clearly: {ev['accuracy']} vs production's"
+    third = run_pipeline(spark, make_cfg(tmp_path, "train.epochs=3", "evaluate.promote_margin=0.05", rows=3000))
+    assert third.metrics["train"]["skipped"] == 1 and third.metrics["infer"]["skipped"] == 1
+    assert third.metrics["evaluate"]["promoted"] == 1.0
+    assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == candidate
+    assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.promotion"].endswith("margin 0.05")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pyspark.sql import SparkSession
 
-from dlpipe.config import Config
+from dlpipe.config import Config, QuantizeConfig
 from dlpipe.data.features import read_stats
 from dlpipe.data.stats import FittedStats
 from dlpipe.model import objective, task
@@ -347,6 +347,20 @@ def model_metadata(stats: FittedStats) -> dict:
     return meta
 
 
+def int8_gate(task_name: str, measured: dict, limits: QuantizeConfig) -> tuple[bool, str]:
+    """(register the int8 variant?, why): its accuracy drop (regression: relative RMSE increase) against
+    fp32 on the same validation rows, within quantize's limit."""
+    if task_name == task.REGRESSION:
+        change, limit = measured["int8_rmse_increase"], limits.max_rmse_increase
+        what = f"RMSE {change:+.2%}"
+    else:
+        change, limit = -measured["int8_accuracy_delta"], limits.max_accuracy_drop
+        what = f"accuracy {measured['int8_accuracy_delta']:+.4f}"
+    passed = change <= limit
+    outcome = "registered" if passed else f"not registered: beyond the limit {limit}"
+    return passed, f"{what} vs fp32, {measured['int8_speedup']:.2f}x the rows/s ({outcome})"
+
+
 def register_int8(
     cfg: Config,
     spec: TrainSpec,
@@ -375,20 +389,9 @@ def register_int8(
         label_dtype=task.label_numpy_type(spec.task),
     )
     m = quantize.compare(served, int8, ((x.numpy(), y.numpy()) for x, y in loader.epoch(0)), spec.task)
-    if spec.task == task.REGRESSION:
-        change, limit = m["int8_rmse_increase"], cfg.quantize.max_rmse_increase
-        what = f"RMSE {change:+.2%}"
-    else:
-        change, limit = -m["int8_accuracy_delta"], cfg.quantize.max_accuracy_drop
-        what = f"accuracy {m['int8_accuracy_delta']:+.4f}"
-    passed = change <= limit
+    passed, verdict = int8_gate(spec.task, m, cfg.quantize)
     m["int8_registered"] = float(passed)
-    log.info(
-        "train: int8 variant: %s vs fp32, %.2fx the rows/s (%s)",
-        what,
-        m["int8_speedup"],
-        "registered" if passed else f"not registered: beyond the limit {limit}",
-    )
+    log.info("train: int8 variant: %s", verdict)
     if passed:
         name = cfg.model_name
         # TorchScript (pickle format): torch.export cannot trace the quantized kernels
