@@ -429,5 +429,5 @@ def quantized_layers(model_uri: str, tracking_uri: str) -> list[str]:
     from dlpipe import tracking
     from dlpipe.serve.scoring import load_model
 
-    network = load_model(tracking.model_version_for(model_uri)["download_uri"], tracking_uri)
+    network = load_model(tracking.model_version_for(model_uri).download_uri, tracking_uri)
     return [n for n, mod in network.named_modules() if getattr(mod, "original_name", "") == "LinearPackedParams"]
