@@ -173,7 +173,7 @@ def test_each_task_resolves_its_config_with_dlpipe(parsed, tmp_path):
 
     # the commands carry the params as given: the master and the skip come from dlpipe when the task runs
     assert "--master" not in parsed["resolved"]["generate_other_dataset"]
-    assert "exit" not in parsed["resolved"]["generate_none"]
+    assert "; exit" not in parsed["resolved"]["generate_none"]
     jobs = REPO / "jobs"
     for name, expected in [
         ("train_other_dataset", ["--master", load_config(None, OTHER).spark.master, f"{jobs}/train.py", *OTHER]),
@@ -303,7 +303,7 @@ def test_airflow_dags_test_runs_every_stage_and_a_killed_task_retries_to_a_clean
         (s, "FINISHED") for s in STAGES
     )
     # `dags test` runs the tasks in its own process: their logs (commands run, the jobs' output) are its output
-    assert "spark-submit" in log and "stage train: done" in log, log[-4000:]
+    assert "-m dlpipe submit" in log and "stage train: done" in log, log[-4000:]
     task_logs = "\n".join(p.read_text(errors="replace") for p in home.rglob("*.log") if p.is_file())
     mlflow_files = [p for p in (root / "mlruns").rglob("*") if p.is_file()]
     assert root / "mlruns" / "mlflow.db" in mlflow_files
