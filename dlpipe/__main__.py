@@ -72,7 +72,6 @@ def main(argv: list[str]) -> int:
         return _submit(cfg, args)
     setup_logging()
     if args.command == "status":
-        from dlpipe.pipeline import stages_for
         from dlpipe.status import render, stage_status
 
         print(redact.text(render(stage_status(cfg, stages_for(cfg)))))

@@ -16,10 +16,10 @@ environment of the Airflow processes, which the tasks inherit:
     DLPIPE_RETRY_DELAY_S seconds before a failed task's retry (default: 60; each task has 2 retries)
 
 Params, per run (`airflow dags test dlpipe -c '{"overrides": ["train.epochs=5"]}'` or the trigger form):
-`env` (conf/<env>.yaml), `overrides` (key.path=value, as on dlpipe's command line; one whose key names a
-secret goes to the job through its environment, never its command line, and is masked in task logs), `master` (default:
-spark.master from conf and overrides), `force` (redo stages whose inputs are unchanged), `parent_run_id`
-(attach the stage runs to an existing MLflow run).
+`env` (conf/<env>.yaml; null: $DLPIPE_ENV, else local), `overrides` (key.path=value, as on dlpipe's command
+line; one whose key names a secret goes to the job through its environment, never its command line, and is
+masked in task logs), `master` (default: spark.master from conf and overrides), `force` (redo stages whose
+inputs are unchanged), `parent_run_id` (attach the stage runs to an existing MLflow run).
 
 Why a BashOperator and not SparkSubmitOperator: SparkSubmitOperator takes --master only from an Airflow
 connection, read when its hook is built (which also decides how env vars are passed), so a master from
