@@ -3,6 +3,8 @@
     python -m dlpipe run [--from STAGE] [--to STAGE] [--force] [--env NAME] [key.path=value ...]  the pipeline
     python -m dlpipe stage NAME [--force] [--env NAME] [key.path=value ...]    one stage
     python -m dlpipe status [--env NAME] [key.path=value ...]                  what each stage last did
+    python -m dlpipe submit [--master URL] [--force] [--env NAME] NAME [key.path=value ...]
+                                          one stage as `spark-submit jobs/NAME.py` (what Airflow's tasks run)
 
 Stages whose inputs and config are unchanged since their last committed output are skipped (--force
 redoes them); train always trains a new model version. Progress (stage n/N, rows, epochs, ETA) goes to
@@ -12,11 +14,13 @@ the log on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dlpipe import redact
-from dlpipe.cli import add_common, clear_failures, load_or_exit, preflight_or_exit, setup_logging
-from dlpipe.pipeline import STAGES
+from dlpipe.cli import add_common, clear_failures, load_or_exit, preflight_or_exit, setup_logging, spark_submit_argv
+from dlpipe.config import Config
+from dlpipe.pipeline import STAGES, stages_for
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,12 +33,43 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGES)
     add_common(stage)
     add_common(sub.add_parser("status", help="each stage's last output and MLflow run"), force=False)
+    submit = sub.add_parser(
+        "submit",
+        help="one stage as `spark-submit jobs/NAME.py`, with the master from the config (options before NAME)",
+    )
+    submit.add_argument("--master", help="Spark master; default: spark.master of the config")
+    submit.add_argument("--parent-run-id", help="MLflow run id of the pipeline run this stage belongs to")
+    submit.add_argument(
+        "--skip-exit-code",
+        type=int,
+        default=0,
+        help="exit status when the stage has nothing to do (generate for a dataset without a generator); the "
+        "Airflow DAG passes the one that marks its task skipped",
+    )
+    submit.add_argument("name", choices=STAGES)
+    add_common(submit)
     return p
+
+
+def _submit(cfg: Config, args: argparse.Namespace) -> int:
+    """Replace this process with the stage's spark-submit, or return --skip-exit-code when the config leaves
+    the stage nothing to do (as `run` would leave it out)."""
+    if not stages_for(cfg, [args.name]):
+        print(f"dlpipe: dataset {cfg.dataset.name} has no generator: nothing to generate", file=sys.stderr)
+        return args.skip_exit_code
+    argv = spark_submit_argv(cfg, args.name, args)
+    for name in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"):  # this Python, unless told otherwise
+        os.environ.setdefault(name, sys.executable)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # the same process: a kill or a timeout of the task reaches spark-submit itself
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     cfg = load_or_exit(args)
+    if args.command == "submit":
+        return _submit(cfg, args)
     setup_logging()
     if args.command == "status":
         from dlpipe.ops.status import render, stage_status

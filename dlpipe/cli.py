@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from dlpipe import redact
 from dlpipe.config import Config, ConfigError, load_config
@@ -107,3 +108,23 @@ def run_job(stage: str, argv: list[str]) -> int:
     finally:
         stop_spark(spark)
     return 0
+
+
+def spark_submit_argv(cfg: Config, stage: str, args: argparse.Namespace) -> list[str]:
+    """The spark-submit command of one stage's job (jobs/<stage>.py) for a config already loaded: its master
+    is `args.master` or the config's spark.master (under spark-submit, spark-submit's --master wins over the
+    config, so it must be resolved here). spark-submit is $DLPIPE_SPARK_SUBMIT, else the one beside this
+    Python. Only the command line's overrides are passed on: those from $DLPIPE_SECRET_OVERRIDES reach the
+    job through the same environment, never a command line."""
+    spark_submit = os.environ.get("DLPIPE_SPARK_SUBMIT") or str(Path(sys.executable).parent / "spark-submit")
+    job = Path(__file__).resolve().parent.parent / "jobs" / f"{stage}.py"
+    argv = [spark_submit, "--master", args.master or cfg.spark.master, str(job)]
+    if args.env:
+        argv += ["--env", args.env]
+    if args.conf_dir:
+        argv += ["--conf-dir", args.conf_dir]
+    if args.force:
+        argv.append("--force")
+    if args.parent_run_id:
+        argv += ["--parent-run-id", args.parent_run_id]
+    return [*argv, *args.overrides]

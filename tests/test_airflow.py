@@ -18,11 +18,13 @@ import mlflow
 import psutil
 import pytest
 
+from dlpipe import cli
+from dlpipe.config import load_config
 from dlpipe.data import features, ingest
 from dlpipe.data.generate import generate
 from dlpipe.pipeline import STAGES
 from dlpipe.storage import dataset_paths
-from tests.conftest import AIRFLOW_VENV, REPO, airflow_missing, cfg_overrides, make_cfg
+from tests.conftest import AIRFLOW_VENV, REPO, airflow_missing, cfg_overrides, job_env, make_cfg
 
 AIRFLOW_PY = AIRFLOW_VENV / "bin" / "python"
 AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
@@ -39,9 +41,12 @@ import json, sys
 from airflow.dag_processing.dagbag import DagBag
 
 bag = DagBag(dag_folder=sys.argv[1])
+OTHER = json.loads(sys.argv[2])
 found = {
     "import_errors": {str(k): str(v) for k, v in bag.import_errors.items()},
-    "heavy_modules": sorted({m.split(".")[0] for m in sys.modules} & {"pyspark", "torch", "dlpipe", "mlflow"}),
+    "heavy_modules": sorted(
+        {m.split(".")[0] for m in sys.modules} & {"pyspark", "torch", "dlpipe", "mlflow", "dlpipe_redact_rule"}
+    ),
     "dag_ids": sorted(bag.dags),
 }
 dag = bag.dags.get("dlpipe")
@@ -57,13 +62,29 @@ if dag is not None:
         params=sorted(dag.params),
         train=command("train", {"env": "local", "overrides": ["train.epochs=2"]}),
         train_master=command("train", {"overrides": ["spark.master=local[1]"], "force": True}),
-        generate_none=command("generate", {"env": "local", "overrides": ["dataset.generator=null"]}),
         train_secret=command(
             "train", {"overrides": ["spark.conf.spark.hadoop.fs.s3a.secret.key=ParseSecret-42", "train.epochs=3"]}
         ),
+        task_env=sorted(dag.get_task("train").env),
+        skip_exit_code=dag.get_task("generate").skip_on_exit_code,
+        # for test_each_task_resolves_its_config_with_dlpipe: runs whose overrides change the master and dataset
+        resolved={
+            name: command(stage, params)
+            for name, stage, params in [
+                ("train_other_dataset", "train", {"overrides": OTHER}),
+                ("train_master_param", "train", {"master": "local[3]", "env": "local", "force": True}),
+                ("generate_other_dataset", "generate", {"overrides": ["dataset=tabular_regression"]}),
+                ("generate_none", "generate", {"overrides": ["dataset=tabular_regression", "dataset.generator=null"]}),
+                ("train_misspelt_key", "train", {"overrides": ["dataset.colunms=1"]}),
+                ("train_no_such_dataset", "train", {"overrides": ["dataset=nope"]}),
+            ]
+        },
     )
 print(json.dumps(found))
 """
+
+
+OTHER = ["dataset=tabular_regression", "spark.master=local[1]"]  # overrides of another dataset and master
 
 
 def airflow_env(home: Path) -> dict[str, str]:
@@ -101,11 +122,19 @@ def json_rows(output: str) -> list[dict]:
     return json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("[")))
 
 
-def test_dag_parses_in_the_airflow_venv_without_heavy_imports(tmp_path):
-    """DagBag finds one DAG, stages chained in dlpipe's order with retries; parsing imports no pyspark/torch/dlpipe."""
-    proc = run([str(AIRFLOW_PY), "-c", PARSE, str(DAG_FILE.parent)], airflow_env(tmp_path), timeout=120)
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory) -> dict:
+    """What PARSE found: the DAG parsed once, in the Airflow venv, for the tests below."""
+    argv = [str(AIRFLOW_PY), "-c", PARSE, str(DAG_FILE.parent), json.dumps(OTHER)]
+    proc = run(argv, airflow_env(tmp_path_factory.mktemp("airflow")), timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_dag_parses_in_the_airflow_venv_without_heavy_imports(parsed):
+    """DagBag finds one DAG, stages chained in dlpipe's order with retries; parsing imports no pyspark/torch/dlpipe
+    and reads no file (not even dlpipe's redaction rule, loaded when a task needs it)."""
+    found = parsed
     assert found["import_errors"] == {}
     assert found["heavy_modules"] == []
     assert found["dag_ids"] == ["dlpipe"]
@@ -116,14 +145,64 @@ def test_dag_parses_in_the_airflow_venv_without_heavy_imports(tmp_path):
     assert next(t for t in found["tasks"] if t["id"] == "ingest")["trigger_rule"] == "none_failed"
     assert found["max_active_runs"] == 1  # runs share one warehouse
     assert {"env", "overrides", "master", "force", "parent_run_id"} <= set(found["params"])
-    # The command each task runs: the main venv's spark-submit, the master from conf (local.yaml) or the overrides.
-    spark_submit = str(REPO / ".venv" / "bin" / "spark-submit")
-    assert f"exec {spark_submit} --master 'local[2]' {REPO}/jobs/train.py --env local" in found["train"]
-    assert found["train"].endswith("train.epochs=2")
-    assert "--master 'local[1]'" in found["train_master"] and "--force" in found["train_master"]
-    assert found["generate_none"].endswith("exit 99"), found["generate_none"]  # skipped: no generator
-    # an override whose key names a secret stays off the command line (the job reads it from its environment)
+    # The command each task runs: the main venv's `python -m dlpipe submit`, with the run's params as they are
+    # (dlpipe resolves the config: test_each_task_resolves_its_config_with_dlpipe).
+    python = str(REPO / ".venv" / "bin" / "python")
+    assert f"exec {python} -m dlpipe submit --skip-exit-code 99 --env local train train.epochs=2" in found["train"]
+    assert found["train_master"].endswith("--force train 'spark.master=local[1]'"), found["train_master"]
+    assert found["skip_exit_code"] == [99]
+    # an override whose key names a secret stays off the command line: the job reads it from its environment,
+    # under the name dlpipe.cli reads
     assert "ParseSecret-42" not in found["train_secret"] and found["train_secret"].endswith("train.epochs=3")
+    assert cli.SECRET_OVERRIDES in found["task_env"]
+
+
+def test_each_task_resolves_its_config_with_dlpipe(parsed, tmp_path):
+    """The DAG holds no copy of dlpipe's config layering: each task's command, run as its task would run it
+    (with spark-submit replaced by a program that prints its arguments), gets its master and whether to skip
+    from dlpipe's own load_config, and a bad override fails the task with dlpipe's own message."""
+    spark_submit = tmp_path / "spark-submit"
+    spark_submit.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    spark_submit.chmod(0o755)
+    env = {k: v for k, v in job_env().items() if not k.startswith("DLPIPE_")}
+    env.update(DLPIPE_SPARK_SUBMIT=str(spark_submit), DLPIPE_SECRET_OVERRIDES="[]")
+
+    def task(name: str) -> subprocess.CompletedProcess[str]:
+        command = parsed["resolved"][name]
+        return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    # the commands carry the params as given: the master and the skip come from dlpipe when the task runs
+    assert "--master" not in parsed["resolved"]["generate_other_dataset"]
+    assert "; exit" not in parsed["resolved"]["generate_none"]
+    jobs = REPO / "jobs"
+    for name, expected in [
+        ("train_other_dataset", ["--master", load_config(None, OTHER).spark.master, f"{jobs}/train.py", *OTHER]),
+        ("train_master_param", ["--master", "local[3]", f"{jobs}/train.py", "--env", "local", "--force"]),
+        (
+            "generate_other_dataset",
+            ["--master", load_config(None, []).spark.master, f"{jobs}/generate.py", "dataset=tabular_regression"],
+        ),
+    ]:
+        proc = task(name)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        assert proc.stdout.splitlines() == expected, (name, proc.stdout)
+    assert load_config(None, OTHER).spark.master == "local[1]" != load_config(None, []).spark.master
+
+    # a dataset without a generator (the run's overrides say so): dlpipe's skip, which Airflow shows as skipped
+    assert load_config(None, ["dataset=tabular_regression", "dataset.generator=null"]).dataset.generator is None
+    skipped = task("generate_none")
+    assert [skipped.returncode] == parsed["skip_exit_code"] == [99], skipped.stderr[-3000:]
+    assert "tabular_regression has no generator" in skipped.stderr and skipped.stdout == ""
+
+    # a bad override: dlpipe's message (the file, the key, what is allowed), exit 2, spark-submit never run
+    misspelt = task("train_misspelt_key")
+    dataset_file = REPO / "conf" / "datasets" / "tabular_example.yaml"
+    assert misspelt.returncode == 2 and misspelt.stdout == "", misspelt.stderr[-3000:]
+    assert f"unknown key 'dataset.colunms' in {dataset_file}" in misspelt.stderr, misspelt.stderr
+    assert "allowed keys here: columns," in misspelt.stderr
+    missing = task("train_no_such_dataset")
+    assert missing.returncode == 2 and missing.stdout == "", missing.stderr[-3000:]
+    assert "dataset 'nope' has no file" in missing.stderr and "known datasets: breast_cancer," in missing.stderr
 
 
 def _kill_the_first_ingest(root: Path, found: dict, timeout: float = 400) -> None:
@@ -224,7 +303,7 @@ def test_airflow_dags_test_runs_every_stage_and_a_killed_task_retries_to_a_clean
         (s, "FINISHED") for s in STAGES
     )
     # `dags test` runs the tasks in its own process: their logs (commands run, the jobs' output) are its output
-    assert "spark-submit" in log and "stage train: done" in log, log[-4000:]
+    assert "-m dlpipe submit" in log and "stage train: done" in log, log[-4000:]
     task_logs = "\n".join(p.read_text(errors="replace") for p in home.rglob("*.log") if p.is_file())
     mlflow_files = [p for p in (root / "mlruns").rglob("*") if p.is_file()]
     assert root / "mlruns" / "mlflow.db" in mlflow_files
