@@ -86,6 +86,31 @@ def shipment():
     return ship.build()
 
 
+def test_the_packed_environment_leaves_out_only_what_executors_never_run(tmp_path):
+    """ship.ENV_EXCLUDES on a real (tiny) virtualenv: test suites, torch's C++ test binaries and pip stay
+    out; a module merely named tests.py, torch's shared-memory manager and headers stay in."""
+    import tarfile
+
+    from dlpipe.ops import ship
+
+    venv = tmp_path / "venv"
+    base = Path(sys.base_prefix) / "bin" / "python3.11"
+    subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = "lib/python3.11/site-packages"
+    kept = ["pkg/__init__.py", "jinja2/tests.py", "torch/bin/torch_shm_manager", "torch/include/ATen/ATen.h"]
+    left_out = ["pkg/tests/test_a.py", "pkg/sub/tests/test_b.py", "torch/test/Dict_test", "torch/bin/test_api"]
+    left_out.append("pip/__init__.py")
+    for rel in kept + left_out:
+        (venv / site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (venv / site / rel).write_text("x = 1\n")
+    with tarfile.open(ship.pack_env(venv, tmp_path / "env.tar.gz")) as tf:
+        names = set(tf.getnames())
+        python = tf.getmember("bin/python3.11")
+    assert {f"{site}/{rel}" for rel in kept} <= names, sorted(names)
+    assert not {f"{site}/{rel}" for rel in left_out} & names, sorted(names)
+    assert python.issym() or python.mode & 0o111, python.mode  # still runnable once tar unpacks it
+
+
 def _submit(cluster, shipment, script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """spark-submit against the cluster, shipping the code and the environment. The executors get no
     PYSPARK_PYTHON and no PYTHONPATH from here: what they run is what the archives hold."""
