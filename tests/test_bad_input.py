@@ -227,7 +227,7 @@ def test_the_duplicates_policy_is_part_of_the_ingest_fingerprint(spark, tmp_path
     for policy in ("keep_all", "keep_all", "keep_first", "keep_first", "quarantine", "keep_all"):
         cfg = _cfg(tmp_path, raw, duplicates=policy)
         m = ingest.run(spark, cfg)
-        runs.append((policy, m["skipped"], m["rows_kept"], ingest.fingerprint(spark, cfg)[0]))
+        runs.append((policy, m["skipped"], m["rows_kept"], ingest.Ingest().plan(spark, cfg).fingerprint))
     assert [r[:3] for r in runs] == [
         ("keep_all", 0, 3),
         ("keep_all", 1, 3),
