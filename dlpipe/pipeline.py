@@ -14,7 +14,7 @@ from dlpipe import tracking
 from dlpipe.config import Config
 from dlpipe.session import resource_error
 from dlpipe.stage import Plan, Stage, execute
-from dlpipe.storage import configure_spark_storage, dataset_paths, lineage, storage_settings
+from dlpipe.storage import configure_spark_storage, dataset_paths, lineage
 from dlpipe.storage.runlock import dataset_lock
 
 log = logging.getLogger(__name__)
@@ -27,15 +27,15 @@ class Generate(Stage):
     def plan(self, spark: SparkSession, cfg: Config) -> Plan:
         from dlpipe.data.generate import params_of
 
-        raw = dataset_paths(cfg).raw
-        return Plan(lineage.digest({"stage": "generate", "params": params_of(cfg)}), {}, lineage_outputs=(raw,))
+        # the digest of the params, as `status` shows it from the manifest
+        return Plan(lineage.digest(params_of(cfg)), {}, lineage_outputs=(dataset_paths(cfg).raw,))
 
     def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
-        from dlpipe.data.generate import manifest_metrics, params_of, read_manifest
+        from dlpipe.data.generate import already_generated, manifest_metrics
 
         raw = dataset_paths(cfg).raw
-        existing = read_manifest(raw, storage_settings(cfg))
-        if not existing or existing.get("params") != params_of(cfg):
+        existing = already_generated(cfg, raw)
+        if existing is None:
             return None
         log.info("generate: %s already holds this data (%d rows), skipping", raw, existing["rows_written"])
         return manifest_metrics(existing)

@@ -104,6 +104,8 @@ def test_every_stage_run_records_its_lineage_chained_through_the_fingerprints(sp
         assert record[stage]["fingerprint"] == committed and out in record[stage]["outputs"]
         assert record[reader]["inputs"][out] == committed, f"{reader} does not name {stage}'s output"
     assert record["ingest"]["inputs"][paths.raw] == lineage.source_fingerprint(spark, paths.raw)
+    # generate's fingerprint is its params' digest: what `status` shows from the manifest
+    assert record["generate"]["fingerprint"] == lineage.digest(read_manifest(paths.raw)["params"])
     version = result.metrics["train"]["model_version"]
     assert record["train"]["outputs"] == [f"models:/{cfg.model_name}/{version}"]
     model = f"models:/{cfg.model_name}@candidate"

@@ -490,7 +490,7 @@ class Preprocess(Stage):
         return Plan(lineage.digest(spec), inputs, {"petastorm": paths.petastorm})
 
     def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
-        clean = read_clean(spark, cfg, next(iter(plan.inputs))).withColumn(SPLIT, split_column(cfg))
+        clean = read_clean(spark, cfg, dataset_paths(cfg).clean).withColumn(SPLIT, split_column(cfg))
         with job_description(spark, "preprocess: fit statistics on the train split"):
             stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
         log.info("preprocess: statistics fitted on the train split; features of shape %s", list(stats.feature_shape))

@@ -62,6 +62,12 @@ def manifest_metrics(manifest: dict) -> dict:
     return out
 
 
+def already_generated(cfg: Config, uri: str) -> dict | None:
+    """The manifest when uri already holds the data cfg's generator makes (same params), else None."""
+    existing = read_manifest(uri, storage_settings(cfg))
+    return existing if existing and existing.get("params") == params_of(cfg) else None
+
+
 def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     """Write the example's raw files under uri and return the manifest (written last).
 
@@ -71,8 +77,8 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     """
     g = cfg.dataset.generator
     params = params_of(cfg)
-    existing = read_manifest(uri, storage_settings(cfg))
-    if not force and existing and existing.get("params") == params:
+    existing = None if force else already_generated(cfg, uri)
+    if existing:
         log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])
         return {**existing, "skipped": True}
     if g.kind == "digits":
