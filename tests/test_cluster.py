@@ -1,17 +1,19 @@
 """Training on a real Spark standalone cluster: a master and two 1-core workers on 127.0.0.1 (the
 `standalone_cluster` fixture, i.e. `make cluster-up`). Jobs run as their own driver processes, as a user's
-would: the whole pipeline with 2 Horovod ranks, the same data trained by TorchDistributor, the tabular and
-the image dataset, and a slot shortage that fails fast with both numbers instead of waiting for slots.
+would: the whole pipeline through spark-submit with 2 Horovod ranks, the same data trained by
+TorchDistributor, the image dataset trained by both, and a slot shortage that fails fast with both numbers
+instead of waiting for slots.
 
-Where the time goes: each job is a Spark application (a driver JVM, two executor JVMs, Python workers) and
-each pipeline a fresh MLflow store; the epochs themselves take seconds. So each dataset runs the pipeline
-once: the tabular one through spark-submit with the shipped environment (which also covers what the
-image test's `python -m pipelines.run` does not), the image one with the project's interpreter. The
-int8 variant is driver-side work that the stage tests check, so it is off here."""
+Where the time goes: each job is a Spark application (a driver JVM, two executor JVMs, Python workers; with
+the shipped environment, two unpacked archives) and each training a fresh MLflow store; the epochs
+themselves take seconds. So the whole pipeline runs once, through spark-submit with the shipped environment;
+the image data is prepared locally and only its training jobs meet the cluster. The int8 variant is
+driver-side work that the stage tests check, so it is off here."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +65,14 @@ NO_INT8 = "quantize.enabled=false"  # driver-side, checked by the stage tests; n
 
 
 def _train_on_both_launchers(
-    cluster, root: Path, rows: int, dataset: str | None, min_accuracy: float, *more: str, pipeline=None
+    cluster, root: Path, rows: int, dataset: str | None, min_accuracy: float, *more: str, first=None
 ) -> subprocess.CompletedProcess:
-    """The whole pipeline with Horovod, then the train job again with TorchDistributor on the same data.
-    pipeline(args) runs the pipeline job (default: `python -m pipelines.run`); its result is returned."""
+    """Train with Horovod, then again with TorchDistributor on the same data, each as its own application on
+    the cluster. first(args) runs the Horovod job (default: `python jobs/train.py` on prepared data); its
+    result is returned."""
     app = f"dlpipe-test-{dataset or 'tabular'}"
     args = _on_cluster(cluster, root, app, NO_INT8, *more, rows=rows, dataset=dataset)
-    first = proc = pipeline(args) if pipeline else _job("-m", "pipelines.run", *args)
+    proc = first(args) if first else _job("jobs/train.py", *args)
     # spark-submit hands its Python driver's stderr to its own stdout: read both
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0, said[-4000:]
@@ -85,15 +88,15 @@ def _train_on_both_launchers(
     td_args = _on_cluster(
         cluster, root, app_td, NO_INT8, *more, "train.launcher=torch_distributor", rows=rows, dataset=dataset
     )
-    proc = _job("jobs/train.py", *td_args)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    td_proc = _job("jobs/train.py", *td_args)
+    assert td_proc.returncode == 0, td_proc.stderr[-4000:]
     _ran_on_the_cluster(cluster, app_td)
     td = _last_train(root, dataset)
     assert td.info.run_id != horovod.info.run_id
     assert td.data.params["train.launcher"] == "torch_distributor"
     assert td.data.metrics["ranks"] == 2
     assert td.data.metrics["best_val_accuracy"] > min_accuracy
-    return first
+    return proc
 
 
 @pytest.fixture(scope="session")
@@ -143,46 +146,45 @@ def _submit(cluster, shipment, script: str, *args: str, timeout: int = 900) -> s
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+RANK_ORIGIN = re.compile(r"dlpipe\.train\.rank(\d): python (\S+), torch \S+ from (\S+), dlpipe from (\S+)")
+
+
 def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships(standalone_cluster, shipment, tmp_path):
     """The whole tabular pipeline, submitted with the code as --py-files and a packed virtualenv as
-    --archives, trains with Horovod (then TorchDistributor, as a plain job, on the same data): every
-    executor runs the unpacked interpreter, and imports dlpipe from the zip and torch from the archive,
-    never from the project folder or its .venv."""
-    import json
+    --archives, trains with Horovod (then TorchDistributor, as a plain job, on the same data). Each rank says
+    where its interpreter, torch and dlpipe come from (dlpipe.train.worker.runtime_origin): the unpacked
+    archive and the zip, never the project folder or its .venv. Infer's UDF (udfs/) runs on the executors
+    too, so a zip without it fails the run."""
 
     def submitted(args: list[str]) -> subprocess.CompletedProcess:
         return _submit(standalone_cluster, shipment, "pipelines/run.py", *args)
 
     # Bayes accuracy 0.933 on this generator; the local tests reach 0.9
-    proc = _train_on_both_launchers(
-        standalone_cluster, tmp_path, 6000, None, 0.85, "train.epochs=8", pipeline=submitted
-    )
+    proc = _train_on_both_launchers(standalone_cluster, tmp_path, 6000, None, 0.85, "train.epochs=8", first=submitted)
+    said = proc.stdout + proc.stderr
     assert "test accuracy:" in proc.stdout
 
-    probe = _submit(standalone_cluster, shipment, "tests/ship_probe.py", "dlpipe-test-probe", timeout=300)
-    assert probe.returncode == 0, probe.stderr[-4000:]
-    seen = [json.loads(ln[len("PROBE ") :]) for ln in probe.stdout.splitlines() if ln.startswith("PROBE ")]
-    assert len(seen) == 2
-    for where in seen:
-        assert where["prefix"] == f"{where['cwd']}/environment", where  # the unpacked archive's interpreter
-        assert where["torch"].startswith(f"{where['cwd']}/environment/"), where
-        assert "dlpipe-code.zip/dlpipe/" in where["dlpipe"] and "dlpipe-code.zip/udfs/" in where["udfs"], where
-        assert not where["dlpipe"].startswith(str(REPO / "dlpipe")), where
+    origins = {int(m[1]): m.groups()[1:] for m in RANK_ORIGIN.finditer(said)}
+    assert sorted(origins) == [0, 1], said[-4000:]
+    for prefix, torch_dir, dlpipe_dir in origins.values():
+        assert prefix.endswith("/environment") and not prefix.startswith(str(REPO)), prefix  # the unpacked archive
+        assert torch_dir.startswith(f"{prefix}/"), torch_dir
+        assert dlpipe_dir.endswith("dlpipe-code.zip/dlpipe"), dlpipe_dir
 
 
-def test_images_train_a_cnn_on_the_cluster_with_both_launchers(standalone_cluster, tmp_path):
+def test_images_train_a_cnn_on_the_cluster_with_both_launchers(standalone_cluster, spark, tmp_path):
+    # The data is prepared by the local session (file:// is shared): the training is what meets the cluster.
     more = ("train.epochs=10", "train.batch_size=32", "train.lr=0.002")
+    prepare(spark, tmp_path, NO_INT8, *more, rows=1797, dataset="digits_images")
     _train_on_both_launchers(standalone_cluster, tmp_path, 1797, "digits_images", 0.9, *more)  # chance: 0.1
 
 
-@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
-def test_a_slot_shortage_on_the_cluster_fails_fast(standalone_cluster, spark, tmp_path, launcher):
+def test_a_slot_shortage_on_the_cluster_fails_fast(standalone_cluster, spark, tmp_path):
     # 3 ranks on a cluster of 2 one-core workers: Spark alone would keep the barrier stage waiting.
     # The data is prepared by the local session (file:// is shared); only the train job meets the cluster.
+    # Both launchers call the same check first (test_train.py checks each refuses); one job covers the cluster.
     prepare(spark, tmp_path, rows=1500)
-    args = _on_cluster(
-        standalone_cluster, tmp_path, "dlpipe-test-short", f"train.launcher={launcher}", "train.num_proc=3", rows=1500
-    )
+    args = _on_cluster(standalone_cluster, tmp_path, "dlpipe-test-short", "train.num_proc=3", rows=1500)
     proc = _job("jobs/train.py", *args, timeout=300)  # the timeout is the hang guard
     assert proc.returncode != 0
     assert "SlotShortageError: training needs 3 task slots at once (train.num_proc=3), the cluster has 2" in proc.stderr

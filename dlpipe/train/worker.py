@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,11 +255,23 @@ def scaled_lr(lr: float, size: int, epoch: int, step: int, steps_per_epoch: int,
     return lr * (1 + (size - 1) * progress)
 
 
+def runtime_origin() -> str:
+    """Which interpreter, torch and dlpipe this rank runs: on a cluster, the shipped environment's or an
+    executor's own (what to look at first when executors misbehave)."""
+    import dlpipe
+
+    return (
+        f"python {sys.prefix}, torch {torch.__version__} from {os.path.dirname(torch.__file__)}, "
+        f"dlpipe from {os.path.dirname(dlpipe.__file__)}"
+    )
+
+
 def set_up(spec: TrainSpec, comm: Comm) -> tuple[RankRun, ResumeState]:
     """Everything the epochs use, in the order that keeps runs reproducible and ranks in step: the seed
     before the initial weights, a checkpoint's weights before rank 0's are shared with every rank."""
     rank, size, device = comm.rank, comm.size, comm.device
     log = set_up_rank(spec, rank)
+    log.info("%s", runtime_origin())
     amp = autocast_dtype(spec.train.mixed_precision, device)
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.lr)
