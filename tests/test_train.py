@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dlpipe.data.tensors import encode_rows
-from dlpipe.train.launcher import SlotShortageError, check_slots, rank_plan, run_horovod
+from dlpipe.train.launcher import SlotShortageError, check_slots, rank_plan, run_horovod, run_torch_distributor
 from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 
@@ -24,10 +24,12 @@ def test_rank_plan_groups_ranks_by_host():
     assert plan[1].local_size == 2 and plan[0].local_size == 3
 
 
-def test_slot_shortage_fails_at_once(spark):
+@pytest.mark.parametrize("launch", [run_horovod, run_torch_distributor], ids=["horovod", "torch_distributor"])
+def test_slot_shortage_fails_at_once(spark, launch):
+    """Both launchers refuse before launching; the cluster test (one launcher) checks the wait for executors."""
     check_slots(spark.sparkContext, 2)
     with pytest.raises(SlotShortageError, match="needs 3 task slots.*has 2"):
-        run_horovod(spark, print, (), 3)
+        launch(spark, print, (), 3)
 
 
 def _dataset(tmp_path, n, files=3, dim=4):

@@ -58,9 +58,10 @@ def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, launcher, ma
     assert m["final_val_accuracy"] > 0.85  # the quality of an uninterrupted run (Bayes rate 0.933)
 
 
-@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
-def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog, launcher):
-    use = f"train.launcher={launcher}"
+# Resuming is the training function's, whichever launcher runs it: TorchDistributor resumes in the killed-rank
+# test above, and its ranks' logs reach the driver in the host-copy test below.
+def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog):
+    use = "train.launcher=horovod"
     cfg = prepare(spark, tmp_path, "train.early_stopping.patience=0", "train.epochs=2", use, rows=3000)
     caplog.set_level("INFO", logger="dlpipe.train")
     first = _train(spark, cfg)
@@ -83,15 +84,14 @@ def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog, laun
     assert fresh["resumed_from_epoch"] == 0  # without resume, old checkpoints are cleared, not used
 
 
-@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
-def test_the_image_dataset_trains_a_cnn(spark, tmp_path, launcher):
+def test_the_image_dataset_trains_a_cnn(spark, tmp_path):
+    """With Horovod here; test_cluster.py trains the same CNN with both launchers on a standalone cluster."""
     cfg = prepare(
         spark,
         tmp_path,
         "train.epochs=10",
         "train.batch_size=32",
         "train.lr=0.002",
-        f"train.launcher={launcher}",
         rows=1797,
         dataset="digits_images",
     )
@@ -153,6 +153,10 @@ def test_gradients_averaged_on_host_copies_match_the_frameworks_own(spark, tmp_p
     framework = _train(spark, prepare(spark, tmp_path, *same, rows=3000))
     host = _train(spark, make_cfg(tmp_path, *same, "train.allreduce=host", rows=3000))
     assert any("gradients averaged on host copies" in r.getMessage() for r in caplog.records)
+    # both ranks' progress reached the driver's own logging, named by rank, from either launcher
+    said = {(r.name, r.getMessage().split(" train_loss")[0]) for r in caplog.records}
+    assert ("dlpipe.train.rank0", "epoch 2/2") in said
+    assert any(name == "dlpipe.train.rank1" for name, _ in said)
     assert host["final_train_loss"] == pytest.approx(framework["final_train_loss"], rel=1e-4)
     assert host["final_val_loss"] == pytest.approx(framework["final_val_loss"], rel=1e-4)
 
