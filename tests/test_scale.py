@@ -3,12 +3,14 @@
 A run of 10M rows once died in ingest with `OutOfMemoryError: Java heap space` on a 1 GiB heap: a
 persisted dataset read back into memory. No stage holds a dataset in memory now; this test gives the
 driver (which in local mode is also every executor) a 512 MiB heap, the least Spark accepts, and feeds
-it more than three times that in CSV. `make bench ONLY=scale` measures the same at 2M to 20M rows.
+it twice that in CSV (a dataset held in memory needs more than its CSV's bytes).
+`make bench ONLY=scale` measures the same at 2M to 20M rows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 HEAP_MB = 512
-ROWS = 20_000_000  # about 1.67 GB of CSV, 3.3 times the heap
+ROWS = 14_000_000  # about 1.1 GiB of CSV, 2.2 times the heap
 
 
 def test_ingest_and_preprocess_run_on_data_several_times_a_small_driver_heap(tmp_path):
@@ -37,14 +39,15 @@ def test_ingest_and_preprocess_run_on_data_several_times_a_small_driver_heap(tmp
         f"spark.conf.spark.driver.memory={HEAP_MB}m",
         "spark.conf.spark.ui.enabled=false",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_TOOL_OPTIONS"}  # Java's full JIT, as users run it
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"spark: driver memory {HEAP_MB}m (your setting)" in log
 
     warehouse = tmp_path / "data" / "warehouse" / "tabular_example"
     csv_bytes = sum(p.stat().st_size for p in (tmp_path / "data" / "raw" / "tabular_example").glob("*.csv"))
-    assert csv_bytes > 3 * HEAP_MB * 1024**2, f"only {csv_bytes / 1024**2:.0f} MB of CSV"
+    assert csv_bytes > 2 * HEAP_MB * 1024**2, f"only {csv_bytes / 1024**2:.0f} MB of CSV"
 
     ingest = json.loads((warehouse / "clean" / "_dlpipe_meta.json").read_text())["metrics"]
     assert ingest["rows_in"] == ROWS == ingest["rows_kept"] + ingest["rows_quarantined"]
