@@ -1,8 +1,9 @@
 """What the notebooks in notebooks/ call, so that they hold no logic of their own: a config and session
 rooted in the project folder, the datasets and MLflow runs as tables, and the plots people want to see.
 
-`DLPIPE_NOTEBOOK_ROOT` moves everything a notebook writes (data, MLflow store) to another folder; the
-tests use it to run the notebooks headless in a temporary folder.
+`DLPIPE_NOTEBOOK_ROOT` moves everything a notebook writes (data, MLflow store) to another folder, and
+`DLPIPE_NOTEBOOK_OVERRIDES` (key.path=value items, space-separated) goes after the notebook's own
+overrides: a notebook run headless (the tests, a scheduled run) is changed without editing it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from dlpipe.storage import dataset_paths
 
 
 def start(*overrides: str, env: str | None = None) -> tuple[Config, SparkSession]:
-    """The config (conf/ + env + overrides, rooted in the project folder or $DLPIPE_NOTEBOOK_ROOT) and its
-    Spark session, with dlpipe's progress logging on."""
+    """The config (conf/ + env + overrides + $DLPIPE_NOTEBOOK_OVERRIDES, rooted in the project folder or
+    $DLPIPE_NOTEBOOK_ROOT) and its Spark session, with dlpipe's progress logging on."""
     from dlpipe.cli import setup_logging
     from dlpipe.session import build_spark
 
     conf_dir = default_conf_dir()
     root = os.environ.get("DLPIPE_NOTEBOOK_ROOT") or str(conf_dir.resolve().parent)
-    cfg = load_config(env, [f"project.root={root}", *overrides], conf_dir=conf_dir)
+    more = os.environ.get("DLPIPE_NOTEBOOK_OVERRIDES", "").split()
+    cfg = load_config(env, [f"project.root={root}", *overrides, *more], conf_dir=conf_dir)
     setup_logging()
     _figures_as_images()
     return cfg, build_spark(cfg)

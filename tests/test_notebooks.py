@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+import mlflow
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from dlpipe.model.names import CANDIDATE, INT8_ALIAS
 from tests.conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
@@ -23,6 +25,8 @@ def test_notebooks_are_committed_without_outputs(name):
 
 def _execute(name: str, root, monkeypatch) -> nbformat.NotebookNode:
     monkeypatch.setenv("DLPIPE_NOTEBOOK_ROOT", str(root))  # the kernel inherits it: data and MLflow go there
+    # the int8 variant (its own tests check it) and the Spark UI are work nothing here looks at
+    monkeypatch.setenv("DLPIPE_NOTEBOOK_OVERRIDES", "quantize.enabled=false spark.conf.spark.ui.enabled=false")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     monkeypatch.setenv("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON", str(REPO / ".venv/bin/python")))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -42,6 +46,10 @@ def test_quickstart_then_model_exploration_run_headless(tmp_path, monkeypatch):
     assert len(images) >= 2  # the learning curve and the confusion matrix were drawn
     assert (tmp_path / "data/warehouse/tabular_example/predictions").is_dir()
     assert (tmp_path / "mlruns/mlflow.db").is_file()  # the notebook wrote where it was told, not the repo
+    registered = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_registered_model(
+        "tabular_example-classifier"
+    )
+    assert CANDIDATE in registered.aliases and INT8_ALIAS not in registered.aliases  # the overrides applied
 
     explore = _execute("explore_model.ipynb", tmp_path, monkeypatch)
     assert not _outputs(explore, "error")
