@@ -33,13 +33,18 @@ $(STAMP): pyproject.toml constraints.txt tools/setup.sh tools/build_horovod.sh t
 run: $(STAMP)
 	$(PY) -m pipelines.run $(ARGS)
 
+# Two pytest-xdist workers, a test module to each (its module fixtures made once): the suite spends about a
+# quarter of its time waiting on JVM starts and subprocesses. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) $(AIRFLOW_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The everyday loop (README, "Testing"): no cluster, Airflow, storage servers, GPU or slow tests.
 FAST_MARKS := not cluster and not airflow and not servers and not slow and not gpu
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "$(FAST_MARKS)" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "$(FAST_MARKS)" $(PYTEST_ARGS)
 
 # The CUDA paths, on a machine with a GPU (elsewhere they skip, saying so).
 test-gpu: $(STAMP)

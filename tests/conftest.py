@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,10 +64,17 @@ def no_gpu() -> str | None:
     return f"no CUDA device (torch {torch.__version__}, {build}): run `make test-gpu` on a machine with a GPU"
 
 
+# The longest modules first: with `make test`'s two workers (pytest-xdist, a module to a worker) the one
+# that starts last then ends about when the other does.
+LONGEST_FIRST = ("test_cluster.py", "test_training.py", "test_scale.py", "test_airflow.py", "test_runlock.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests `servers`/`cluster` by the fixtures they use (the `store` fixture by its parameter), and
-    skip `gpu` tests with the reason where there is no GPU."""
+    """Mark tests `servers`/`cluster` by the fixtures they use (the `store` fixture by its parameter), skip
+    `gpu` tests with the reason where there is no GPU, and run the longest modules first."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     gpu_reason: str | None = None
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -83,10 +91,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# Every JVM the tests start (Spark drivers and executors, the cluster's and HDFS's daemons) lives seconds to
+# minutes on tiny data: C2's optimising compiles never pay back. C1 alone cut the CPU of the stage tests by
+# a fifth (90 s against 111-138 s, measured). test_scale.py, whose data is large, runs without it.
+os.environ.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1")
+
+
+def _mlflow_template() -> Path:
+    """An empty MLflow SQLite store with every schema migration applied, made once per MLflow version
+    (under .cache, atomically: parallel test workers may race to make it)."""
+    import mlflow
+
+    template = REPO / ".cache" / f"mlflow-empty-store-{mlflow.__version__}.db"
+    if not template.is_file():
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        partial = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
+        try:
+            _initialize_tables(engine)  # what MLflow runs on an empty database, and nothing else
+        finally:
+            engine.dispose()
+        partial.replace(template)
+    return template
+
+
+def seed_tracking_store(root: Path) -> None:
+    """Give root the embedded tracking store (conf: sqlite:///mlruns/mlflow.db) as MLflow would first make
+    it: a copy of a migrated empty store. MLflow's 40-odd migrations cost 3-5 s per new store, and about
+    a hundred tests each start one; tests of a first run from nothing (notebooks, `make run`) don't come here."""
+    db = root / "mlruns" / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template(), db)
 
 
 def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | None = None) -> list[str]:
     """The override list of a test config (also what a test passes to a job on the command line)."""
+    if not any(o.startswith("tracking.uri=") for o in overrides):
+        seed_tracking_store(Path(root))
     return [
         *([f"dataset={dataset}"] if dataset else []),
         f"project.root={root}",
