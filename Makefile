@@ -34,9 +34,11 @@ run: $(STAMP)
 	$(PY) -m pipelines.run $(ARGS)
 
 # Two pytest-xdist workers, a test module to each (its module fixtures made once): the suite spends about a
-# quarter of its time waiting on JVM starts and subprocesses. TEST_WORKERS=0 runs it in this process.
+# quarter of its time waiting on JVM starts and subprocesses. Modules go out in the order tests/conftest.py
+# collects them, longest first (xdist would order them by their number of tests). TEST_WORKERS=0 runs the
+# tests in this process.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP) $(AIRFLOW_STAMP)
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
