@@ -33,12 +33,8 @@ class Generate(Stage):
     def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
         from dlpipe.data.generate import already_generated, manifest_metrics
 
-        raw = dataset_paths(cfg).raw
-        existing = already_generated(cfg, raw)
-        if existing is None:
-            return None
-        log.info("generate: %s already holds this data (%d rows), skipping", raw, existing["rows_written"])
-        return manifest_metrics(existing)
+        existing = already_generated(cfg, dataset_paths(cfg).raw)
+        return None if existing is None else manifest_metrics(existing)
 
     def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
         from dlpipe.data.generate import generate, manifest_metrics

@@ -65,7 +65,10 @@ def manifest_metrics(manifest: dict) -> dict:
 def already_generated(cfg: Config, uri: str) -> dict | None:
     """The manifest when uri already holds the data cfg's generator makes (same params), else None."""
     existing = read_manifest(uri, storage_settings(cfg))
-    return existing if existing and existing.get("params") == params_of(cfg) else None
+    if not existing or existing.get("params") != params_of(cfg):
+        return None
+    log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])
+    return existing
 
 
 def generate(cfg: Config, uri: str, force: bool = False) -> dict:
@@ -79,7 +82,6 @@ def generate(cfg: Config, uri: str, force: bool = False) -> dict:
     params = params_of(cfg)
     existing = None if force else already_generated(cfg, uri)
     if existing:
-        log.info("generate: %s already holds this data (%d files/lines), skipping", uri, existing["rows_written"])
         return {**existing, "skipped": True}
     if g.kind == "digits":
         images, facts = _digits(cfg)
