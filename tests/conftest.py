@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dlpipe.ops.processes import pid_alive
+from tests.jvm_archive import spark_class_archive
 from tests.require_all import (  # noqa: F401  (hooks: DLPIPE_REQUIRE_ALL=1 fails a session with skips)
     pytest_configure,
     pytest_runtest_logreport,
@@ -93,8 +94,14 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 # Every JVM the tests start (Spark drivers and executors, the cluster's and HDFS's daemons) lives seconds to
 # minutes on tiny data: C2's optimising compiles never pay back. C1 alone cut the CPU of the stage tests by
-# a fifth (90 s against 111-138 s, measured). test_scale.py, whose data is large, runs without it.
-os.environ.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1")
+# a fifth (90 s against 111-138 s, measured). Spark's classes come from an archive made once (a quarter of
+# a small application's CPU: tests/jvm_archive.py). test_scale.py, whose data is large, runs without either.
+if "JAVA_TOOL_OPTIONS" not in os.environ:
+    _jvm = ["-XX:TieredStopAtLevel=1"]
+    _archive = spark_class_archive(REPO / ".cache")
+    if _archive is not None:  # a JVM that cannot use it (another class path) says nothing and runs without
+        _jvm += [f"-XX:SharedArchiveFile={_archive}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
+    os.environ["JAVA_TOOL_OPTIONS"] = " ".join(_jvm)
 
 
 def _mlflow_template() -> Path:
