@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from dlpipe import tracking
 from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
@@ -173,10 +174,20 @@ def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships(standalo
 
 
 def test_images_train_a_cnn_on_the_cluster_with_both_launchers(standalone_cluster, spark, tmp_path):
-    # The data is prepared by the local session (file:// is shared): the training is what meets the cluster.
+    """The image dataset's model by configuration ('auto': a CNN), trained by each launcher. The data is
+    prepared by the local session (file:// is shared): the training is what meets the cluster."""
     more = ("train.epochs=10", "train.batch_size=32", "train.lr=0.002")
-    prepare(spark, tmp_path, NO_INT8, *more, rows=1797, dataset="digits_images")
+    cfg = prepare(spark, tmp_path, NO_INT8, *more, rows=1797, dataset="digits_images")
     _train_on_both_launchers(standalone_cluster, tmp_path, 1797, "digits_images", 0.9, *more)  # chance: 0.1
+    run = _last_train(tmp_path, "digits_images")
+    assert run.data.params["train.model.factory"] == "auto"
+    assert run.data.tags["dlpipe.model_factory"] == "dlpipe.train.models:build_cnn"
+    # the registered model takes image tensors (1x8x8) and answers one score per digit
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    version = client.get_model_version_by_alias(cfg.model_name, "candidate")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(client.get_model_version_download_uri(cfg.model_name, version.version))
+    assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)
 
 
 def test_a_slot_shortage_on_the_cluster_fails_fast(standalone_cluster, spark, tmp_path):

@@ -1,5 +1,5 @@
 """Training: a rank killed mid-training resumes from a checkpoint when Spark retries the barrier stage,
-`train.resume`, models by configuration (a CNN for images, your own factory), early stopping."""
+`train.resume`, your own model factory, early stopping (the image CNN trains in test_cluster.py)."""
 
 from __future__ import annotations
 
@@ -82,27 +82,6 @@ def test_resume_continues_from_the_last_checkpoint(spark, tmp_path, caplog):
     assert second["final_val_loss"] < first["final_val_loss"]
     fresh = _train(spark, make_cfg(tmp_path, "train.early_stopping.patience=0", "train.epochs=1", use, rows=3000))
     assert fresh["resumed_from_epoch"] == 0  # without resume, old checkpoints are cleared, not used
-
-
-def test_the_image_dataset_trains_a_cnn(spark, tmp_path):
-    """With Horovod here; test_cluster.py trains the same CNN with both launchers on a standalone cluster."""
-    cfg = prepare(
-        spark,
-        tmp_path,
-        "train.epochs=10",
-        "train.batch_size=32",
-        "train.lr=0.002",
-        rows=1797,
-        dataset="digits_images",
-    )
-    m = _train(spark, cfg)
-    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
-    run = client.get_run(client.get_model_version_by_alias(cfg.model_name, "candidate").run_id)
-    assert run.data.params["train.model.factory"] == "auto"
-    assert m["best_val_accuracy"] > 0.9, m  # 10 balanced classes: chance is 0.1
-    assert run.data.tags["dlpipe.model_factory"] == "dlpipe.train.models:build_cnn"
-    model = mlflow.pytorch.load_model(f"models:/{cfg.model_name}@candidate")
-    assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)
 
 
 def _val_loss_of_candidate(cfg) -> float:
