@@ -306,8 +306,10 @@ def mlflow_server(s3_server, tmp_path_factory) -> Iterator[MlflowEndpoint]:
     prefix = f"mlflow-{uuid.uuid4().hex[:8]}"
     admin = ("mlflow-admin", f"AdminPw-{uuid.uuid4().hex[:12]}")
     user = ("dlpipe-ci", f"TrackingPw-{uuid.uuid4().hex[:12]}")
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copyfile(_mlflow_template(), workdir / "mlflow.db")  # its backend store, migrated once
     server = MlflowServer(
-        tmp_path_factory.mktemp("mlflow-server"),
+        workdir,
         f"s3://{s3_server.bucket}/{prefix}",
         s3_server.endpoint,
         s3_server.access_key,
