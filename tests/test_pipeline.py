@@ -16,10 +16,13 @@ from tests.conftest import REPO, cfg_overrides, make_cfg
 
 pytestmark = pytest.mark.slow
 
+# Enough to close the Bayes-vs-majority gap well past the 60% asked below (3000 rows, 2 epochs: 0.85 test accuracy)
+ROWS, EPOCHS = 4000, 5
+
 
 @pytest.fixture(scope="module")
 def pipeline(spark, tmp_path_factory):
-    cfg = make_cfg(tmp_path_factory.mktemp("pipeline"), "train.epochs=8", rows=8000)
+    cfg = make_cfg(tmp_path_factory.mktemp("pipeline"), f"train.epochs={EPOCHS}", rows=ROWS)
     return cfg, run_pipeline(spark, cfg)
 
 
@@ -45,8 +48,8 @@ def test_predictions_cover_every_test_row(pipeline):
 def test_quarantine_counts_match_the_malformed_lines_written(pipeline):
     cfg, result = pipeline
     gen, ing = result.metrics["generate"], result.metrics["ingest"]
-    assert ing["rows_quarantined"] == gen["malformed_total"] == round(8000 * 0.03)
-    assert ing["rows_in"] == ing["rows_kept"] + ing["rows_quarantined"] == 8000
+    assert ing["rows_quarantined"] == gen["malformed_total"] == round(ROWS * 0.03)
+    assert ing["rows_in"] == ing["rows_kept"] + ing["rows_quarantined"] == ROWS
 
 
 def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
@@ -54,7 +57,7 @@ def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
     client = mlflow.MlflowClient(result.tracking_uri)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["train.epochs"] == "8"
+    assert parent.data.params["train.epochs"] == str(EPOCHS)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
     )
@@ -130,7 +133,7 @@ def test_the_cli_reruns_from_a_stage_skipping_what_is_unchanged_and_shows_status
     same data and config, infer its output made from that model and input, and both skip; `python -m
     dlpipe status` shows each stage's output and last run."""
     cfg, result = pipeline
-    args = cfg_overrides(cfg.root, "train.epochs=8", "spark.conf.spark.ui.enabled=false", rows=8000)
+    args = cfg_overrides(cfg.root, f"train.epochs={EPOCHS}", "spark.conf.spark.ui.enabled=false", rows=ROWS)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     run = subprocess.run(
         [sys.executable, "-m", "dlpipe", "run", "--from", "train", *args],
