@@ -65,9 +65,21 @@ def no_gpu() -> str | None:
     return f"no CUDA device (torch {torch.__version__}, {build}): run `make test-gpu` on a machine with a GPU"
 
 
-# The longest modules first: with `make test`'s two workers (pytest-xdist, a module to a worker) the one
-# that starts last then ends about when the other does.
-LONGEST_FIRST = ("test_cluster.py", "test_training.py", "test_scale.py", "test_airflow.py", "test_runlock.py")
+# The longest modules first (each over a minute in a clean-clone run): with `make test`'s two workers
+# (pytest-xdist, a module to a worker) the one that starts last then ends about when the other does. Left
+# in file-name order, test_tracking_server.py (a server start and a whole pipeline) came last of all.
+LONGEST_FIRST = (
+    "test_cluster.py",
+    "test_training.py",
+    "test_airflow.py",
+    "test_scale.py",
+    "test_runlock.py",
+    "test_tracking_server.py",
+    "test_stages.py",
+    "test_notebooks.py",
+    "test_datasets.py",
+    "test_pipeline.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
