@@ -18,7 +18,15 @@ import os
 import sys
 
 from dlpipe import redact
-from dlpipe.cli import add_common, clear_failures, load_or_exit, preflight_or_exit, setup_logging, spark_submit_argv
+from dlpipe.cli import (
+    add_common,
+    clear_failures,
+    load_or_exit,
+    parse,
+    preflight_or_exit,
+    setup_logging,
+    spark_submit_argv,
+)
 from dlpipe.config import Config
 from dlpipe.pipeline import STAGES, stages_for
 
@@ -66,7 +74,7 @@ def _submit(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(_parser(), argv)
     cfg = load_or_exit(args)
     if args.command == "submit":
         return _submit(cfg, args)

@@ -37,6 +37,18 @@ def add_common(p: argparse.ArgumentParser, force: bool = True) -> argparse.Argum
     return p
 
 
+def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """p's arguments, with key.path=value overrides allowed before, between and after the options. argparse
+    fills a positional list once: in `stage train --force train.epochs=2` the overrides came after it had
+    taken none, and were refused as unrecognized. Anything else it does not know still is."""
+    args, extra = p.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]  # extras come after what argparse took: the order is kept
+    return args
+
+
 SECRET_OVERRIDES = "DLPIPE_SECRET_OVERRIDES"  # a JSON list of key.path=value: secrets kept off command lines
 
 
@@ -97,7 +109,7 @@ def run_job(stage: str, argv: list[str]) -> int:
 
     p = parser(f"jobs/{stage}.py", f"Run the dlpipe '{stage}' stage.")
     p.add_argument("--parent-run-id", help="MLflow run id of the pipeline run this stage belongs to")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     cfg = load_or_exit(args)
     setup_logging()
     preflight_or_exit(cfg, [stage])

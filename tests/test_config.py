@@ -123,6 +123,43 @@ def test_job_exits_nonzero_on_bad_config_before_spark_starts():
     assert time.time() - started < 30  # no JVM was started
 
 
+def _cli(kind: str):
+    from dlpipe import cli
+    from dlpipe.__main__ import _parser
+
+    return _parser() if kind == "python -m dlpipe" else cli.parser("jobs/train.py", "a job")
+
+
+@pytest.mark.parametrize(
+    "kind,argv,force,overrides",
+    [
+        ("python -m dlpipe", ["stage", "train", "--force", "train.epochs=2"], True, ["train.epochs=2"]),
+        ("python -m dlpipe", ["stage", "train", "a.b=1", "--force", "a.b=2"], True, ["a.b=1", "a.b=2"]),
+        ("python -m dlpipe", ["run", "a.b=1", "--to", "train", "c.d=2"], False, ["a.b=1", "c.d=2"]),
+        ("python -m dlpipe", ["submit", "--master", "local[1]", "train", "--force", "a.b=1"], True, ["a.b=1"]),
+        ("a job", ["a.b=1", "--force", "a.b=2", "--env", "local", "c.d=3"], True, ["a.b=1", "a.b=2", "c.d=3"]),
+    ],
+)
+def test_overrides_come_before_between_or_after_the_options_in_their_order(kind, argv, force, overrides):
+    from dlpipe.cli import parse
+
+    args = parse(_cli(kind), argv)
+    assert (args.force, args.overrides) == (force, overrides)  # in order: the later a.b wins
+
+
+@pytest.mark.parametrize(
+    "argv,stray",
+    [(["stage", "train", "--forse", "a.b=1"], "--forse"), (["stage", "train", "--force", "trian"], "trian")],
+)
+def test_an_unknown_option_or_a_word_that_is_no_override_is_still_refused(argv, stray, capsys):
+    from dlpipe.cli import parse
+
+    with pytest.raises(SystemExit) as exc:
+        parse(_cli("python -m dlpipe"), argv)
+    assert exc.value.code == 2
+    assert f"error: unrecognized arguments: {stray}\n" in capsys.readouterr().err
+
+
 def _with_feature(tmp_path, feature: dict, key: dict | None = None):
     """load_config of a dataset with one feature column as given (and optionally its key column)."""
     import shutil
