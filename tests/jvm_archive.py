@@ -19,10 +19,10 @@ from pathlib import Path
 # The work whose classes go into the archive: what the tests' Spark does (CSV, Parquet, Arrow and pandas
 # UDFs, an RDD), on a few rows; the JVM writes the archive when it exits, so wait for it.
 DUMP = r"""
-import sys, tempfile
+import os, sys
 from pyspark.sql import SparkSession, functions as F
 
-work = tempfile.mkdtemp()
+work = os.getcwd()  # a temporary folder of the caller's, removed afterwards
 s = (
     SparkSession.builder.master("local[2]")
     .config("spark.ui.enabled", "false")
