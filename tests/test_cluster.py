@@ -1,15 +1,15 @@
 """Training on a real Spark standalone cluster: a master and two 1-core workers on 127.0.0.1 (the
 `standalone_cluster` fixture, i.e. `make cluster-up`). Jobs run as their own driver processes, as a user's
-would: the whole pipeline through spark-submit with 2 Horovod ranks, the same data trained by
-TorchDistributor, the image dataset's CNN trained by Horovod, and a slot shortage that fails fast with both
-numbers instead of waiting for slots.
+would: the whole pipeline through spark-submit with 2 Horovod ranks, the image dataset's CNN trained by
+TorchDistributor, and a slot shortage that fails fast with both numbers instead of waiting for slots.
 
 Where the time goes: each job is a Spark application (a driver JVM, two executor JVMs, Python workers; with
 the shipped environment, two unpacked archives) and each training a fresh MLflow store; the epochs
 themselves take seconds. So the whole pipeline runs once, through spark-submit with the shipped environment;
 the image data is prepared locally and only its training job meets the cluster. Each launcher runs on the
-cluster once (the model is the training function's business, not the launcher's: the CNN trains with
-Horovod). The int8 variant is driver-side work that the stage tests check, so it is off here."""
+cluster once (the model is the training function's business, not the launcher's: Horovod trains the
+tabular MLP, TorchDistributor the CNN). The int8 variant is driver-side work that the stage tests check, so
+it is off here."""
 
 from __future__ import annotations
 
@@ -73,40 +73,25 @@ def _train_on_the_cluster(
     dataset: str | None,
     min_accuracy: float,
     *more: str,
+    launcher: str = "horovod",
     first=None,
-    torch_distributor: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Train with Horovod, then (torch_distributor) again with TorchDistributor on the same data, each as its
-    own application on the cluster. first(args) runs the Horovod job (default: `python jobs/train.py` on
-    prepared data); its result is returned."""
-    app = f"dlpipe-test-{dataset or 'tabular'}"
-    args = _on_cluster(cluster, root, app, NO_INT8, *more, rows=rows, dataset=dataset)
+    """Train once with `launcher`, as its own application on the cluster; first(args) runs the job (default:
+    `python jobs/train.py` on prepared data). Each launcher meets the cluster once: Horovod in the
+    spark-submit pipeline, TorchDistributor in the image CNN's job."""
+    app = f"dlpipe-test-{dataset or 'tabular'}-{launcher}"
+    args = _on_cluster(cluster, root, app, NO_INT8, *more, f"train.launcher={launcher}", rows=rows, dataset=dataset)
     proc = first(args) if first else _job("jobs/train.py", *args)
     # spark-submit hands its Python driver's stderr to its own stdout: read both
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0, said[-4000:]
     _ran_on_the_cluster(cluster, app)
-    horovod = _last_train(root, dataset)
-    assert horovod.data.params["train.launcher"] == "horovod"
-    assert horovod.data.metrics["ranks"] == 2
-    assert horovod.data.metrics["best_val_accuracy"] > min_accuracy
-    assert horovod.data.metrics["epochs_logged_live"] == horovod.data.metrics["epochs_run"]
+    run = _last_train(root, dataset)
+    assert run.data.params["train.launcher"] == launcher
+    assert run.data.metrics["ranks"] == 2
+    assert run.data.metrics["best_val_accuracy"] > min_accuracy
+    assert run.data.metrics["epochs_logged_live"] == run.data.metrics["epochs_run"]
     assert "dlpipe.train.rank1" in said  # rank 1's log reached the driver from its executor
-    if not torch_distributor:
-        return proc
-
-    app_td = f"{app}-td"
-    td_args = _on_cluster(
-        cluster, root, app_td, NO_INT8, *more, "train.launcher=torch_distributor", rows=rows, dataset=dataset
-    )
-    td_proc = _job("jobs/train.py", *td_args)
-    assert td_proc.returncode == 0, td_proc.stderr[-4000:]
-    _ran_on_the_cluster(cluster, app_td)
-    td = _last_train(root, dataset)
-    assert td.info.run_id != horovod.info.run_id
-    assert td.data.params["train.launcher"] == "torch_distributor"
-    assert td.data.metrics["ranks"] == 2
-    assert td.data.metrics["best_val_accuracy"] > min_accuracy
     return proc
 
 
@@ -162,7 +147,7 @@ RANK_ORIGIN = re.compile(r"dlpipe\.train\.rank(\d): python (\S+), torch \S+ from
 
 def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships(standalone_cluster, shipment, tmp_path):
     """The whole tabular pipeline, submitted with the code as --py-files and a packed virtualenv as
-    --archives, trains with Horovod (then TorchDistributor, as a plain job, on the same data). Each rank says
+    --archives, trains with Horovod. Each rank says
     where its interpreter, torch and dlpipe come from (dlpipe.train.worker.runtime_origin): the unpacked
     archive and the zip, never the project folder or its .venv. Infer's UDF (udfs/) runs on the executors
     too, so a zip without it fails the run."""
@@ -184,12 +169,13 @@ def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships(standalo
 
 
 def test_images_train_a_cnn_on_the_cluster(standalone_cluster, spark, tmp_path):
-    """The image dataset's model by configuration ('auto': a CNN), trained by Horovod's ranks on the
-    cluster. The data is prepared by the local session (file:// is shared): the training meets the cluster."""
+    """The image dataset's model by configuration ('auto': a CNN), trained by TorchDistributor's ranks (torchrun
+    on the executors, DDP) on the cluster. The data is prepared by the local session (file:// is shared): the
+    training meets the cluster."""
     more = ("train.epochs=10", "train.batch_size=32", "train.lr=0.002")
     cfg = prepare(spark, tmp_path, NO_INT8, *more, rows=1797, dataset="digits_images")
     # 10 balanced classes: chance is 0.1
-    _train_on_the_cluster(standalone_cluster, tmp_path, 1797, "digits_images", 0.9, *more, torch_distributor=False)
+    _train_on_the_cluster(standalone_cluster, tmp_path, 1797, "digits_images", 0.9, *more, launcher="torch_distributor")
     run = _last_train(tmp_path, "digits_images")
     assert run.data.params["train.model.factory"] == "auto"
     assert run.data.tags["dlpipe.model_factory"] == "dlpipe.train.models:build_cnn"
