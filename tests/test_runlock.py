@@ -70,10 +70,11 @@ def test_a_second_run_on_the_same_dataset_fails_at_once_naming_the_first(tmp_pat
 
 
 def test_a_run_told_to_wait_runs_after_the_first_and_a_dead_holders_lock_is_taken_over(tmp_path):
-    """Two whole pipeline runs (train and registry included), the second started while the first is at
-    work and told to wait: both succeed, one after the other, and the registry holds one version per run."""
+    """Two pipeline runs that each register a model, the second (the whole pipeline) started while the first
+    (up to train) is at work and told to wait: both succeed, one after the other, and the registry holds one
+    version per run."""
     whole = ("train.epochs=2", "train.num_proc=1", "quantize.enabled=false")
-    first = _start(tmp_path, *whole, to="evaluate")
+    first = _start(tmp_path, *whole, to="train")
     _wait_for_lock(tmp_path, first)
     second = _start(tmp_path, *whole, "storage.lock_wait_seconds=600", "--force", to="evaluate")
     first_out, _ = first.communicate(timeout=900)
