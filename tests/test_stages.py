@@ -336,9 +336,9 @@ def test_a_killed_infer_leaves_nothing_readable_and_a_rerun_is_correct(spark, cf
     names (a reader finds nothing, not half of them); the rerun clears the leftovers and scores every line."""
     new, out = tmp_path / "new", tmp_path / "scored"
     overrides = [f"infer.source={new.as_uri()}", f"infer.output={out.as_uri()}", "infer.partition_by=[]"]
-    ncfg = make_cfg(cfg.root, *overrides, rows=200_000)
+    ncfg = make_cfg(cfg.root, *overrides, rows=40_000)
     manifest = generate(ncfg, new.as_uri())
-    argv = [sys.executable, "jobs/infer.py", *cfg_overrides(cfg.root, *overrides, rows=200_000)]
+    argv = [sys.executable, "jobs/infer.py", *cfg_overrides(cfg.root, *overrides, rows=40_000)]
     kill_once_it_writes(argv, tmp_path, "scored*.tmp-*/**/*.parquet", log=tmp_path / "infer.log", timeout=300)
     quarantine = local_path(dataset_paths(ncfg).infer_quarantine)
     assert not out.exists() and not quarantine.exists(), "a killed infer left output"
