@@ -40,7 +40,7 @@ run: $(STAMP)
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test: $(STAMP) $(AIRFLOW_STAMP)
+test: $(STAMP) $(AIRFLOW_STAMP) ship
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The everyday loop (README, "Testing"): no cluster, Airflow, storage servers, GPU or slow tests.
