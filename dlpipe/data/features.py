@@ -588,8 +588,6 @@ def read_stats(spark: SparkSession, cfg: Config) -> FittedStats:
     return FittedStats.from_json(HadoopFS(spark).read_bytes(dataset_paths(cfg).stats))
 
 
-
-
 def model_stats(mv: ModelRef, fallback: Callable[[], FittedStats]) -> FittedStats:
     """The statistics logged with the training run of model version mv (train logs them), so new rows are
     transformed exactly as its training rows were; fallback() for a model trained elsewhere, with a warning."""

@@ -1028,8 +1028,7 @@ def _ingest(spark: SparkSession, cfg: Config, raw: str, clean_tmp: str, q_tmp: s
     dups = duplicate_report(spark, key, clean_tmp, q_tmp if by_code.get(DUPLICATE_KEY) else None)
     if dups["duplicate_keys"]:
         log.warning(
-            "ingest: %d key(s) of %s have more than one valid row (%d rows beyond the first); "
-            "dataset.duplicates: %s%s",
+            "ingest: %d key(s) of %s have more than one valid row (%d rows beyond the first); dataset.duplicates: %s%s",
             dups["duplicate_keys"],
             key,
             dups["duplicate_rows"],
