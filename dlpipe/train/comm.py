@@ -40,7 +40,7 @@ class HostAveraging:
     skip_synchronize(), so loss scaling can unscale averaged gradients (every rank then skips the same
     steps)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, comm: HorovodComm | TorchComm):
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, comm: HorovodComm | TorchComm | SoloComm):
         self._opt, self._comm = optimizer, comm
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._synced = False
@@ -183,7 +183,34 @@ class TorchComm:
             self._dist.destroy_process_group()
 
 
-def open_comm(launcher: str, device: torch.device) -> HorovodComm | TorchComm:
+class SoloComm:
+    """One process training alone (a tuning trial): every collective is the identity, nothing is wrapped."""
+
+    rank, size = 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def host_needed(self) -> bool:
+        return False
+
+    def allreduce_sum(self, values: list[float], name: str) -> list[float]:
+        return list(values)
+
+    def allreduce_mean_(self, flat: torch.Tensor) -> None:
+        """The mean over one rank is the tensor itself."""
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, host: bool) -> tuple[nn.Module, Any]:
+        to_device(model, optimizer, self.device)
+        return model, optimizer
+
+    def close(self) -> None:
+        """Nothing was opened."""
+
+
+def open_comm(launcher: str, device: torch.device) -> HorovodComm | TorchComm | SoloComm:
+    if launcher == "solo":
+        return SoloComm(device)
     return HorovodComm(device) if launcher == "horovod" else TorchComm(device)
 
 

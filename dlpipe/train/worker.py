@@ -27,13 +27,13 @@ from dlpipe.model.task import label_numpy_type
 from dlpipe.storage import StorageSettings, dataset_paths, storage_settings
 from dlpipe.tracking import Credentials
 from dlpipe.train.checkpoints import CheckpointStore, ResumeState
-from dlpipe.train.comm import GPU_ENV, HorovodComm, TorchComm, open_comm, optimizer_step
+from dlpipe.train.comm import GPU_ENV, HorovodComm, SoloComm, TorchComm, open_comm, optimizer_step
 from dlpipe.train.live import LiveTracker
 from dlpipe.train.loader import ShardLoader, ShortEpochError
 from dlpipe.train.logstream import rank_logger
 from dlpipe.train.models import build_model
 
-Comm = HorovodComm | TorchComm
+Comm = HorovodComm | TorchComm | SoloComm
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,7 @@ def set_up(spec: TrainSpec, comm: Comm) -> tuple[RankRun, ResumeState]:
     log.info("%s", runtime_origin())
     amp = autocast_dtype(spec.train.mixed_precision, device)
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     store = CheckpointStore(spec.checkpoint_uri, spec.storage)
     state = restore(store, model, optimizer, log)
     host = host_averaging(spec.train.allreduce, comm)
