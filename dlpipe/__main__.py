@@ -63,7 +63,11 @@ def _submit(cfg: Config, args: argparse.Namespace) -> int:
     """Replace this process with the stage's spark-submit, or return --skip-exit-code when the config leaves
     the stage nothing to do (as `run` would leave it out)."""
     if not stages_for(cfg, [args.name]):
-        print(f"dlpipe: dataset {cfg.dataset.name} has no generator: nothing to generate", file=sys.stderr)
+        why = {
+            "generate": f"dataset {cfg.dataset.name} has no generator: nothing to generate",
+            "tune": "tune.enabled is false: nothing to tune",
+        }
+        print(f"dlpipe: {why[args.name]}", file=sys.stderr)
         return args.skip_exit_code
     argv = spark_submit_argv(cfg, args.name, args)
     for name in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"):  # this Python, unless told otherwise

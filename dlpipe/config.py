@@ -18,7 +18,7 @@ from dlpipe import redact
 
 DEFAULT_ENV = "local"
 # Free-form mappings whose keys themselves contain dots (`spark.conf.spark.sql.shuffle.partitions=4`).
-_FREE_FORM = ("spark.conf", "storage.s3.hadoop")
+_FREE_FORM = ("spark.conf", "storage.s3.hadoop", "tune.space")
 
 
 class ConfigError(ValueError):
@@ -462,6 +462,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(12, gt=0)
     batch_size: int = Field(128, gt=1)
     lr: float = Field(0.003, gt=0, description="learning rate of one rank; scaled by the number of ranks")
+    weight_decay: float = Field(0.0, ge=0, description="Adam's L2 penalty on the weights")
     warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warm-up from lr to lr x ranks")
     model: ModelConfig = Field(default_factory=ModelConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -495,6 +496,95 @@ class TrainConfig(_Strict):
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
+class ParamRange(_Strict):
+    """One dimension of the search space: a range (low..high, log-scaled or stepped), a list of choices, or
+    (for `train.model.hidden`) a number of layers and a range of widths, each layer's width its own."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Any] | None = None
+    layers: tuple[int, int] | None = Field(None, description="hidden layers: [fewest, most]")
+    width: tuple[int, int] | None = Field(None, description="hidden layers: [narrowest, widest], log-scaled")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamRange:
+        ranged, chosen, layered = self.low is not None or self.high is not None, self.choices, self.layers
+        if sum(bool(k) for k in (ranged, chosen, layered)) != 1:
+            raise ValueError(
+                "give low and high, or choices, or layers and width (e.g. {low: 0.0003, high: 0.03, log: true})"
+            )
+        if ranged and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if ranged and self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        if layered and (
+            self.width is None or not 1 <= self.layers[0] <= self.layers[1] or not 1 <= self.width[0] <= self.width[1]
+        ):
+            raise ValueError("layers: [fewest, most] and width: [narrowest, widest], all at least 1")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """A range of whole numbers: both ends written as integers (epochs: {low: 5, high: 30})."""
+        return (
+            isinstance(self.low, int)
+            and isinstance(self.high, int)
+            and (self.step is None or self.step == int(self.step))
+        )
+
+
+# What the tune stage searches by default: the built-in model's training settings.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "train.lr": {"low": 0.0003, "high": 0.03, "log": True},
+    "train.batch_size": {"choices": [64, 128, 256, 512]},
+    "train.model.hidden": {"layers": (1, 3), "width": (32, 256)},
+    "train.model.dropout": {"low": 0.0, "high": 0.3},
+    "train.weight_decay": {"choices": [0.0, 1e-5, 1e-4, 1e-3]},
+    "train.epochs": {"low": 8, "high": 30},
+}
+
+
+class TuneConfig(_Strict):
+    """Hyperparameter search before train (the `tune` stage): Optuna's TPE sampler, trials as Spark tasks
+    (one rank each, train split in, validation split scored), poor trials pruned on their per-epoch
+    validation loss; the best trial's settings are what train then uses."""
+
+    enabled: bool = Field(False, description="run the tune stage before train, and train with what it found")
+    trials: int = Field(20, gt=0, description="trials in the study (a resumed study counts the ones it has)")
+    concurrency: int = Field(2, gt=0, description="trials at once, each a Spark task of one core")
+    seed: int = Field(42, description="the sampler's seed")
+    startup_trials: int = Field(5, ge=0, description="random trials before TPE takes over")
+    prune_warmup_epochs: int = Field(3, ge=0, description="no trial is pruned before this many epochs")
+    prune_min_trials: int = Field(3, ge=0, description="no pruning until this many trials have finished")
+    storage: str | None = Field(
+        None,
+        description="where the study lives, so a killed tune resumes it: an Optuna journal file on the driver "
+        "(default <project.root>/data/tune/<dataset>.journal) or a database URL (sqlite:///..., postgresql://...)",
+    )
+    space: dict[str, ParamRange] = Field(
+        default_factory=lambda: {k: ParamRange.model_validate(v) for k, v in DEFAULT_SPACE.items()},
+        description="config key (train.*) -> its range; train.model.params.<name> reaches your factory",
+    )
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _over_defaults(cls, space: Any) -> Any:
+        """What conf gives is laid over the default space: a key adds or replaces a dimension, null drops one."""
+        if not isinstance(space, dict):
+            return space
+        merged = {**DEFAULT_SPACE, **space}
+        return {k: v for k, v in merged.items() if v is not None}
+
+    @field_validator("space")
+    @classmethod
+    def _train_keys(cls, space: dict[str, ParamRange]) -> dict[str, ParamRange]:
+        for key in space:
+            _check_tunable(key)
+        return space
 
 
 PARTITION_COLUMNS = ("model_version", "prediction")
@@ -563,6 +653,7 @@ class Config(_Strict):
     infer: InferConfig = Field(default_factory=InferConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _fits_task(self) -> Config:
@@ -598,6 +689,33 @@ class Config(_Strict):
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
         return flatten(self.model_dump(mode="json"))
+
+
+_UNTUNABLE = ("launcher", "num_proc", "resume", "fault_injection", "checkpoint_dir", "max_attempts")
+
+
+def _check_tunable(key: str) -> None:
+    """A search-space key must name a training setting (train.<field>, train.model.<field> or
+    train.model.params.<anything>)."""
+    parts = key.split(".")
+    if parts[0] != "train" or len(parts) < 2:
+        raise ValueError(f"'{key}': the space holds training settings, e.g. train.lr or train.model.params.<name>")
+    if parts[1:3] == ["model", "params"] and len(parts) == 4:
+        return
+    model: type[BaseModel] = TrainConfig
+    for i, part in enumerate(parts[1:], 1):
+        fields = model.model_fields
+        if part not in fields or part in _UNTUNABLE:
+            known = ", ".join(f"{'.'.join(parts[:i])}.{f}" for f in fields if f not in _UNTUNABLE)
+            raise ValueError(f"'{key}' is not a tunable setting; known: {known}")
+        sub = _submodel(fields[part].annotation)
+        if i == len(parts) - 1:
+            if sub is not None:
+                raise ValueError(f"'{key}' is a section; name one of its settings")
+            return
+        if sub is None:
+            raise ValueError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section")
+        model = sub
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dlpipe.storage.runlock import dataset_lock
 
 log = logging.getLogger(__name__)
 
+
 class Generate(Stage):
     """The built-in datasets' raw files (dataset.generator); reused when the manifest has the same params."""
 
@@ -48,6 +49,7 @@ STAGE_CLASSES = {
     "generate": "dlpipe.pipeline:Generate",
     "ingest": "dlpipe.data.ingest:Ingest",
     "preprocess": "dlpipe.data.features:Preprocess",
+    "tune": "dlpipe.tune.stage:Tune",
     "train": "dlpipe.train.stage:Train",
     "infer": "dlpipe.serve.infer:Infer",
     "evaluate": "dlpipe.model.evaluate:Evaluate",
@@ -73,16 +75,18 @@ def run_stage(
     configure_spark_storage(spark, cfg)
     log.info("stage %s: start", name)
     started = time.time()
-    with dataset_lock(spark, cfg, f"stage {name}"), tracking.stage_run(cfg, name, parent_run_id):
-        try:
-            metrics = execute(stage, spark, cfg, force)
-        except Exception as exc:
-            clear = resource_error(exc, name, spark)
-            if clear is not None:
-                raise clear from exc
-            raise
-        metrics["seconds"] = round(time.time() - started, 3)
-        tracking.log_metrics(metrics)
+    with dataset_lock(spark, cfg, f"stage {name}"):
+        cfg = stage.configure(spark, cfg)  # e.g. train with what tune found: its run's params show it
+        with tracking.stage_run(cfg, name, parent_run_id):
+            try:
+                metrics = execute(stage, spark, cfg, force)
+            except Exception as exc:
+                clear = resource_error(exc, name, spark)
+                if clear is not None:
+                    raise clear from exc
+                raise
+            metrics["seconds"] = round(time.time() - started, 3)
+            tracking.log_metrics(metrics)
     log.info("stage %s: done in %.1fs %s", name, metrics["seconds"], metrics)
     return metrics
 
@@ -96,7 +100,10 @@ class PipelineResult:
 
 
 def stages_for(cfg: Config, stages: Sequence[str] = STAGES) -> list[str]:
-    return [s for s in stages if not (s == "generate" and cfg.dataset.generator is None)]
+    """The stages of stages that apply to cfg: generate only for a dataset with a generator, tune only when
+    tune.enabled."""
+    off = {"generate": cfg.dataset.generator is None, "tune": not cfg.tune.enabled}
+    return [s for s in stages if not off.get(s, False)]
 
 
 def run_pipeline(

@@ -51,6 +51,11 @@ class Stage:
     # (metric counting rows in, metrics counting rows out): checked by the runner before the commit
     accounting: ClassVar[tuple[str, tuple[str, ...]] | None] = None
 
+    def configure(self, spark: SparkSession, cfg: Config) -> Config:
+        """The config this stage runs with, given what earlier stages made (train: tune's best settings).
+        Called before the stage's MLflow run opens, so its params are the ones used. Default: cfg."""
+        return cfg
+
     def plan(self, spark: SparkSession, cfg: Config) -> Plan:
         raise NotImplementedError
 
@@ -89,6 +94,7 @@ def check_accounting(stage: Stage, metrics: dict[str, Any]) -> None:
 
 def execute(stage: Stage, spark: SparkSession, cfg: Config, force: bool = False) -> dict[str, Any]:
     """Run one stage under the contract; returns its metrics with `skipped` 0 or 1."""
+    cfg = stage.configure(spark, cfg)  # idempotent: run_stage has usually done it already
     plan = stage.plan(spark, cfg)
     done = None if force else stage.reuse(spark, cfg, plan)
     if done is not None:

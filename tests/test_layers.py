@@ -22,12 +22,13 @@ EXECUTOR_MODULES = (
     "dlpipe.train.launcher",  # the barrier task itself runs there
     "dlpipe.serve.scoring",
     "dlpipe.data.tensors",
+    "dlpipe.tune.trial",  # a tuning trial's task
     "udfs.score",
 )
 # Driver-only: stage orchestration, Spark DataFrame stages, MLflow registry work, operations.
 DRIVER_ONLY = re.compile(
     r"^dlpipe\.(pipeline|stage|cli|notebook|session|train\.stage|data\.(ingest|features|generate)"
-    r"|model\.(evaluate|promotion|quantize)|serve\.(infer|serving)|storage\.(lineage|runlock)|ops\..*)$"
+    r"|model\.(evaluate|promotion|quantize)|serve\.(infer|serving)|storage\.(lineage|runlock)|tune\.stage|ops\..*)$"
 )
 
 

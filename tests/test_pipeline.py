@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from dlpipe.data.generate import read_manifest
-from dlpipe.pipeline import STAGES, run_pipeline
+from dlpipe.pipeline import run_pipeline, stages_for
 from dlpipe.storage import dataset_paths
 from tests.conftest import REPO, cfg_overrides, make_cfg
 
@@ -62,7 +62,7 @@ def test_mlflow_has_parent_child_runs_and_a_registered_version(pipeline):
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
     )
     by_stage = {r.data.tags["dlpipe.stage"]: r for r in children}
-    assert set(by_stage) == set(STAGES)
+    assert set(by_stage) == set(stages_for(cfg)) and "tune" not in by_stage  # tune.enabled is false
     assert by_stage["ingest"].data.metrics["rows_quarantined"] == result.metrics["ingest"]["rows_quarantined"]
     assert by_stage["preprocess"].data.metrics["rows_train"] > 0
     assert by_stage["evaluate"].data.metrics["accuracy"] == pytest.approx(result.metrics["evaluate"]["accuracy"])
@@ -157,12 +157,12 @@ def test_the_cli_reruns_from_a_stage_skipping_what_is_unchanged_and_shows_status
     )
     assert status.returncode == 0, status.stderr[-3000:]
     lines = {ln.split()[0]: ln for ln in status.stdout.splitlines() if ln and not ln.startswith(" ")}
-    assert set(lines) == set(STAGES)
+    assert set(lines) == set(stages_for(cfg))
     ing = result.metrics["ingest"]
     assert "committed" in lines["ingest"] and f"rows_quarantined={ing['rows_quarantined']}" in lines["ingest"]
     assert f"rows_scored={result.metrics['infer']['rows_scored']}" in lines["infer"]
     assert "mlflow only" in lines["train"] and "model_version=1" in lines["train"]
-    assert status.stdout.count("last run ") == len(STAGES)
+    assert status.stdout.count("last run ") == len(stages_for(cfg))
 
 
 def test_stage_job_runs_under_spark_submit_with_the_same_arguments(tmp_path):

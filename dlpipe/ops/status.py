@@ -42,7 +42,13 @@ def _read_json(uri: str, cfg: Config) -> dict | None:
 
 def outputs(cfg: Config) -> dict[str, str]:
     paths = dataset_paths(cfg)
-    return {"generate": paths.raw, "ingest": paths.clean, "preprocess": paths.petastorm, "infer": paths.infer_output}
+    return {
+        "generate": paths.raw,
+        "ingest": paths.clean,
+        "preprocess": paths.petastorm,
+        "tune": paths.tune,
+        "infer": paths.infer_output,
+    }
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

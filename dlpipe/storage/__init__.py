@@ -56,6 +56,7 @@ class DatasetPaths:
     clean: str
     quarantine: str
     petastorm: str
+    tune: str  # the tune stage's best settings (best.json) and its trials
     predictions: str  # the test split's predictions: what evaluate, status and the notebooks read
     scored: str  # new raw data's (infer.source)
     infer_output: str  # what this config's infer stage writes: one of the two
@@ -93,6 +94,7 @@ def dataset_paths(cfg: Any) -> DatasetPaths:
         clean=f"{base}/clean",
         quarantine=f"{base}/quarantine",
         petastorm=f"{base}/petastorm",
+        tune=f"{base}/tune",
         predictions=predictions,
         scored=scored,
         infer_output=scored if cfg.infer.source else predictions,

@@ -150,11 +150,22 @@ class Train(Stage):
 
     name = "train"
 
+    def configure(self, spark: SparkSession, cfg: Config) -> Config:
+        """With tune.enabled, the best trial's settings over `train.*` (dlpipe.tune.stage.tuned)."""
+        if not cfg.tune.enabled:
+            return cfg
+        from dlpipe.tune.stage import tuned
+
+        return tuned(spark, cfg)
+
     def plan(self, spark: SparkSession, cfg: Config) -> Plan:
         from dlpipe import tracking
 
         tracking.require_active_run("train")
         fp, inputs = fingerprint(spark, cfg)
+        if cfg.tune.enabled:  # lineage: the settings came from the tune stage's output
+            tune_out = dataset_paths(cfg).tune
+            inputs = {**inputs, tune_out: lineage.dataset_fingerprint(spark, tune_out)}
         return Plan(fp, inputs)
 
     def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
@@ -176,6 +187,8 @@ class Train(Stage):
         import mlflow
 
         mlflow.set_tag("dlpipe.fingerprint", plan.fingerprint)  # what reusable_model matches, once FINISHED
+        if cfg.tune.enabled:
+            log_tuning(spark, cfg)
         stats = read_stats(spark, cfg)
         spec, model = prepare(spark, cfg, stats)
         trained = train_ranks(spark, cfg, spec, model)
@@ -186,6 +199,18 @@ class Train(Stage):
             **quantized,
             "_outputs": [f"models:/{cfg.model_name}/{version}"],
         }
+
+
+def log_tuning(spark: SparkSession, cfg: Config) -> None:
+    """Which study and trial the settings came from, and the settings, on the train run."""
+    import mlflow
+
+    from dlpipe.tune.stage import read_best
+
+    best = read_best(spark, cfg)
+    mlflow.set_tags({"dlpipe.tune_study": best["study"], "dlpipe.tune_trial": str(best["trial"])})
+    mlflow.log_dict(best, "tuned_settings.json")
+    log.info("train: settings of tune trial %d of %s: %s", best["trial"], best["study"], best["values"])
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
