@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("data", "training", "inference", "scale")
+GROUPS = ("data", "training", "inference", "scale", "tune")
 OUT = Path("data/bench")
 
 
