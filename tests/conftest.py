@@ -84,6 +84,7 @@ LONGEST_FIRST = (
     "test_your_data.py",  # 54
     "test_bad_input.py",  # 48
     "test_feature_types.py",  # 44
+    "test_tune.py",  # 36 alone
     "test_promotion.py",  # 35
     "test_faults.py",  # 31
     "test_secrets.py",  # 28
