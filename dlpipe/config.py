@@ -282,6 +282,10 @@ class GeneratorConfig(_Strict):
         0.1, ge=0, le=1, description="tabular: share of random labels; regression: std of the target's noise"
     )
     malformed_fraction: float = Field(0.03, ge=0, lt=1)
+    shift: float = Field(
+        0.0,
+        description="tabular, regression: added to every numeric feature (the same problem under a covariate shift)",
+    )
     seed: int = 7
 
 
@@ -465,6 +469,16 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="Adam's L2 penalty on the weights")
     warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warm-up from lr to lr x ranks")
     model: ModelConfig = Field(default_factory=ModelConfig)
+    init_from: str | None = Field(
+        None,
+        description="warm start: a registered model (models:/name@alias, models:/name/version) or a run's "
+        "(runs:/<run id>/<path>) whose weights this training starts from; a head of another width starts fresh",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameters kept as init_from gave them: names or prefixes, as model.named_parameters() "
+        "names them (the MLP's first layer: '1.')",
+    )
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint_dir: str | None = Field(None, description="default: <warehouse>/<dataset>/checkpoints")
     resume: bool = Field(False, description="continue from the last checkpoint of the same data and config")
@@ -496,6 +510,17 @@ class TrainConfig(_Strict):
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _warm_start(self) -> TrainConfig:
+        if self.init_from is not None and not self.init_from.startswith(("models:/", "runs:/")):
+            raise ValueError(
+                f"init_from '{self.init_from}': give models:/<name>@<alias>, models:/<name>/<version> or "
+                "runs:/<run id>/<path>"
+            )
+        if self.freeze and self.init_from is None:
+            raise ValueError("freeze keeps layers as init_from gave them: set train.init_from too")
+        return self
 
 
 class ParamRange(_Strict):
@@ -691,7 +716,16 @@ class Config(_Strict):
         return flatten(self.model_dump(mode="json"))
 
 
-_UNTUNABLE = ("launcher", "num_proc", "resume", "fault_injection", "checkpoint_dir", "max_attempts")
+_UNTUNABLE = (
+    "launcher",
+    "num_proc",
+    "resume",
+    "fault_injection",
+    "checkpoint_dir",
+    "max_attempts",
+    "init_from",
+    "freeze",
+)
 
 
 def _check_tunable(key: str) -> None:

@@ -157,7 +157,7 @@ class _Tabular:
         g, m = self.g, hi - lo
         rng = np.random.default_rng([g.seed, lo])
         d, cats = g.num_numeric, g.categories
-        x = rng.normal(size=(m, d))
+        x = rng.normal(size=(m, d)) + g.shift
         seg = rng.integers(0, len(cats), size=m)
         if self.regression:
             y = x @ self.w + self.b[seg] + x[:, 0] * x[:, 1] + rng.normal(scale=g.label_noise, size=m)

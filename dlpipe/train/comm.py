@@ -110,7 +110,8 @@ class HorovodComm:
         order it (wrap, then broadcast), so both averaging paths start from the same state."""
         hvd = self._hvd
         if not host:
-            wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not train.freeze's
+            wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=trained)
             wrapped.load_state_dict(optimizer.state_dict())
             optimizer = wrapped
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)

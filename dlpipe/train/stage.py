@@ -163,6 +163,13 @@ class Train(Stage):
 
         tracking.require_active_run("train")
         fp, inputs = fingerprint(spark, cfg)
+        if cfg.train.init_from:  # lineage and the fingerprint: the parent model as resolved now (an alias moves)
+            from dlpipe.tracking import model_version_for
+
+            parent = model_version_for(cfg.train.init_from)
+            named = f"models:/{parent.name}/{parent.version}" if parent.name else parent.download_uri
+            inputs = {**inputs, named: parent.lineage()}
+            fp = lineage.digest({"train": fp, "parent": parent.lineage()})
         if cfg.tune.enabled:  # lineage: the settings came from the tune stage's output
             tune_out = dataset_paths(cfg).tune
             inputs = {**inputs, tune_out: lineage.dataset_fingerprint(spark, tune_out)}
@@ -239,7 +246,32 @@ def prepare(spark: SparkSession, cfg: Config, stats: dict) -> tuple[TrainSpec, t
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
     mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)  # what new rows must be transformed with to be scored by it
+    if cfg.train.init_from:
+        spec = dataclasses.replace(spec, init_state=warm_start_state(cfg, model))
     return spec, model
+
+
+def warm_start_state(cfg: Config, model: torch.nn.Module) -> bytes:
+    """train.init_from's weights, matched to model (a head of another width starts fresh), checked against
+    train.freeze; the parent is tagged on the run (lineage names it as an input too)."""
+    import mlflow
+
+    from dlpipe.train import transfer
+
+    ref, parent = transfer.parent_model(cfg.train.init_from)
+    taken, fresh = transfer.warm_start(model, parent)
+    transfer.check_freeze(model, cfg.train.freeze)
+    parent_name = f"models:/{ref.name}/{ref.version}" if ref.name else ref.download_uri
+    mlflow.set_tags({"dlpipe.parent_model": parent_name, "dlpipe.parent_run_id": ref.run_id or ""})
+    log.info(
+        "train: starting from %s (%s): %d parameters taken%s%s",
+        cfg.train.init_from,
+        parent_name,
+        len(taken),
+        f", new head {fresh}" if fresh else "",
+        f", frozen {cfg.train.freeze}" if cfg.train.freeze else "",
+    )
+    return transfer.serialized(taken)
 
 
 def train_ranks(spark: SparkSession, cfg: Config, spec: TrainSpec, model: torch.nn.Module) -> Trained:

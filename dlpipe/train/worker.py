@@ -51,7 +51,7 @@ class TrainSpec:
     val_rows: int
     feature_shape: tuple[int, ...]
     num_classes: int  # the network's output width: the classes, or 1 for regression
-    checkpoint_uri: str
+    checkpoint_uri: str  # "": none kept (a tuning trial)
     task: str = tasks.CLASSIFICATION  # or regression (dlpipe.model.task)
     label_mean: float = 0.0  # regression: targets are standardized with the train split's mean and std
     label_std: float = 1.0
@@ -61,6 +61,7 @@ class TrainSpec:
     tracking_uri: str | None = None  # rank 0 logs each epoch to this MLflow run
     run_id: str | None = None
     tracking_credentials: Credentials | None = field(default=None, repr=False)  # for executors without them
+    init_state: bytes | None = field(default=None, repr=False)  # train.init_from's tensors (dlpipe.train.transfer)
 
     @classmethod
     def from_config(
@@ -175,8 +176,8 @@ class RankRun:
     objective: Objective
     train: ShardLoader
     val: ShardLoader
-    store: CheckpointStore
-    tracker: LiveTracker | None  # rank 0 only
+    store: CheckpointStore | None  # None: no checkpoints (a tuning trial: a stopped study reruns it)
+    tracker: LiveTracker | None  # rank 0 of a tracked run only
     resumed_from: int  # the checkpoint's epoch, 0 in a fresh run
     warmup_steps: int
     started: float  # time.time() before the first epoch, for ETAs
@@ -266,6 +267,17 @@ def runtime_origin() -> str:
     )
 
 
+def start_from(spec: TrainSpec, model: nn.Module) -> list[nn.Parameter]:
+    """train.init_from's weights into model (a new head keeps its seeded initial weights) and train.freeze's
+    parameters frozen; returns the parameters left to train (what the optimizer gets)."""
+    if spec.init_state is not None:
+        model.load_state_dict(torch.load(io.BytesIO(spec.init_state)), strict=False)
+    for name, param in model.named_parameters():
+        if any(name == f or name.startswith(f) for f in spec.train.freeze):
+            param.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def set_up(spec: TrainSpec, comm: Comm) -> tuple[RankRun, ResumeState]:
     """Everything the epochs use, in the order that keeps runs reproducible and ranks in step: the seed
     before the initial weights, a checkpoint's weights before rank 0's are shared with every rank."""
@@ -274,12 +286,14 @@ def set_up(spec: TrainSpec, comm: Comm) -> tuple[RankRun, ResumeState]:
     log.info("%s", runtime_origin())
     amp = autocast_dtype(spec.train.mixed_precision, device)
     model = build_model(spec.model, spec.feature_shape, spec.num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-    store = CheckpointStore(spec.checkpoint_uri, spec.storage)
-    state = restore(store, model, optimizer, log)
+    trainable = start_from(spec, model)
+    optimizer = torch.optim.Adam(trainable, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    store = CheckpointStore(spec.checkpoint_uri, spec.storage) if spec.checkpoint_uri else None
+    state = restore(store, model, optimizer, log) if store is not None else ResumeState()
     host = host_averaging(spec.train.allreduce, comm)
     forward, optimizer = comm.prepare(model, optimizer, host)
-    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log, spec.tracking_credentials) if rank == 0 else None
+    tracked = rank == 0 and spec.run_id is not None
+    tracker = LiveTracker(spec.tracking_uri, spec.run_id, log, spec.tracking_credentials) if tracked else None
     if rank == 0:
         log.info(
             "device %s, mixed precision %s, gradients averaged %s, %d ranks",
@@ -409,7 +423,8 @@ def checkpoint(run: RankRun, state: ResumeState, record: dict[str, Any]) -> None
     spec, epoch = run.spec, record["epoch"]
     if run.tracker is not None:
         run.tracker.log_epoch(record, list(state.history))
-    run.store.save_state(state, run.model.state_dict(), run.optimizer.state_dict())
+    if run.store is not None:
+        run.store.save_state(state, run.model.state_dict(), run.optimizer.state_dict())
     epochs = spec.train.epochs
     eta = (time.time() - run.started) / (epoch - run.first_epoch + 1) * (epochs - epoch)
     metric = run.objective.metric
