@@ -93,6 +93,8 @@ class Tune(Stage):
 
         if not cfg.tune.enabled:
             raise ValueError("the tune stage is off: set tune.enabled=true (conf or an override) to tune")
+        if cfg.train.init_from:  # the space changes the architecture the parent's weights would have to fit
+            raise ValueError("tune.enabled with train.init_from: tune without init_from first, then fine-tune")
         require_active_run("tune")
         paths = dataset_paths(cfg)
         require_input(spark, paths.stats, f"tune: no preprocessed data at {paths.petastorm}: run preprocess first")

@@ -13,22 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from dlpipe.model.objective import Objective
-from dlpipe.train.checkpoints import ResumeState
 from dlpipe.train.comm import SoloComm
-from dlpipe.train.models import build_model
-from dlpipe.train.worker import (
-    RankRun,
-    TrainSpec,
-    build_loaders,
-    epoch_record,
-    pick_device,
-    set_up_rank,
-    train_epoch,
-    validate,
-)
+from dlpipe.train.worker import TrainSpec, epoch_record, pick_device, set_up, train_epoch, validate
 
 
 @dataclass(frozen=True)
@@ -61,32 +47,9 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
     validation loss (the value the study minimizes)."""
     t = spec.train
     started = time.time()
-    log = set_up_rank(t, 0)
-    comm = SoloComm(pick_device(t))
-    model = build_model(t.model, t.feature_shape, t.num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.train.lr, weight_decay=t.train.weight_decay)
-    forward, optimizer = comm.prepare(model, optimizer, False)
-    train, val = build_loaders(t, 0, 1)
-    run = RankRun(
-        spec=t,
-        comm=comm,
-        log=log,
-        model=model,
-        forward=forward,
-        optimizer=optimizer,
-        scaler=None,
-        amp=None,
-        objective=Objective(t.task, t.label_mean, t.label_std),
-        train=train,
-        val=val,
-        store=None,  # type: ignore[arg-type]  # a trial keeps no checkpoints: a killed study reruns the trial
-        tracker=None,
-        resumed_from=0,
-        warmup_steps=1,  # one rank: no learning-rate ramp
-        started=started,
-    )
+    run, state = set_up(t, SoloComm(pick_device(t)))  # the ranks' own set-up: no checkpoints, no live tracking
     pruning = _pruner_trial(spec)
-    state, pruned_at = ResumeState(), None
+    pruned_at = None
     for epoch in range(1, t.train.epochs + 1):
         rows, loss_sum, correct, seconds = train_epoch(run, epoch)
         v_rows, v_loss, v_correct = validate(run, epoch)
@@ -101,7 +64,7 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
             break
         if state.should_stop(t.train.early_stopping.patience):
             break
-    log.info(
+    run.log.info(
         "trial %d: %s after %d epochs, best val_loss %.4f (%.1fs)",
         spec.number,
         f"pruned at epoch {pruned_at}" if pruned_at else "done",
