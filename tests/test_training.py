@@ -23,35 +23,42 @@ def _train(spark, cfg) -> dict:
         return run_stage(spark, cfg, "train")
 
 
-# Horovod: Spark retries the barrier stage (local[2,4] allows task retries, as a cluster does);
-# TorchDistributor: its barrier stage cannot be retried, so the driver starts the job again.
-@pytest.mark.parametrize("launcher,master", [("horovod", "local[2,4]"), ("torch_distributor", "local[2]")])
-def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, launcher, master):
+# Horovod: Spark retries the barrier stage (local[2,4] allows task retries, as a cluster does: a job of its own,
+# as a user's spark-submit would be); TorchDistributor: its barrier stage cannot be retried, so the driver
+# starts the job again (this test's own Spark will do).
+KILL_RANK_1 = (
+    "train.epochs=6",
+    "train.early_stopping.patience=0",
+    "train.fault_injection.rank=1",  # rank 1 kills its own process (SIGKILL) right after the epoch-2
+    "train.fault_injection.epoch=2",  # checkpoint, in the first attempt only
+)
+
+
+@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
+def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, caplog, launcher):
     cfg = prepare(spark, tmp_path, rows=6000)
-    # A Spark of its own, as a user's spark-submit would have; rank 1 kills its own process (SIGKILL)
-    # right after the epoch-2 checkpoint, in the first attempt only.
-    job = cfg_overrides(
-        tmp_path,
-        f"spark.master={master}",
-        f"train.launcher={launcher}",
-        "spark.conf.spark.ui.enabled=false",
-        "train.epochs=6",
-        "train.early_stopping.patience=0",
-        "train.fault_injection.rank=1",
-        "train.fault_injection.epoch=2",
-        rows=6000,
-    )
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    proc = subprocess.run(
-        [sys.executable, "jobs/train.py", *job], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "fault injection: killing rank 1" in proc.stderr
+    if launcher == "horovod":
+        job = cfg_overrides(
+            tmp_path, "spark.master=local[2,4]", "spark.conf.spark.ui.enabled=false", *KILL_RANK_1, rows=6000
+        )
+        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+        proc = subprocess.run(
+            [sys.executable, "jobs/train.py", *job], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        said = proc.stderr
+    else:
+        caplog.set_level("INFO", logger="dlpipe")
+        _train(spark, make_cfg(tmp_path, "train.launcher=torch_distributor", *KILL_RANK_1, rows=6000))
+        said = "\n".join(r.getMessage() for r in caplog.records)
+        assert "train: attempt 1 of 3 failed" in said, said[-4000:]  # the driver started the job again
+    assert "fault injection: killing rank 1" in said
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
     run = client.search_runs(
         [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` = 'train'"
     )[0]
     m = run.data.metrics
+    assert run.data.params["train.launcher"] == launcher
     assert m["resumed_from_epoch"] == 2, "the retried run did not start from the saved epoch"
     assert m["epochs_run"] == 6
     assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
