@@ -83,6 +83,7 @@ LONGEST_FIRST = (
     "test_pipeline.py",  # 62
     "test_your_data.py",  # 54
     "test_bad_input.py",  # 48
+    "test_transfer.py",  # 47 alone
     "test_feature_types.py",  # 44
     "test_tune.py",  # 36 alone
     "test_promotion.py",  # 35
