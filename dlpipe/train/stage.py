@@ -17,6 +17,7 @@ from dlpipe.model import objective, task
 from dlpipe.model.names import CANDIDATE, INT8_ALIAS, STATS_ARTIFACT
 from dlpipe.stage import Plan, Stage, execute
 from dlpipe.storage import dataset_paths, lineage, resolve_uri, storage_settings
+from dlpipe.tracking import ModelRef
 from dlpipe.train.checkpoints import CheckpointStore
 from dlpipe.train.launcher import run_horovod, run_torch_distributor, tasks_have_gpus
 from dlpipe.train.live import epoch_metrics, learning_curve, logged_epochs
@@ -163,6 +164,7 @@ class Train(Stage):
 
         tracking.require_active_run("train")
         fp, inputs = fingerprint(spark, cfg)
+        parent = None
         if cfg.train.init_from:  # lineage and the fingerprint: the parent model as resolved now (an alias moves)
             from dlpipe.tracking import model_version_for
 
@@ -173,7 +175,7 @@ class Train(Stage):
         if cfg.tune.enabled:  # lineage: the settings came from the tune stage's output
             tune_out = dataset_paths(cfg).tune
             inputs = {**inputs, tune_out: lineage.dataset_fingerprint(spark, tune_out)}
-        return Plan(fp, inputs)
+        return Plan(fp, inputs, context={"parent": parent})
 
     def reuse(self, spark: SparkSession, cfg: Config, plan: Plan) -> dict | None:
         if cfg.train.resume or cfg.train.fault_injection:
@@ -197,7 +199,7 @@ class Train(Stage):
         if cfg.tune.enabled:
             log_tuning(spark, cfg)
         stats = read_stats(spark, cfg)
-        spec, model = prepare(spark, cfg, stats)
+        spec, model = prepare(spark, cfg, stats, plan.context.get("parent"))
         trained = train_ranks(spark, cfg, spec, model)
         version, quantized = register(spark, cfg, spec, trained.model, stats)
         return {
@@ -226,7 +228,9 @@ def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
     return execute(Train(), spark, cfg, force)
 
 
-def prepare(spark: SparkSession, cfg: Config, stats: dict) -> tuple[TrainSpec, torch.nn.Module]:
+def prepare(
+    spark: SparkSession, cfg: Config, stats: dict, parent: ModelRef | None = None
+) -> tuple[TrainSpec, torch.nn.Module]:
     """The ranks' spec and the driver's copy of the model. A wrong factory or size fails here, at once, not
     on every rank of every retried stage attempt; the same model then receives the trained weights."""
     import mlflow
@@ -246,19 +250,20 @@ def prepare(spark: SparkSession, cfg: Config, stats: dict) -> tuple[TrainSpec, t
     mlflow.set_tag("dlpipe.model_factory", f"{factory.__module__}:{factory.__name__}")
     mlflow.set_tag("dlpipe.checkpoints", checkpoints)
     mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)  # what new rows must be transformed with to be scored by it
-    if cfg.train.init_from:
-        spec = dataclasses.replace(spec, init_state=warm_start_state(cfg, model))
+    if parent is not None:
+        spec = dataclasses.replace(spec, init_state=warm_start_state(cfg, model, parent))
     return spec, model
 
 
-def warm_start_state(cfg: Config, model: torch.nn.Module) -> bytes:
-    """train.init_from's weights, matched to model (a head of another width starts fresh), checked against
+def warm_start_state(cfg: Config, model: torch.nn.Module, ref: ModelRef) -> bytes:
+    """The weights of train.init_from's model as plan resolved it (ref: the version the fingerprint holds,
+    even if the alias moved since), matched to model (a head of another width starts fresh), checked against
     train.freeze; the parent is tagged on the run (lineage names it as an input too)."""
     import mlflow
 
     from dlpipe.train import transfer
 
-    ref, parent = transfer.parent_model(cfg.train.init_from)
+    parent = transfer.parent_weights(ref)
     taken, fresh = transfer.warm_start(model, parent)
     transfer.check_freeze(model, cfg.train.freeze)
     parent_name = f"models:/{ref.name}/{ref.version}" if ref.name else ref.download_uri

@@ -20,14 +20,12 @@ from dlpipe.tracking import ModelRef
 log = logging.getLogger(__name__)
 
 
-def parent_model(model_uri: str) -> tuple[ModelRef, dict[str, torch.Tensor]]:
-    """The model init_from names (resolved: name, version, run) and its parameters, on the CPU."""
+def parent_weights(ref: ModelRef) -> dict[str, torch.Tensor]:
+    """The parameters of the model ref resolves to (train's plan resolved train.init_from), on the CPU."""
     from dlpipe.model.rawmodel import network_of
-    from dlpipe.tracking import model_version_for
 
-    ref = model_version_for(model_uri)
     network = network_of(ref.download_uri)
-    return ref, {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in network.state_dict().items()}
 
 
 def _prefix(parent: dict[str, torch.Tensor], names: list[str]) -> str:
