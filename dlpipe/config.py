@@ -653,6 +653,26 @@ class QuantizeConfig(_Strict):
     )
 
 
+class BaselineConfig(_Strict):
+    """The gradient-boosted tree model the network must beat (dlpipe.model.baseline): XGBoost's Spark estimator
+    on the same train split, early-stopped on the val split, scored on the test rows."""
+
+    enabled: bool = Field(True, description="train, score, log and register the tree baseline in evaluate (tabular)")
+    rounds: int = Field(300, gt=0, description="boosting rounds at most (early stopping on the val split)")
+    early_stopping_rounds: int = Field(20, gt=0, description="stop after this many rounds without val improvement")
+    max_depth: int = Field(6, gt=0)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    workers: int | None = Field(
+        None, gt=0, description="XGBoost workers (Spark barrier tasks); default: Spark's default parallelism"
+    )
+    max_train_rows: int = Field(
+        2_000_000,
+        gt=0,
+        description="a larger train split is sampled down to about this many rows (each worker holds its share)",
+    )
+    register_model: bool = Field(True, description="register the tree model (alias `baseline`) so a user can choose it")
+
+
 class EvaluateConfig(_Strict):
     """The quality gate between the `candidate` alias and `production`."""
 
@@ -664,6 +684,10 @@ class EvaluateConfig(_Strict):
     )
     promote_margin: float = Field(
         0.0, ge=0, description="how much better the candidate must be than production to replace it"
+    )
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    require_beat_baseline: bool = Field(
+        False, description="promote only a candidate whose promote_metric beats the tree baseline's"
     )
 
 
@@ -693,6 +717,13 @@ class Config(_Strict):
                 f"evaluate.promote_metric={metric} does not fit a {self.dataset.task} dataset; use auto, or "
                 + ("rmse or mae" if self.dataset.task == "regression" else "accuracy, macro_f1, auc or log_loss")
             )
+        if self.evaluate.require_beat_baseline and not self.evaluate.baseline.enabled:
+            raise ValueError(
+                "evaluate.require_beat_baseline=true needs the baseline: set evaluate.baseline.enabled=true "
+                "(or require_beat_baseline=false)"
+            )
+        if self.evaluate.require_beat_baseline and self.dataset.source.format == "image":
+            raise ValueError("evaluate.require_beat_baseline: the tree baseline is for tabular data, not images")
         return self
 
     @property

@@ -173,6 +173,8 @@ def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | 
         "train.epochs=3",
         # the int8 variant is measured (rows/s, both models) after every training: only its own tests want it
         "quantize.enabled=false",
+        # so is the tree baseline (XGBoost on Spark) after every evaluate
+        "evaluate.baseline.enabled=false",
         *overrides,
     ]
 

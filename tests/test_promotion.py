@@ -91,3 +91,12 @@ def test_the_gate_promotes_the_first_model_keeps_one_short_of_the_margin_and_pro
     assert third.metrics["evaluate"]["promoted"] == 1.0
     assert str(client.get_model_version_by_alias(cfg.model_name, "production").version) == candidate
     assert client.get_model_version(cfg.model_name, candidate).tags["dlpipe.promotion"].endswith("margin 0.05")
+
+
+def test_the_decision_rule_with_a_required_baseline():
+    assert decide("accuracy", 0.90, None, 0.0, baseline=0.85).promote
+    kept = decide("accuracy", 0.85, None, 0.0, baseline=0.90)
+    assert not kept.promote and kept.reason == "accuracy 0.8500 does not beat the tree baseline's 0.9000"
+    assert not decide("accuracy", 0.90, 0.70, 0.0, baseline=0.90).promote  # a tie does not beat it
+    assert decide("rmse", 1.0, None, 0.0, baseline=1.2).promote  # lower is better
+    assert not decide("rmse", 1.3, 1.5, 0.0, baseline=1.2).promote  # better than production is not enough

@@ -18,7 +18,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("regression")
-    cfg = make_cfg(root, "train.epochs=8", "quantize.enabled=true", rows=6000, dataset="tabular_regression")
+    cfg = make_cfg(
+        root,
+        "train.epochs=8",
+        "quantize.enabled=true",
+        "evaluate.baseline.enabled=true",
+        "evaluate.baseline.register_model=false",
+        rows=6000,
+        dataset="tabular_regression",
+    )
     return cfg, run_pipeline(spark, cfg)
 
 
@@ -33,6 +41,22 @@ def test_a_regressor_learns_the_target_close_to_the_noise_floor(pipeline):
     assert ev["rmse"] >= floor * 0.85  # nothing beats the noise beyond sampling error
     assert 0 < ev["mae"] < ev["rmse"] and ev["r2"] > 0.8
     assert ev["test_rows_without_prediction"] == 0 and ev["predictions"] == ev["test_rows"]
+
+
+def test_the_tree_baseline_of_a_regressor_is_measured_and_plotted_like_the_network(pipeline):
+    cfg, result = pipeline
+    ev, manifest = result.metrics["evaluate"], read_manifest(dataset_paths(cfg).raw)
+    # the same metrics, on the same test rows: far better than the mean, not better than the noise
+    assert {"baseline_rmse", "baseline_mae", "baseline_r2"} <= set(ev), sorted(ev)
+    assert manifest["bayes_rmse"] * 0.85 <= ev["baseline_rmse"] < 0.5 * ev["mean_baseline_rmse"], ev
+    assert ev["beats_baseline"] == float(ev["rmse"] < ev["baseline_rmse"])
+    client = mlflow.MlflowClient(result.tracking_uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` = 'evaluate'"
+    )[0]
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "baseline")}
+    assert "baseline/predicted_vs_true.png" in plots, plots
+    assert "dlpipe.baseline_model_version" not in run.data.tags  # evaluate.baseline.register_model=false
 
 
 def test_bad_targets_are_quarantined_like_any_bad_number(pipeline):

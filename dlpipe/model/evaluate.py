@@ -1,7 +1,8 @@
 """Evaluate: metrics of the predictions on the test split, computed in Spark, and their plots.
 
 Classification: accuracy, macro F1, log-loss, macro AUC, a confusion matrix and ROC curves. Regression:
-RMSE, MAE, R² and a predicted-vs-true plot. Then the promotion gate against @production."""
+RMSE, MAE, R² and a predicted-vs-true plot. The same for a gradient-boosted tree baseline trained on the same
+split (dlpipe.model.baseline). Then the promotion gate against @production (and, if required, the baseline)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dlpipe.config import Config
 from dlpipe.data.features import read_stats
 from dlpipe.data.generate import read_manifest
 from dlpipe.data.stats import FittedStats
+from dlpipe.model.baseline import PREFIX
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import dataset_paths, lineage, storage_settings
 
@@ -224,7 +226,8 @@ def gate(spark: SparkSession, cfg: Config, stats: FittedStats, candidate: dict) 
         test = spark.read.parquet(dataset_paths(cfg).split("test"))
         prod_scored = score_rows(spark, cfg, test, stats, prod_mv).where(F.col("quarantine_reason").isNull())
         prod_score = gate_metrics(prod_scored, stats)[metric]
-    decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin)
+    baseline_score = candidate.get(PREFIX + metric) if cfg.evaluate.require_beat_baseline else None
+    decision = promotion.decide(metric, candidate[metric], prod_score, cfg.evaluate.promote_margin, baseline_score)
     return promotion.record(mv.name, str(mv.version), decision, str(prod.version) if prod is not None else None)
 
 
@@ -263,6 +266,8 @@ class Evaluate(Stage):
         metrics["test_rows"] = test.count()
         metrics["test_rows_without_prediction"] = missing
         log.info("evaluate: %d test rows, %d without prediction", metrics["test_rows"], missing)
+        if cfg.evaluate.baseline.enabled and not stats.is_image:
+            metrics.update(_evaluate_baseline(spark, cfg, stats, metrics))
         if cfg.evaluate.promote:
             metrics.update(gate(spark, cfg, stats, metrics))
         return metrics
@@ -281,9 +286,53 @@ def _log_figure(fig, name: str) -> None:
     plt.close(fig)
 
 
-def _evaluate_classification(preds, stats: FittedStats, manifest: dict | None) -> dict:
+def _log_classification_plots(cm: np.ndarray, hist, names: list[str], folder: str = "") -> None:
+    """The confusion matrix (plot and JSON) and the ROC curves, under folder (the baseline's: baseline/)."""
     import mlflow
 
+    _log_figure(plot_confusion(cm, names), f"{folder}confusion_matrix.png")
+    matrix = {"labels": names, "indices": list(range(len(cm))), "matrix": cm.tolist()}
+    mlflow.log_dict(matrix, f"{folder}confusion_matrix.json")
+    _log_figure(plot_roc(*hist, names=names), f"{folder}roc.png")
+
+
+def _evaluate_baseline(spark: SparkSession, cfg: Config, stats: FittedStats, network: dict) -> dict:
+    """The tree baseline (dlpipe.model.baseline) trained on the same train/val split, its test metrics
+    (prefixed baseline_) and plots (baseline/), a side-by-side plot, and its registration."""
+    from dlpipe.model import baseline
+    from dlpipe.model.rawmodel import raw_example
+
+    model, booster, seconds = baseline.fit(spark, cfg, stats)
+    preds = baseline.score_test(model, spark, cfg, stats)
+    if stats.is_regression:
+        measured = regression_metrics(preds, stats.label_mean)
+        _log_figure(plot_regression(preds), "baseline/predicted_vs_true.png")
+        shown = ["rmse", "mae", "r2"]
+    else:
+        measured, cm, hist = classification_metrics(preds, stats.outputs)
+        _log_classification_plots(cm, hist, stats.class_names, folder="baseline/")
+        shown = ["accuracy", "macro_f1", "auc", "log_loss"]
+    _log_figure(baseline.plot_comparison(network, measured, shown), "baseline_comparison.png")
+    metric = cfg.promote_metric
+    out = {PREFIX + name: value for name, value in measured.items() if name != "predictions"}
+    out.update(
+        baseline_train_seconds=seconds,
+        baseline_rounds=booster.num_boosted_rounds(),
+        beats_baseline=float(baseline.beats(metric, network[metric], measured[metric])),
+    )
+    log.info(
+        "evaluate: tree baseline %s %.4f, network %.4f (%s)",
+        metric,
+        measured[metric],
+        network[metric],
+        "the network beats it" if out["beats_baseline"] else "the network does not beat it",
+    )
+    if cfg.evaluate.baseline.register_model:
+        out["baseline_model_version"] = float(baseline.register(cfg, stats, booster, raw_example(spark, cfg)))
+    return out
+
+
+def _evaluate_classification(preds, stats: FittedStats, manifest: dict | None) -> dict:
     k = stats.outputs
     metrics, cm, hist = classification_metrics(preds, k)
     metrics["majority_baseline_accuracy"] = float(cm[stats.majority_class].sum() / cm.sum())
@@ -294,9 +343,7 @@ def _evaluate_classification(preds, stats: FittedStats, manifest: dict | None) -
     names = stats.class_names
     for name, f1 in zip(names, per_class_f1(cm), strict=True):
         metrics["f1_" + METRIC_UNSAFE.sub("_", name)] = f1
-    _log_figure(plot_confusion(cm, names), "confusion_matrix.png")
-    mlflow.log_dict({"labels": names, "indices": list(range(k)), "matrix": cm.tolist()}, "confusion_matrix.json")
-    _log_figure(plot_roc(*hist, names=names), "roc.png")
+    _log_classification_plots(cm, hist, names)
     log.info(
         "evaluate: accuracy %.4f (majority baseline %.4f), macro F1 %.4f, log-loss %.4f, AUC %.4f",
         metrics["accuracy"],

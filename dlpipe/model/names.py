@@ -5,3 +5,4 @@ CANDIDATE = "candidate"  # the newest trained version: what infer scores with by
 PRODUCTION = "production"  # the version that passed the promotion gate
 INT8_ALIAS = "candidate-int8"  # the candidate's dynamically quantized variant, when it passed its gate
 STATS_ARTIFACT = "preprocessing/stats.json"  # in the training run: the statistics its model was trained with
+BASELINE_ALIAS = "baseline"  # the gradient-boosted tree baseline trained by evaluate (dlpipe.model.baseline)

@@ -1,5 +1,6 @@
 """The quality gate: the candidate takes the `production` alias only when it beats the production model on
-the same test rows by evaluate.promote_margin, or when there is no production model yet. The decision,
+the same test rows by evaluate.promote_margin, or when there is no production model yet; with
+evaluate.require_beat_baseline, only when it also beats the tree baseline (dlpipe.model.baseline). The decision,
 the reason and both scores go to MLflow (the evaluate run, and tags on the model versions)."""
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ class Decision:
     production: float | None
 
 
-def decide(metric: str, candidate: float, production: float | None, margin: float) -> Decision:
+def decide(
+    metric: str, candidate: float, production: float | None, margin: float, baseline: float | None = None
+) -> Decision:
+    """baseline: the tree baseline's value of metric, when the gate requires the candidate to beat it."""
+    if baseline is not None:
+        gain = baseline - candidate if metric in LOWER_IS_BETTER else candidate - baseline
+        if gain <= 0:
+            why = f"{metric} {candidate:.4f} does not beat the tree baseline's {baseline:.4f}"
+            return Decision(False, why, metric, candidate, production)
     if production is None:
         return Decision(True, "no production model yet", metric, candidate, None)
     gain = production - candidate if metric in LOWER_IS_BETTER else candidate - production
@@ -64,6 +73,14 @@ def record(name: str, candidate_version: str, decision: Decision, production: st
     if decision.promote:
         client.set_registered_model_alias(name, PRODUCTION, candidate_version)
         log.info("evaluate: %s version %s is now @%s (%s)", name, candidate_version, PRODUCTION, decision.reason)
+    elif production is None:
+        log.info(
+            "evaluate: %s has no @%s; version %s is not promoted (%s)",
+            name,
+            PRODUCTION,
+            candidate_version,
+            decision.reason,
+        )
     else:
         log.info("evaluate: @%s stays %s version %s (%s)", PRODUCTION, name, production, decision.reason)
     return metrics

@@ -1,10 +1,11 @@
 """The registered model as users call it: raw records in, class names (or values) out.
 
 A tabular model is logged as an MLflow pyfunc model that holds the network (an MLflow PyTorch model, as an
-artifact), the statistics it was trained with and the declarations of its input columns. `predict` takes a
-DataFrame of the dataset's raw feature columns, checks each record as ingest checks a row (missing value,
-type, range, allowed values: the same reasons), transforms it exactly as preprocess does (dlpipe.data.features:
-imputation, scaling, one-hot, missing indicators), and answers the class index, its name and the
+artifact; or the tree baseline's XGBoost booster, dlpipe.model.trees), the statistics it was trained with
+and the declarations of its input columns. `predict` takes a DataFrame of the dataset's raw feature
+columns, checks each record as ingest checks a row (missing value, type, range, allowed values: the same
+reasons), transforms it exactly as preprocess does (dlpipe.data.features: imputation, scaling, one-hot,
+missing indicators), and answers the class index, its name and the
 probabilities in class order, or a regressor's value. `mlflow.pyfunc.load_model`, `mlflow models serve`
 and `mlflow.pyfunc.spark_udf` all take raw rows. A record that cannot be scored fails the call with every
 bad record's reason (the REST server answers 400, never 500).
@@ -255,10 +256,15 @@ class RawRecordModel(PythonModel):
     def load_context(self, context) -> None:
         import mlflow
 
-        self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location="cpu")
+        self.stats = FittedStats.from_json(Path(context.artifacts["stats"]).read_text())
+        if "booster" in context.artifacts:  # the tree baseline (dlpipe.model.trees)
+            from dlpipe.model.trees import BoosterModule
+
+            self.network = BoosterModule.load(context.artifacts["booster"], self.stats.task, self.stats.outputs)
+        else:
+            self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location="cpu")
         if hasattr(self.network, "eval") and not _is_graph_module(self.network):
             self.network.eval()
-        self.stats = FittedStats.from_json(Path(context.artifacts["stats"]).read_text())
         self.columns = json.loads(Path(context.artifacts["columns"]).read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -296,6 +302,16 @@ def input_columns(cfg) -> list[dict]:
         }
         for c in cfg.dataset.features
     ]
+
+
+def raw_example(spark, cfg):
+    """A few clean rows' raw feature columns: the registered model's input example (None for images, whose
+    model takes tensors)."""
+    if cfg.dataset.source.format == "image":
+        return None
+    from dlpipe.data.ingest import read_clean
+
+    return read_clean(spark, cfg).select(*[c.name for c in cfg.dataset.features]).limit(5).toPandas()
 
 
 def signature(columns: list[dict], example_out: pd.DataFrame):
@@ -337,24 +353,31 @@ def log_raw_model(
     metadata: dict | None = None,
     serialization_format: str | None = None,
 ) -> str:
-    """Log the pyfunc raw-record model to the active run as a new version of `registered_name`."""
+    """Log the pyfunc raw-record model to the active run as a new version of `registered_name`. network: a
+    torch module, or the tree baseline's BoosterModule (saved in XGBoost's own format)."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
+    from dlpipe.model.trees import BoosterModule
+
     with tempfile.TemporaryDirectory(prefix="dlpipe-model-") as tmp:
-        net_dir = Path(tmp) / "network"
-        with torch.no_grad():
-            tensor_out = network(torch.from_numpy(tensor_example)).numpy()
-        kwargs = {"serialization_format": serialization_format} if serialization_format else {}
-        mlflow.pytorch.save_model(
-            network,
-            str(net_dir),
-            signature=infer_signature(tensor_example, tensor_out),
-            input_example=tensor_example,
-            pip_requirements=pip_requirements,
-            **kwargs,
-        )
+        if isinstance(network, BoosterModule):
+            scorer = {"booster": str(network.save(Path(tmp)))}
+        else:
+            net_dir = Path(tmp) / "network"
+            with torch.no_grad():
+                tensor_out = network(torch.from_numpy(tensor_example)).numpy()
+            kwargs = {"serialization_format": serialization_format} if serialization_format else {}
+            mlflow.pytorch.save_model(
+                network,
+                str(net_dir),
+                signature=infer_signature(tensor_example, tensor_out),
+                input_example=tensor_example,
+                pip_requirements=pip_requirements,
+                **kwargs,
+            )
+            scorer = {"network": str(net_dir)}
         (Path(tmp) / "stats.json").write_text(stats.to_json())
         (Path(tmp) / "columns.json").write_text(json.dumps(columns))
         model = RawRecordModel()
@@ -366,7 +389,7 @@ def log_raw_model(
             name=artifact,
             python_model=model,
             artifacts={
-                "network": str(net_dir),
+                **scorer,
                 "stats": str(Path(tmp) / "stats.json"),
                 "columns": str(Path(tmp) / "columns.json"),
             },

@@ -307,6 +307,8 @@ def register(
     when quantize.enabled; returns (version, the int8 metrics)."""
     import mlflow
 
+    from dlpipe.model.rawmodel import raw_example
+
     served = objective.served(model, stats).eval()
     example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
     example = next(iter(example_loader.epoch(0)))[0].numpy()[:5]
@@ -343,16 +345,6 @@ def train_metrics(spec: TrainSpec, trained: Trained) -> dict:
         "resumed_from_epoch": result["resumed_from_epoch"],
         "epochs_logged_live": len(set(result["live_epochs"])),
     }
-
-
-def raw_example(spark, cfg: Config):
-    """A few clean rows' raw feature columns: the registered model's input example (None for images, whose
-    model takes tensors)."""
-    if cfg.dataset.source.format == "image":
-        return None
-    from dlpipe.data.ingest import read_clean
-
-    return read_clean(spark, cfg).select(*[c.name for c in cfg.dataset.features]).limit(5).toPandas()
 
 
 def log_registered(
