@@ -2,13 +2,14 @@
 rooted in the project folder, the datasets and MLflow runs as tables, and the plots people want to see.
 
 `DLPIPE_NOTEBOOK_ROOT` moves everything a notebook writes (data, MLflow store) to another folder, and
-`DLPIPE_NOTEBOOK_OVERRIDES` (key.path=value items, space-separated) goes after the notebook's own
+`DLPIPE_NOTEBOOK_OVERRIDES` (key.path=value items, space-separated, quoted as in a shell) goes after the notebook's own
 overrides: a notebook run headless (the tests, a scheduled run) is changed without editing it.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 import pandas as pd
@@ -26,7 +27,7 @@ def start(*overrides: str, env: str | None = None) -> tuple[Config, SparkSession
 
     conf_dir = default_conf_dir()
     root = os.environ.get("DLPIPE_NOTEBOOK_ROOT") or str(conf_dir.resolve().parent)
-    more = os.environ.get("DLPIPE_NOTEBOOK_OVERRIDES", "").split()
+    more = shlex.split(os.environ.get("DLPIPE_NOTEBOOK_OVERRIDES", ""))
     cfg = load_config(env, [f"project.root={root}", *overrides, *more], conf_dir=conf_dir)
     setup_logging()
     _figures_as_images()
@@ -209,3 +210,67 @@ def score_in_memory(model, x) -> Any:
     from dlpipe.serve.scoring import predict_proba
 
     return predict_proba(model, x)
+
+
+COMPARED = ("accuracy", "macro_f1", "auc", "log_loss", "rmse", "mae", "r2")
+
+
+def baseline_comparison(cfg: Config) -> pd.DataFrame:
+    """The last evaluation's test metrics of the network beside the tree baseline's (dlpipe.model.baseline)."""
+    from dlpipe.model.baseline import PREFIX, beats
+
+    metrics = last_run(cfg, "evaluate").data.metrics
+    rows = [
+        {
+            "metric": m,
+            "network": metrics[m],
+            "tree baseline": metrics[PREFIX + m],
+            "network better": beats(m, metrics[m], metrics[PREFIX + m]),
+        }
+        for m in COMPARED
+        if m in metrics and PREFIX + m in metrics
+    ]
+    if not rows:
+        raise LookupError("the last evaluate run has no tree baseline: run with evaluate.baseline.enabled=true")
+    return pd.DataFrame(rows)
+
+
+def baseline_plot(cfg: Config):
+    """The network's and the tree baseline's test metrics side by side."""
+    from dlpipe.model.baseline import plot_comparison
+
+    table = baseline_comparison(cfg)
+    network = dict(zip(table["metric"], table["network"], strict=True))
+    return plot_comparison(network, dict(zip(table["metric"], table["tree baseline"], strict=True)), list(network))
+
+
+def tuning(spark: SparkSession, cfg: Config) -> pd.DataFrame:
+    """The last tune stage's trials (tune.enabled=true), best first: state, best validation loss, settings."""
+    from dlpipe.storage import HadoopFS
+
+    uri = f"{dataset_paths(cfg).tune}/trials.json"
+    fs = HadoopFS(spark)
+    if not fs.exists(uri):
+        raise LookupError(f"no tune results at {uri}: run the pipeline with tune.enabled=true")
+    trials = [
+        {"trial": t["number"], "state": t["state"], "best_val_loss": t["value"], **t["params"]}
+        for t in fs.read_json(uri)
+    ]
+    return pd.DataFrame(trials).sort_values("best_val_loss", na_position="last").reset_index(drop=True)
+
+
+def tuning_plot(spark: SparkSession, cfg: Config):
+    """Each finished trial's best validation loss by trial number, and the best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = tuning(spark, cfg).query("state == 'complete'").sort_values("trial")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter(done["trial"], done["best_val_loss"], s=14, label="trial")
+    ax.step(done["trial"], done["best_val_loss"].cummin(), where="post", color="C1", label="best so far")
+    ax.set(xlabel="trial", ylabel="best validation loss", title="tuning: optimization history")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -25,8 +25,11 @@ def test_notebooks_are_committed_without_outputs(name):
 
 def _execute(name: str, root, monkeypatch) -> nbformat.NotebookNode:
     monkeypatch.setenv("DLPIPE_NOTEBOOK_ROOT", str(root))  # the kernel inherits it: data and MLflow go there
-    # the int8 variant (its own tests check it) and the Spark UI are work nothing here looks at
-    monkeypatch.setenv("DLPIPE_NOTEBOOK_OVERRIDES", "quantize.enabled=false spark.conf.spark.ui.enabled=false")
+    # the int8 variant (its own tests check it) and the Spark UI are work nothing here looks at; a short study
+    # gives model exploration tuning trials to show
+    overrides = "quantize.enabled=false spark.conf.spark.ui.enabled=false"
+    overrides += " tune.enabled=true tune.trials=2 'tune.space.train.epochs={low: 2, high: 3}'"
+    monkeypatch.setenv("DLPIPE_NOTEBOOK_OVERRIDES", overrides)
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     monkeypatch.setenv("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON", str(REPO / ".venv/bin/python")))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -56,3 +59,7 @@ def test_quickstart_then_model_exploration_run_headless(tmp_path, monkeypatch):
     tables = [o.data["text/plain"] for o in _outputs(explore, "execute_result") if "text/plain" in o.data]
     assert any("production" in t for t in tables)  # the versions table shows the promoted alias
     assert any("predicted_class" in t for t in tables)  # the production model answered raw records by name
+    assert any("tree baseline" in t and "macro_f1" in t for t in tables)  # the network beside the trees
+    assert any("best_val_loss" in t and "train.lr" in t for t in tables)  # the tuning trials, with settings
+    figures = [o for o in _outputs(explore, "execute_result") if "image/png" in o.data]
+    assert len(figures) >= 3  # the baseline comparison, the optimization history, the confusion matrix
