@@ -161,6 +161,11 @@ def seed_tracking_store(root: Path) -> None:
         shutil.copyfile(_mlflow_template(), db)
 
 
+# The int8 variant (measured for rows/s, both models, after every training) and the tree baseline (XGBoost on
+# Spark, in every evaluate): only the tests that check them want them.
+UNCHECKED_WORK = ("quantize.enabled=false", "evaluate.baseline.enabled=false")
+
+
 def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | None = None) -> list[str]:
     """The override list of a test config (also what a test passes to a job on the command line)."""
     if not any(o.startswith("tracking.uri=") for o in overrides):
@@ -171,10 +176,7 @@ def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | 
         f"dataset.generator.rows={rows}",
         "spark.master=local[2]",
         "train.epochs=3",
-        # the int8 variant is measured (rows/s, both models) after every training: only its own tests want it
-        "quantize.enabled=false",
-        # so is the tree baseline (XGBoost on Spark) after every evaluate
-        "evaluate.baseline.enabled=false",
+        *UNCHECKED_WORK,
         *overrides,
     ]
 

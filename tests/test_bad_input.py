@@ -28,7 +28,7 @@ from dlpipe.data.ingest import BadDataError, SchemaMismatchError
 from dlpipe.pipeline import run_pipeline, run_stage
 from dlpipe.storage import dataset_paths, lineage, local_path
 from dlpipe.storage.parquet_io import sql_conf
-from tests.conftest import REPO, make_cfg
+from tests.conftest import REPO, UNCHECKED_WORK, make_cfg
 
 COLUMNS = [
     {"name": "id", "type": "long", "role": "key"},
@@ -271,7 +271,7 @@ def penguins(spark, tmp_path_factory):
             "train.epochs=2",
             "train.batch_size=32",
             "train.model.hidden=[16]",
-            "quantize.enabled=false",
+            *UNCHECKED_WORK,
         ],
         conf_dir=REPO / "conf",
     )

@@ -223,6 +223,8 @@ def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_pat
     assert ev["test_rows_without_prediction"] == 0
     assert ev["accuracy"] > 0.85 and ev["accuracy"] > ev["majority_baseline_accuracy"] + 0.2
     assert {"f1_benign", "f1_malignant"} <= set(ev)
+    # the tree baseline (on by default) on a binary task: a booster with one output, widened to both classes
+    assert ev["baseline_accuracy"] > 0.85 and {"baseline_auc", "baseline_log_loss", "beats_baseline"} <= set(ev)
     # predictions carry the class by name, in the declared order, with a probability per named class
     paths = dataset_paths(cfg)
     preds = spark.read.parquet(paths.predictions).toPandas()

@@ -17,7 +17,7 @@ from dlpipe.config import load_config
 from dlpipe.data import features, ingest
 from dlpipe.model import rawmodel
 from dlpipe.storage import dataset_paths
-from tests.conftest import REPO
+from tests.conftest import REPO, UNCHECKED_WORK
 
 FLAG_WORDS = ["true", "No", " YES ", "1", "0", "t", "F", "y", "n", "False"]
 
@@ -372,7 +372,7 @@ def test_a_table_with_a_boolean_a_dd_mm_yyyy_date_and_many_cities_runs_end_to_en
         "train.lr=0.03",
         "train.batch_size=32",
         "train.model.hidden=[16]",
-        "quantize.enabled=false",
+        *UNCHECKED_WORK,
     )
     cfg = _cfg(tmp_path, columns, overrides=overrides, max_bad_fraction=0.1)
     rng = np.random.default_rng(5)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dlpipe.storage.runlock import LOCK
-from tests.conftest import REPO
+from tests.conftest import REPO, UNCHECKED_WORK
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_a_run_told_to_wait_runs_after_the_first_and_a_dead_holders_lock_is_take
     """Two pipeline runs that each register a model, the second (the whole pipeline) started while the first
     (up to train) is at work and told to wait: both succeed, one after the other, and the registry holds one
     version per run."""
-    whole = ("train.epochs=2", "train.num_proc=1", "quantize.enabled=false")
+    whole = ("train.epochs=2", "train.num_proc=1", *UNCHECKED_WORK)
     first = _start(tmp_path, *whole, to="train")
     _wait_for_lock(tmp_path, first)
     second = _start(tmp_path, *whole, "storage.lock_wait_seconds=600", "--force", to="evaluate")

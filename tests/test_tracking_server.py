@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CommandLines, MlflowEndpoint, make_cfg, run_dlpipe
+from tests.conftest import UNCHECKED_WORK, CommandLines, MlflowEndpoint, make_cfg, run_dlpipe
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
@@ -37,7 +37,7 @@ def _overrides(root: Path, server: MlflowEndpoint, experiment: str) -> list[str]
         f"dataset.generator.rows={ROWS}",
         "spark.master=local[2]",
         f"train.epochs={EPOCHS}",
-        "quantize.enabled=false",
+        *UNCHECKED_WORK,
         "spark.conf.spark.ui.enabled=false",
         f"tracking.uri={server.uri}",
         f"tracking.experiment={experiment}",

@@ -241,6 +241,22 @@ def test_the_int8_variant_takes_raw_records_too(penguins):
     assert (int8["predicted_class"] == fp32["predicted_class"]).mean() > 0.97
 
 
+@pytest.mark.slow
+def test_the_tree_baseline_answers_raw_penguin_records_by_species(penguins):
+    """The tree baseline (on by default) learns the penguins too, and its registered version, like the
+    network's, takes raw records with missing values and answers species by name."""
+    cfg, result = penguins
+    ev = result.metrics["evaluate"]
+    assert ev["baseline_accuracy"] > 0.9, ev
+    mlflow.set_tracking_uri(result.tracking_uri)
+    raw = _raw_penguins(cfg)
+    names = [c.name for c in cfg.dataset.features]
+    tree = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@baseline").predict(raw[names])
+    fp32 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate").predict(raw[names])
+    assert set(tree["predicted_class"]) <= {"Adelie", "Chinstrap", "Gentoo"}
+    assert (tree["predicted_class"] == fp32["predicted_class"]).mean() > 0.9
+
+
 def test_a_numeric_most_frequent_fill_is_the_train_splits_commonest_value(spark, tmp_path):
     """most_frequent on numbers comes from a bounded top-1 query (not an in-memory count of every value)."""
     feature = {"name": "x", "type": "double", "missing": "impute", "impute": "most_frequent"}

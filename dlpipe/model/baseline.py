@@ -61,6 +61,8 @@ def estimator(spark: SparkSession, cfg: Config, stats: FittedStats):
         learning_rate=b.learning_rate,
         tree_method="hist",
         random_state=cfg.dataset.split.seed,
+        # always repartition: a barrier stage refuses the union of splits with other partition counts
+        force_repartition=True,
     )
 
 
