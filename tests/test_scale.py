@@ -3,9 +3,9 @@
 A run of 10M rows once died in ingest with `OutOfMemoryError: Java heap space` on a 1 GiB heap: a
 persisted dataset read back into memory. No stage holds a dataset in memory now; this test gives the
 driver (which in local mode is also every executor) a 512 MiB heap, the least Spark accepts, half of what
-failed, and feeds it those 10M rows: 1.6 times the heap in CSV (a dataset held in memory needs more than
-its CSV's bytes, and Spark leaves a quarter of this heap for storage and execution).
-`make bench ONLY=scale` measures the same at 2M to 20M rows.
+failed, and feeds it 7M rows: 1.1 times the heap in CSV (a dataset held in memory needs more than its CSV's
+bytes, and Spark leaves about a quarter of this heap for storage and execution). The 10M rows themselves,
+and 20M, are `make bench ONLY=scale`'s: this test guards the bound in the suite's time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 HEAP_MB = 512
-ROWS = 10_000_000  # the run that once died: about 0.8 GiB of CSV, 1.6 times the heap
+ROWS = 7_000_000  # about 0.56 GiB of CSV, 1.1 times the heap (the run that once died had 10M)
 
 
 def test_ingest_and_preprocess_run_on_data_beyond_a_small_driver_heap(tmp_path):
@@ -48,7 +48,7 @@ def test_ingest_and_preprocess_run_on_data_beyond_a_small_driver_heap(tmp_path):
 
     warehouse = tmp_path / "data" / "warehouse" / "tabular_example"
     csv_bytes = sum(p.stat().st_size for p in (tmp_path / "data" / "raw" / "tabular_example").glob("*.csv"))
-    assert csv_bytes > 1.5 * HEAP_MB * 1024**2, f"only {csv_bytes / 1024**2:.0f} MB of CSV"
+    assert csv_bytes > 1.05 * HEAP_MB * 1024**2, f"only {csv_bytes / 1024**2:.0f} MB of CSV"
 
     ingest = json.loads((warehouse / "clean" / "_dlpipe_meta.json").read_text())["metrics"]
     assert ingest["rows_in"] == ROWS == ingest["rows_kept"] + ingest["rows_quarantined"]
