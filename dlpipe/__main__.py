@@ -66,6 +66,7 @@ def _submit(cfg: Config, args: argparse.Namespace) -> int:
         why = {
             "generate": f"dataset {cfg.dataset.name} has no generator: nothing to generate",
             "tune": "tune.enabled is false: nothing to tune",
+            "compress": "no compress.* variant is on (or the model takes images): nothing to compress",
         }
         print(f"dlpipe: {why[args.name]}", file=sys.stderr)
         return args.skip_exit_code

@@ -617,9 +617,11 @@ PARTITION_COLUMNS = ("model_version", "prediction")
 
 class InferConfig(_Strict):
     model_uri: str | None = Field(
-        None, description="Default: models:/<model name>@candidate (variant int8: @candidate-int8)"
+        None, description="Default: models:/<model name>@candidate (a variant: @candidate-<variant>)"
     )
-    variant: Literal["fp32", "int8"] = Field("fp32", description="int8: the dynamically quantized version")
+    variant: Literal["fp32", "int8", "onnx"] = Field(
+        "fp32", description="the candidate's variant to score with: int8 (train's), onnx (the compress stage's)"
+    )
     batch_size: int = Field(4096, gt=0)
     source: str | None = Field(
         None,
@@ -673,6 +675,23 @@ class BaselineConfig(_Strict):
     register_model: bool = Field(True, description="register the tree model (alias `baseline`) so a user can choose it")
 
 
+class CompressConfig(_Strict):
+    """Compressed variants of the candidate, made by the compress stage after train: each measured on the
+    validation rows against the fp32 model (quality delta, size, single-thread and Spark rows/s) and
+    registered under its own alias, candidate-<variant>, when it passes the gate below."""
+
+    onnx: bool = Field(True, description="export to ONNX, scored with ONNX Runtime (alias candidate-onnx; tabular)")
+    max_accuracy_drop: float = Field(0.01, ge=0, description="a variant is registered only if it loses at most this")
+    max_rmse_increase: float = Field(
+        0.02, ge=0, description="regression: ... only if its RMSE is at most this much larger (relative)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the compress stage has a variant to make."""
+        return self.onnx
+
+
 class EvaluateConfig(_Strict):
     """The quality gate between the `candidate` alias and `production`."""
 
@@ -701,6 +720,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 

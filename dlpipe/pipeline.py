@@ -51,6 +51,7 @@ STAGE_CLASSES = {
     "preprocess": "dlpipe.data.features:Preprocess",
     "tune": "dlpipe.tune.stage:Tune",
     "train": "dlpipe.train.stage:Train",
+    "compress": "dlpipe.model.compress:Compress",
     "infer": "dlpipe.serve.infer:Infer",
     "evaluate": "dlpipe.model.evaluate:Evaluate",
 }
@@ -101,8 +102,12 @@ class PipelineResult:
 
 def stages_for(cfg: Config, stages: Sequence[str] = STAGES) -> list[str]:
     """The stages of stages that apply to cfg: generate only for a dataset with a generator, tune only when
-    tune.enabled."""
-    off = {"generate": cfg.dataset.generator is None, "tune": not cfg.tune.enabled}
+    tune.enabled, compress only with a variant to make (of a tabular model)."""
+    off = {
+        "generate": cfg.dataset.generator is None,
+        "tune": not cfg.tune.enabled,
+        "compress": not cfg.compress.enabled or cfg.dataset.source.format == "image",
+    }
     return [s for s in stages if not off.get(s, False)]
 
 

@@ -32,8 +32,9 @@ Runs of this DAG share one warehouse, hence max_active_runs=1; a task killed wit
 dataset's run lock behind, which the retry takes over once it sees the holder's process is gone.
 
 The command is built from the run's params when the task runs (a macro in its template); parsing reads no
-file. The `generate` task skips itself when the run's dataset has no generator, and `tune` when tune.enabled
-is false (`dlpipe submit` exits with SKIP_EXIT_CODE); the next task runs after a skip.
+file. The `generate` task skips itself when the run's dataset has no generator, `tune` when tune.enabled
+is false and `compress` when no variant is on (`dlpipe submit` exits with SKIP_EXIT_CODE); the next task
+runs after a skip.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ from airflow.sdk import DAG, Param, chain
 
 DAG_ID = "dlpipe"
 # dlpipe.pipeline.STAGES, which this file cannot import: tests/test_airflow.py checks that the tasks are those.
-STAGES = ("generate", "ingest", "preprocess", "tune", "train", "infer", "evaluate")
-SKIPPABLE = {"generate": "ingest", "tune": "train"}  # a stage that may skip itself -> the one after it
+STAGES = ("generate", "ingest", "preprocess", "tune", "train", "compress", "infer", "evaluate")
+# a stage that may skip itself -> the one after it
+SKIPPABLE = {"generate": "ingest", "tune": "train", "compress": "infer"}
 SKIP_EXIT_CODE = 99  # `dlpipe submit --skip-exit-code`: the stage has nothing to do; skipped, not failed
 RETRIES = 2
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("DLPIPE_RETRY_DELAY_S") or 60))
@@ -113,7 +115,7 @@ def secret_overrides(params: Mapping[str, Any]) -> str:
 
 with DAG(
     dag_id=DAG_ID,
-    description="dlpipe: generate, ingest, preprocess, tune, train, infer, evaluate as spark-submit jobs",
+    description="dlpipe: generate, ingest, preprocess, tune, train, compress, infer, evaluate as spark-submit jobs",
     doc_md=__doc__,
     schedule=None,
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
@@ -148,7 +150,7 @@ with DAG(
             skip_on_exit_code=SKIP_EXIT_CODE if stage in SKIPPABLE else None,
             do_xcom_push=False,  # the last log line of a Spark job is nobody's result
             # ingest also runs after a skipped generate (a dataset without a generator), train after a skipped
-            # tune (tune.enabled false), never after a failed one
+            # tune (tune.enabled false), infer after a skipped compress; never after a failed one
             trigger_rule="none_failed" if stage in SKIPPABLE.values() else "all_success",
         )
         for stage in STAGES

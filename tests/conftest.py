@@ -161,9 +161,9 @@ def seed_tracking_store(root: Path) -> None:
         shutil.copyfile(_mlflow_template(), db)
 
 
-# The int8 variant (measured for rows/s, both models, after every training) and the tree baseline (XGBoost on
-# Spark, in every evaluate): only the tests that check them want them.
-UNCHECKED_WORK = ("quantize.enabled=false", "evaluate.baseline.enabled=false")
+# The int8 variant (measured for rows/s, both models, after every training), the compress stage's variants
+# and the tree baseline (XGBoost on Spark, in every evaluate): only the tests that check them want them.
+UNCHECKED_WORK = ("quantize.enabled=false", "compress.onnx=false", "evaluate.baseline.enabled=false")
 
 
 def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | None = None) -> list[str]:

@@ -142,9 +142,10 @@ def test_dag_parses_in_the_airflow_venv_without_heavy_imports(parsed):
     for before, task in zip([None, *STAGES[:-1]], found["tasks"], strict=True):
         assert task["upstream"] == ([before] if before else []), task
         assert task["retries"] >= 1 and task["retry_delay"] > 0, task
-    # ingest runs after a skipped generate, train after a skipped tune
+    # ingest runs after a skipped generate, train after a skipped tune, infer after a skipped compress
     rules = {t["id"]: t["trigger_rule"] for t in found["tasks"]}
-    assert rules["ingest"] == rules["train"] == "none_failed" and rules["preprocess"] == "all_success"
+    assert rules["ingest"] == rules["train"] == rules["infer"] == "none_failed"
+    assert rules["preprocess"] == rules["evaluate"] == "all_success"
     assert found["max_active_runs"] == 1  # runs share one warehouse
     assert {"env", "overrides", "master", "force", "parent_run_id"} <= set(found["params"])
     # The command each task runs: the main venv's `python -m dlpipe submit`, with the run's params as they are
@@ -279,8 +280,9 @@ def test_airflow_dags_test_runs_every_stage_and_a_killed_task_retries_to_a_clean
     )
     assert states.returncode == 0, states.stdout[-2000:]
     task_states = {t["task_id"]: t["state"] for t in json_rows(states.stdout)}
-    # tune.enabled is false here: the tune task skips itself (dlpipe's exit code) and train runs after it
-    expected = {**dict.fromkeys(STAGES, "success"), "tune": "skipped"}
+    # tune.enabled and compress.onnx are false here: those tasks skip themselves (dlpipe's exit code) and the
+    # next ones run after them
+    expected = {**dict.fromkeys(STAGES, "success"), "tune": "skipped", "compress": "skipped"}
     assert task_states == expected, f"{task_states}\n{log[-8000:]}"
     assert runs[0]["state"] == "success" and dags_test.returncode == 0, log[-8000:]
 
@@ -304,7 +306,7 @@ def test_airflow_dags_test_runs_every_stage_and_a_killed_task_retries_to_a_clean
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     stage_runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
     assert sorted((r.data.tags.get("dlpipe.stage"), r.info.status) for r in stage_runs) == sorted(
-        (s, "FINISHED") for s in STAGES if s != "tune"
+        (s, "FINISHED") for s in STAGES if s not in ("tune", "compress")
     )
     # `dags test` runs the tasks in its own process: their logs (commands run, the jobs' output) are its output
     assert "-m dlpipe submit" in log and "stage train: done" in log, log[-4000:]

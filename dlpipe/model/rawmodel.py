@@ -1,11 +1,11 @@
 """The registered model as users call it: raw records in, class names (or values) out.
 
 A tabular model is logged as an MLflow pyfunc model that holds the network (an MLflow PyTorch model, as an
-artifact; or the tree baseline's XGBoost booster, dlpipe.model.trees), the statistics it was trained with
-and the declarations of its input columns. `predict` takes a DataFrame of the dataset's raw feature
-columns, checks each record as ingest checks a row (missing value, type, range, allowed values: the same
-reasons), transforms it exactly as preprocess does (dlpipe.data.features: imputation, scaling, one-hot,
-missing indicators), and answers the class index, its name and the
+artifact; the tree baseline's XGBoost booster, dlpipe.model.trees; or an ONNX model, dlpipe.model.onnxmodel),
+the statistics it was trained with and the declarations of its input columns. `predict` takes a DataFrame
+of the dataset's raw feature columns, checks each record as ingest checks a row (missing value, type, range,
+allowed values: the same reasons), transforms it exactly as preprocess does (dlpipe.data.features:
+imputation, scaling, one-hot, missing indicators), and answers the class index, its name and the
 probabilities in class order, or a regressor's value. `mlflow.pyfunc.load_model`, `mlflow models serve`
 and `mlflow.pyfunc.spark_udf` all take raw rows. A record that cannot be scored fails the call with every
 bad record's reason (the REST server answers 400, never 500).
@@ -261,6 +261,10 @@ class RawRecordModel(PythonModel):
             from dlpipe.model.trees import BoosterModule
 
             self.network = BoosterModule.load(context.artifacts["booster"], self.stats.task, self.stats.outputs)
+        elif "onnx" in context.artifacts:  # the ONNX variant (dlpipe.model.onnxmodel)
+            from dlpipe.model.onnxmodel import OnnxModule
+
+            self.network = OnnxModule.load(context.artifacts["onnx"])
         else:
             self.network = mlflow.pytorch.load_model(context.artifacts["network"], map_location="cpu")
         if hasattr(self.network, "eval") and not _is_graph_module(self.network):
@@ -354,16 +358,19 @@ def log_raw_model(
     serialization_format: str | None = None,
 ) -> str:
     """Log the pyfunc raw-record model to the active run as a new version of `registered_name`. network: a
-    torch module, or the tree baseline's BoosterModule (saved in XGBoost's own format)."""
+    torch module, the tree baseline's BoosterModule (saved in XGBoost's own format) or an OnnxModule."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
+    from dlpipe.model.onnxmodel import OnnxModule
     from dlpipe.model.trees import BoosterModule
 
     with tempfile.TemporaryDirectory(prefix="dlpipe-model-") as tmp:
         if isinstance(network, BoosterModule):
             scorer = {"booster": str(network.save(Path(tmp)))}
+        elif isinstance(network, OnnxModule):
+            scorer = {"onnx": str(network.save(Path(tmp)))}
         else:
             net_dir = Path(tmp) / "network"
             with torch.no_grad():

@@ -47,6 +47,7 @@ def outputs(cfg: Config) -> dict[str, str]:
         "ingest": paths.clean,
         "preprocess": paths.petastorm,
         "tune": paths.tune,
+        "compress": paths.variants,
         "infer": paths.infer_output,
     }
 

@@ -38,7 +38,7 @@ from dlpipe.data.ingest import (
     validate,
 )
 from dlpipe.data.stats import FittedStats
-from dlpipe.model.names import CANDIDATE, INT8_ALIAS
+from dlpipe.model.names import variant_alias
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
 from dlpipe.storage import dataset_paths, lineage, resolve_uri, storage_settings
@@ -52,8 +52,7 @@ IDENTITY = ("model_name", "model_version", "model_run_id")
 
 
 def model_uri(cfg: Config) -> str:
-    alias = INT8_ALIAS if cfg.infer.variant == "int8" else CANDIDATE
-    return cfg.infer.model_uri or f"models:/{cfg.model_name}@{alias}"
+    return cfg.infer.model_uri or f"models:/{cfg.model_name}@{variant_alias(cfg.infer.variant)}"
 
 
 def _identity(mv: ModelRef) -> list:

@@ -57,6 +57,7 @@ class DatasetPaths:
     quarantine: str
     petastorm: str
     tune: str  # the tune stage's best settings (best.json) and its trials
+    variants: str  # the compress stage's comparison of the candidate's variants (variants.json)
     predictions: str  # the test split's predictions: what evaluate, status and the notebooks read
     scored: str  # new raw data's (infer.source)
     infer_output: str  # what this config's infer stage writes: one of the two
@@ -95,6 +96,7 @@ def dataset_paths(cfg: Any) -> DatasetPaths:
         quarantine=f"{base}/quarantine",
         petastorm=f"{base}/petastorm",
         tune=f"{base}/tune",
+        variants=f"{base}/variants",
         predictions=predictions,
         scored=scored,
         infer_output=scored if cfg.infer.source else predictions,
