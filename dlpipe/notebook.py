@@ -274,3 +274,25 @@ def tuning_plot(spark: SparkSession, cfg: Config):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def variants(spark: SparkSession, cfg: Config) -> pd.DataFrame:
+    """The compress stage's comparison of the candidate's variants (fp32, int8, onnx): quality delta, size,
+    single-thread and Spark-scorer rows/s, and whether each is registered."""
+    from dlpipe.model.compress import TABLE
+    from dlpipe.storage import HadoopFS
+
+    uri = f"{dataset_paths(cfg).variants}/{TABLE}"
+    fs = HadoopFS(spark)
+    if not fs.exists(uri):
+        raise LookupError(f"no variants at {uri}: run the pipeline with a compress.* variant on")
+    return pd.DataFrame(fs.read_json(uri))
+
+
+def variants_plot(spark: SparkSession, cfg: Config):
+    """Each variant's speedups, quality delta and size, side by side."""
+    from dlpipe.model.compress import plot
+
+    table = variants(spark, cfg).fillna({"spark_speedup": 0.0})
+    metric = "rmse" if "rmse" in table.columns else "accuracy"
+    return plot(table.to_dict("records"), metric)
