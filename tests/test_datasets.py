@@ -212,6 +212,7 @@ def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_pat
             f"project.root={tmp_path}",
             "train.epochs=15",
             "train.batch_size=32",
+            "compress.onnx=false",  # test_compress.py's; the tree baseline stays on (checked below)
         ],
         conf_dir=conf,
     )

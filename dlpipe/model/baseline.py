@@ -27,6 +27,7 @@ from dlpipe.storage import dataset_paths
 
 log = logging.getLogger(__name__)
 PREFIX = "baseline_"
+VARIANT = "xgboost-baseline"  # its dlpipe.variant tag
 VALIDATION = "_dlpipe_is_val"
 
 
@@ -129,29 +130,19 @@ def register(cfg: Config, stats: FittedStats, booster, example) -> str:
     import xgboost
 
     from dlpipe import tracking
-    from dlpipe.model.names import BASELINE_ALIAS, STATS_ARTIFACT
-    from dlpipe.model.rawmodel import input_columns, log_raw_model
+    from dlpipe.model.names import BASELINE_ALIAS
+    from dlpipe.model.rawmodel import register_variant
     from dlpipe.model.trees import BoosterModule
 
-    name = cfg.model_name
-    mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)  # infer transforms new rows for this version with these
-    metadata = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task, "variant": "xgboost-baseline"}
-    if not stats.is_regression:
-        metadata["classes"] = stats.class_names
-    version = log_raw_model(
-        BoosterModule(booster, stats.task, stats.outputs),
+    version = register_variant(
+        cfg,
         stats,
-        input_columns(cfg),
-        "baseline_model",
-        name,
+        BoosterModule(booster, stats.task, stats.outputs),
+        VARIANT,
+        BASELINE_ALIAS,
         example,
-        None,
         [*tracking.pip_requirements(), f"xgboost-cpu=={xgboost.__version__}"],
-        metadata=metadata,
     )
-    client = mlflow.MlflowClient()
-    client.set_model_version_tag(name, version, "dlpipe.variant", "xgboost-baseline")
-    client.set_registered_model_alias(name, BASELINE_ALIAS, version)
     mlflow.set_tag("dlpipe.baseline_model_version", version)
-    log.info("evaluate: the tree baseline is %s version %s (@%s)", name, version, BASELINE_ALIAS)
+    log.info("evaluate: the tree baseline is %s version %s (@%s)", cfg.model_name, version, BASELINE_ALIAS)
     return version

@@ -260,36 +260,17 @@ def _registered_int8(cfg: Config, candidate):
 
 def _register(spark: SparkSession, cfg: Config, stats: FittedStats, name: str, model, candidate) -> str:
     """Log the variant behind the raw-record interface as a new version under alias candidate-<name>."""
-    import mlflow
-
     from dlpipe import tracking
-    from dlpipe.model.names import STATS_ARTIFACT
-    from dlpipe.model.rawmodel import input_columns, log_raw_model, raw_example
+    from dlpipe.model.rawmodel import raw_example, register_variant
 
-    mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)  # infer transforms new rows for this version with these
-    metadata: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task, "variant": name}
-    if not stats.is_regression:
-        metadata["classes"] = stats.class_names
     requirements = tracking.pip_requirements()
     if name == "onnx":
         import onnxruntime
 
         requirements.append(f"onnxruntime=={onnxruntime.__version__}")
-    version = log_raw_model(
-        model,
-        stats,
-        input_columns(cfg),
-        f"model_{name}",
-        cfg.model_name,
-        raw_example(spark, cfg),
-        None,
-        requirements,
-        metadata=metadata,
-    )
-    client = mlflow.MlflowClient()
-    client.set_model_version_tag(cfg.model_name, version, "dlpipe.variant", name)
-    client.set_model_version_tag(cfg.model_name, version, "dlpipe.variant_of", str(candidate.version))
-    client.set_registered_model_alias(cfg.model_name, variant_alias(name), version)
+    tags = {"dlpipe.variant_of": str(candidate.version)}
+    example = raw_example(spark, cfg)
+    version = register_variant(cfg, stats, model, name, variant_alias(name), example, requirements, tags)
     log.info("compress: registered %s version %s as @%s", cfg.model_name, version, variant_alias(name))
     return version
 

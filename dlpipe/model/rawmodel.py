@@ -409,6 +409,39 @@ def log_raw_model(
     return str(info.registered_model_version)
 
 
+def register_variant(
+    cfg,
+    stats: FittedStats,
+    network,
+    variant: str,
+    alias: str,
+    example: pd.DataFrame,
+    requirements: list[str],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Register a model made from the candidate's data outside train (a compressed variant, the tree
+    baseline) as a new version of the registered model, behind the raw-record interface, under alias: the
+    statistics its inputs are transformed with go to the active run (where infer looks for them), the version
+    is tagged `dlpipe.variant` (and with tags). Returns the version."""
+    import mlflow
+
+    from dlpipe.model.names import STATS_ARTIFACT
+
+    mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)
+    metadata: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task, "variant": variant}
+    if not stats.is_regression:
+        metadata["classes"] = stats.class_names
+    name = cfg.model_name
+    version = log_raw_model(
+        network, stats, input_columns(cfg), f"model_{variant}", name, example, None, requirements, metadata=metadata
+    )
+    client = mlflow.MlflowClient()
+    for key, value in {"dlpipe.variant": variant, **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, alias, version)
+    return version
+
+
 def network_of(model_uri: str):
     """The network inside a registered model: the raw-record pyfunc's, or a plain PyTorch model's."""
     import mlflow
