@@ -1,4 +1,5 @@
-"""Run the whole pipeline in one Spark application: generate, ingest, preprocess, train, infer, evaluate.
+"""Run the whole pipeline in one Spark application: generate, ingest, preprocess, (tune), train, (compress),
+infer, evaluate.
 
     python -m pipelines.run [--env NAME] [--force] [--from STAGE] [key.path=value ...]
     spark-submit pipelines/run.py [--env NAME] [--force] [--from STAGE] [key.path=value ...]
