@@ -293,6 +293,6 @@ def variants_plot(spark: SparkSession, cfg: Config):
     """Each variant's speedups, quality delta and size, side by side."""
     from dlpipe.model.compress import plot
 
-    table = variants(spark, cfg).fillna({"spark_speedup": 0.0})
+    table = variants(spark, cfg)
     metric = "rmse" if "rmse" in table.columns else "accuracy"
     return plot(table.to_dict("records"), metric)

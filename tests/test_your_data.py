@@ -230,15 +230,21 @@ def test_the_registered_model_answers_raw_records_like_the_batch_job(spark, peng
     assert type_status == 400 and "body_mass_g" in type_answer["message"], type_answer
 
 
-@pytest.mark.slow
-def test_the_int8_variant_takes_raw_records_too(penguins):
+def _answers(penguins, alias: str):
+    """The raw penguins' answers from the registered model under alias, loaded as a user loads it."""
     cfg, result = penguins
     mlflow.set_tracking_uri(result.tracking_uri)
-    assert result.metrics["train"].get("int8_registered") == 1.0, "the int8 gate refused the penguins model"
     raw = _raw_penguins(cfg)
-    names = [c.name for c in cfg.dataset.features]
-    int8 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate-int8").predict(raw[names])
-    fp32 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate").predict(raw[names])
+    return mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@{alias}").predict(
+        raw[[c.name for c in cfg.dataset.features]]
+    )
+
+
+@pytest.mark.slow
+def test_the_int8_variant_takes_raw_records_too(penguins):
+    _, result = penguins
+    assert result.metrics["train"].get("int8_registered") == 1.0, "the int8 gate refused the penguins model"
+    int8, fp32 = _answers(penguins, "candidate-int8"), _answers(penguins, "candidate")
     assert set(int8["predicted_class"]) <= {"Adelie", "Chinstrap", "Gentoo"}
     assert (int8["predicted_class"] == fp32["predicted_class"]).mean() > 0.97
 
@@ -247,14 +253,9 @@ def test_the_int8_variant_takes_raw_records_too(penguins):
 def test_the_tree_baseline_answers_raw_penguin_records_by_species(penguins):
     """The tree baseline (on by default) learns the penguins too, and its registered version, like the
     network's, takes raw records with missing values and answers species by name."""
-    cfg, result = penguins
-    ev = result.metrics["evaluate"]
+    ev = penguins[1].metrics["evaluate"]
     assert ev["baseline_accuracy"] > 0.9, ev
-    mlflow.set_tracking_uri(result.tracking_uri)
-    raw = _raw_penguins(cfg)
-    names = [c.name for c in cfg.dataset.features]
-    tree = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@baseline").predict(raw[names])
-    fp32 = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate").predict(raw[names])
+    tree, fp32 = _answers(penguins, "baseline"), _answers(penguins, "candidate")
     assert set(tree["predicted_class"]) <= {"Adelie", "Chinstrap", "Gentoo"}
     assert (tree["predicted_class"] == fp32["predicted_class"]).mean() > 0.9
 

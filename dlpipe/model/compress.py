@@ -36,38 +36,6 @@ log = logging.getLogger(__name__)
 TABLE = "variants.json"
 
 
-def quality(outputs: np.ndarray, y: np.ndarray, regression: bool) -> float:
-    """The summed quality of one batch: correct answers, or squared error."""
-    if regression:
-        return float(((outputs.reshape(-1) - y) ** 2).sum())
-    return float((outputs.argmax(1) == y).sum())
-
-
-def measure(models: dict[str, Any], batches, regression: bool, speed_rows: int = 100_000) -> dict[str, dict]:
-    """Per model: its validation accuracy (or RMSE) over every (x, y) batch as they stream by, and its
-    single-thread rows/s on the first speed_rows rows."""
-    import torch
-
-    from dlpipe.model.quantize import rows_per_second
-
-    sums = dict.fromkeys(models, 0.0)
-    n, sample, kept = 0, [], 0
-    with torch.inference_mode():
-        for x, y in batches:
-            for name, model in models.items():
-                sums[name] += quality(model(torch.from_numpy(x)).numpy(), y, regression)
-            n += len(y)
-            if kept < speed_rows:
-                sample.append(x[: speed_rows - kept])
-                kept += len(sample[-1])
-    x = np.concatenate(sample)
-    out = {}
-    for name, model in models.items():
-        value = float(np.sqrt(sums[name] / n)) if regression else sums[name] / n
-        out[name] = {"rmse" if regression else "accuracy": value, "rows_per_s": rows_per_second(model, x)}
-    return out
-
-
 def passes(variant: dict, fp32: dict, cfg: Config, regression: bool) -> tuple[bool, str]:
     """(register it?, why): its quality against fp32's on the same rows, within compress's limit."""
     if regression:
@@ -87,10 +55,12 @@ def passes(variant: dict, fp32: dict, cfg: Config, regression: bool) -> tuple[bo
     return ok, f"{what} vs fp32 ({'registered' if ok else f'not registered: beyond the limit {limit}'})"
 
 
-def torch_size(model) -> int:
-    """Bytes of a torch model as saved: TorchScript for a scripted one, else its state dict."""
+def size_on_disk(model) -> int:
+    """Bytes of a model as saved: an ONNX model's own; TorchScript for a scripted one, else its state dict."""
     import torch
 
+    if hasattr(model, "size_bytes"):
+        return model.size_bytes()
     buf = io.BytesIO()
     if isinstance(model, torch.jit.ScriptModule):
         torch.jit.save(model, buf)
@@ -99,25 +69,23 @@ def torch_size(model) -> int:
     return buf.getbuffer().nbytes
 
 
-def spark_rows_per_s(spark: SparkSession, cfg: Config, stats: FittedStats, model_uri: str) -> float:
-    """Rows/s of the Spark scorer (udfs/score.py) over the validation split with the model at model_uri: the
-    second of two passes (the first loads the model into the Python workers)."""
-    from dlpipe import tracking
+def spark_rows_per_s(spark: SparkSession, cfg: Config, stats: FittedStats, mv) -> float:
+    """Rows/s of the Spark scorer (udfs/score.py) over the validation split with model version mv (a
+    ModelRef): the second of two passes (the first loads the model into the Python workers)."""
     from dlpipe.serve.infer import score_rows
 
-    mv = tracking.model_version_for(model_uri)
     rows = spark.read.parquet(dataset_paths(cfg).split("val")).select(stats.key, "label", "features")
     n = stats.rows.get("val") or rows.count()
-    best = 0.0
     for _ in range(2):
         started = time.perf_counter()
         score_rows(spark, cfg, rows, stats, mv).write.format("noop").mode("overwrite").save()
-        best = n / (time.perf_counter() - started)
-    return best
+        seconds = time.perf_counter() - started
+    return n / seconds
 
 
 def plot(table: list[dict], metric: str):
-    """Speedup (single thread and Spark), quality delta and size of each variant, side by side."""
+    """Speedup (single thread and Spark: 0 for a variant not registered, so never scored there), quality delta
+    and size of each variant, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +94,11 @@ def plot(table: list[dict], metric: str):
     names = [r["variant"] for r in table]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     panels = [
-        ("rows/s over fp32's", [r["speedup"] for r in table], [r["spark_speedup"] for r in table]),
+        (
+            "rows/s over fp32's",
+            [r["speedup"] for r in table],
+            np.nan_to_num(np.array([r["spark_speedup"] for r in table], float)),
+        ),
         (f"{metric} delta vs fp32", [r[f"{metric}_delta"] for r in table], None),
         ("size on disk (KiB)", [r["size_bytes"] / 1024 for r in table], None),
     ]
@@ -170,6 +142,7 @@ class Compress(Stage):
     def compute(self, spark: SparkSession, cfg: Config, plan: Plan, tmp: dict[str, str]) -> dict:
         from dlpipe.data.features import model_stats, read_stats
         from dlpipe.model.onnxmodel import export
+        from dlpipe.model.quantize import measure
         from dlpipe.model.rawmodel import network_of
 
         candidate = plan.context["candidate"]
@@ -178,34 +151,26 @@ class Compress(Stage):
         metric = "rmse" if regression else "accuracy"
         fp32 = _inference_form(network_of(candidate.download_uri))
         batches = _val_batches(cfg, stats)
-        first = next(iter(batches()))[0][:5]
-        models: dict[str, Any] = {"fp32": fp32}
-        made: dict[str, Any] = {}
-        if cfg.compress.onnx:
-            made["onnx"] = models["onnx"] = export(fp32, first)
+        made = {"onnx": export(fp32, next(iter(batches()))[0][:5])} if cfg.compress.onnx else {}
+        models: dict[str, Any] = {"fp32": fp32, **made}
+        registered = {"fp32": candidate}  # variant -> its registered version (ModelRef)
         int8 = _registered_int8(cfg, candidate)
         if int8 is not None:
             models["int8"] = network_of(int8.download_uri)
+            registered["int8"] = int8
         measured = measure(models, batches(), regression)
-        sizes = {"fp32": torch_size(fp32), **({"int8": torch_size(models["int8"])} if int8 is not None else {})}
-        sizes.update({name: m.size_bytes() for name, m in made.items()})
-        uris = {"fp32": candidate.download_uri, **({"int8": int8.download_uri} if int8 is not None else {})}
-        versions = {"fp32": candidate.version, **({"int8": int8.version} if int8 is not None else {})}
         verdicts = {}
         for name, model in made.items():
             ok, why = passes(measured[name], measured["fp32"], cfg, regression)
             verdicts[name] = why
             log.info("compress: %s variant: %s, %.2fx fp32's single-thread rows/s", name, why, _speedup(measured, name))
             if ok:
-                versions[name] = _register(spark, cfg, stats, name, model, candidate)
-                uris[name] = f"models:/{cfg.model_name}/{versions[name]}"
-        spark_rates = {name: spark_rows_per_s(spark, cfg, stats, uri) for name, uri in uris.items()}
-        table = [
-            _row(name, measured, sizes, spark_rates, versions, verdicts, metric) for name in models if name in measured
-        ]
+                registered[name] = _register(spark, cfg, stats, name, model, candidate)
+        spark_rates = {name: spark_rows_per_s(spark, cfg, stats, mv) for name, mv in registered.items()}
+        table = [_row(name, models[name], measured, spark_rates, registered, verdicts, metric) for name in models]
         HadoopFS(spark).write_json(f"{tmp['variants']}/{TABLE}", table)
         _log_table(table, metric)
-        return _metrics(table, metric, cfg, regression)
+        return _metrics(table, metric, cfg)
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
@@ -258,8 +223,9 @@ def _registered_int8(cfg: Config, candidate):
     return int8 if int8.run_id == candidate.run_id else None
 
 
-def _register(spark: SparkSession, cfg: Config, stats: FittedStats, name: str, model, candidate) -> str:
-    """Log the variant behind the raw-record interface as a new version under alias candidate-<name>."""
+def _register(spark: SparkSession, cfg: Config, stats: FittedStats, name: str, model, candidate):
+    """Log the variant behind the raw-record interface as a new version under alias candidate-<name>; its
+    ModelRef."""
     from dlpipe import tracking
     from dlpipe.model.rawmodel import raw_example, register_variant
 
@@ -272,18 +238,18 @@ def _register(spark: SparkSession, cfg: Config, stats: FittedStats, name: str, m
     example = raw_example(spark, cfg)
     version = register_variant(cfg, stats, model, name, variant_alias(name), example, requirements, tags)
     log.info("compress: registered %s version %s as @%s", cfg.model_name, version, variant_alias(name))
-    return version
+    return tracking.model_version_for(f"models:/{cfg.model_name}/{version}")
 
 
-def _row(name, measured, sizes, spark_rates, versions, verdicts, metric) -> dict:
+def _row(name, model, measured, spark_rates, registered, verdicts, metric) -> dict:
     fp32 = measured["fp32"]
     return {
         "variant": name,
-        "model_version": versions.get(name),
-        "registered": name in versions,
+        "model_version": registered[name].version if name in registered else None,
+        "registered": name in registered,
         metric: measured[name][metric],
         f"{metric}_delta": measured[name][metric] - fp32[metric],
-        "size_bytes": sizes[name],
+        "size_bytes": size_on_disk(model),
         "rows_per_s": measured[name]["rows_per_s"],
         "speedup": _speedup(measured, name),
         "spark_rows_per_s": spark_rates.get(name),
@@ -299,13 +265,12 @@ def _log_table(table: list[dict], metric: str) -> None:
 
     mlflow.log_dict(table, "variants/table.json")
     mlflow.log_text(pd.DataFrame(table).to_csv(index=False), "variants/table.csv")
-    shown = [{**r, "spark_speedup": r["spark_speedup"] or 0.0} for r in table]
-    fig = plot(shown, metric)
+    fig = plot(table, metric)
     mlflow.log_figure(fig, "variants/comparison.png")
     plt.close(fig)
 
 
-def _metrics(table: list[dict], metric: str, cfg: Config, regression: bool) -> dict:
+def _metrics(table: list[dict], metric: str, cfg: Config) -> dict:
     out: dict[str, Any] = {}
     for r in table:
         v = r["variant"]

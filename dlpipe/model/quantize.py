@@ -5,7 +5,8 @@ scores with it.
 
 Dynamic quantization stores nn.Linear weights as int8 and quantizes activations on the fly: no
 calibration data, CPU only (fbgemm/qnnpack kernels). The variant is saved as TorchScript, so loading it
-needs torch and nothing of dlpipe.
+needs torch and nothing of dlpipe. `measure` (quality and single-thread speed of several models on streamed
+validation batches) serves this gate and the compress stage's comparison alike.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,32 +55,45 @@ def rows_per_second(model: nn.Module, x: np.ndarray, batch: int = 4096, min_rows
     return best
 
 
+def quality(outputs: np.ndarray, y: np.ndarray, regression: bool) -> float:
+    """The summed quality of one batch: correct answers, or squared error."""
+    if regression:
+        return float(((outputs.reshape(-1) - y) ** 2).sum())
+    return float((outputs.argmax(1) == y).sum())
+
+
+def measure(models: dict[str, Any], batches, regression: bool, speed_rows: int = SPEED_ROWS) -> dict[str, dict]:
+    """Per model: its validation accuracy (or RMSE) over every (x, y) batch as they stream by, and its
+    single-thread rows/s on the first speed_rows rows."""
+    sums = dict.fromkeys(models, 0.0)
+    n, sample, kept = 0, [], 0
+    with torch.inference_mode():
+        for x, y in batches:
+            for name, model in models.items():
+                sums[name] += quality(model(torch.from_numpy(x)).numpy(), y, regression)
+            n += len(y)
+            if kept < speed_rows:
+                sample.append(x[: speed_rows - kept])
+                kept += len(sample[-1])
+    x = np.concatenate(sample)
+    out = {}
+    for name, model in models.items():
+        value = float(np.sqrt(sums[name] / n)) if regression else sums[name] / n
+        out[name] = {"rmse" if regression else "accuracy": value, "rows_per_s": rows_per_second(model, x)}
+    return out
+
+
 def compare(
     fp32: nn.Module, int8: nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], task: str = "classification"
 ) -> dict[str, float]:
     """Quality (accuracy, or RMSE for regression) of both on every (x, y) batch, summed as they stream by
     (the validation split may be larger than memory), and single-thread speed on the first SPEED_ROWS rows."""
     regression = task == "regression"
-    n, err32, err8, sample = 0, 0.0, 0.0, []
-    kept = 0
-    with torch.inference_mode():
-        for x, y in batches:
-            a, b = fp32(torch.from_numpy(x)).numpy(), int8(torch.from_numpy(x)).numpy()
-            if regression:
-                err32 += float(((a.reshape(-1) - y) ** 2).sum())
-                err8 += float(((b.reshape(-1) - y) ** 2).sum())
-            else:
-                err32 += float((a.argmax(1) == y).sum())
-                err8 += float((b.argmax(1) == y).sum())
-            n += len(y)
-            if kept < SPEED_ROWS:
-                sample.append(x[: SPEED_ROWS - kept])
-                kept += len(sample[-1])
-    x = np.concatenate(sample)
-    r32, r8 = rows_per_second(fp32, x), rows_per_second(int8, x)
+    m = measure({"fp32": fp32, "int8": int8}, batches, regression)
+    r32, r8 = m["fp32"]["rows_per_s"], m["int8"]["rows_per_s"]
     speed = {"int8_rows_per_s": r8, "fp32_rows_per_s": r32, "int8_speedup": r8 / r32}
     if regression:
-        e32, e8 = float(np.sqrt(err32 / n)), float(np.sqrt(err8 / n))
+        e32, e8 = m["fp32"]["rmse"], m["int8"]["rmse"]
         return {"int8_val_rmse": e8, "fp32_val_rmse": e32, "int8_rmse_increase": e8 / max(e32, 1e-12) - 1, **speed}
-    a32, a8 = err32 / n, err8 / n
+    a32, a8 = m["fp32"]["accuracy"], m["int8"]["accuracy"]
     return {"int8_val_accuracy": a8, "fp32_val_accuracy": a32, "int8_accuracy_delta": a8 - a32, **speed}

@@ -409,6 +409,17 @@ def log_raw_model(
     return str(info.registered_model_version)
 
 
+def model_metadata(stats: FittedStats) -> dict:
+    """Logged in the model's MLmodel file: its class names in output order, and where the statistics that
+    transform its inputs are (in the run that logged it)."""
+    from dlpipe.model.names import STATS_ARTIFACT
+
+    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task}
+    if not stats.is_regression:
+        meta["classes"] = stats.class_names
+    return meta
+
+
 def register_variant(
     cfg,
     stats: FittedStats,
@@ -428,9 +439,7 @@ def register_variant(
     from dlpipe.model.names import STATS_ARTIFACT
 
     mlflow.log_dict(stats.to_dict(), STATS_ARTIFACT)
-    metadata: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task, "variant": variant}
-    if not stats.is_regression:
-        metadata["classes"] = stats.class_names
+    metadata = {**model_metadata(stats), "variant": variant}
     name = cfg.model_name
     version = log_raw_model(
         network, stats, input_columns(cfg), f"model_{variant}", name, example, None, requirements, metadata=metadata

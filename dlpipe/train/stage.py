@@ -307,7 +307,7 @@ def register(
     when quantize.enabled; returns (version, the int8 metrics)."""
     import mlflow
 
-    from dlpipe.model.rawmodel import raw_example
+    from dlpipe.model.rawmodel import model_metadata, raw_example
 
     served = objective.served(model, stats).eval()
     example_loader = ShardLoader(spec.val_uri, 0, 1, 5, spec.feature_shape, shuffle=False, storage=spec.storage)
@@ -390,15 +390,6 @@ def log_registered(
         **kwargs,
     )
     return str(info.registered_model_version)
-
-
-def model_metadata(stats: FittedStats) -> dict:
-    """Logged in the model's MLmodel file: its class names in output order, and where the statistics that
-    transform its inputs are (in its training run)."""
-    meta: dict = {"dlpipe_stats": STATS_ARTIFACT, "task": stats.task}
-    if not stats.is_regression:
-        meta["classes"] = stats.class_names
-    return meta
 
 
 def int8_gate(task_name: str, measured: dict, limits: QuantizeConfig) -> tuple[bool, str]:
