@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("data", "training", "inference", "scale", "tune")
+GROUPS = ("data", "training", "inference", "scale", "tune", "compress")
 OUT = Path("data/bench")
 
 

@@ -28,10 +28,15 @@ DONE = re.compile(r"stage (\w+): done in ([\d.]+)s (\{.*\})")
 
 
 def _run(*overrides: str) -> dict[str, dict]:
-    """`python -m dlpipe run` in ROOT; each stage's metrics, as its 'done' line logged them."""
+    return run_dlpipe(ROOT, "quantize.enabled=false", *overrides)
+
+
+def run_dlpipe(root: Path, *args: str) -> dict[str, dict]:
+    """`python -m dlpipe run` in root, in a process of its own; each stage's metrics, as its 'done' line
+    logged them."""
     import ast
 
-    cmd = [sys.executable, "-m", "dlpipe", "run", f"project.root={ROOT}", "quantize.enabled=false", *overrides]
+    cmd = [sys.executable, "-m", "dlpipe", "run", f"project.root={root}", *args]
     env = {
         **os.environ,
         "PYSPARK_PYTHON": sys.executable,
@@ -45,7 +50,7 @@ def _run(*overrides: str) -> dict[str, dict]:
     for line in proc.stderr.splitlines():
         if "tune: trial" in line or "tune: best" in line:
             print(line, flush=True)
-    print(f"# {' '.join(overrides) or 'defaults'}: {time.time() - started:.0f}s", flush=True)
+    print(f"# {' '.join(args)}: {time.time() - started:.0f}s", flush=True)
     return stages
 
 

@@ -619,8 +619,9 @@ class InferConfig(_Strict):
     model_uri: str | None = Field(
         None, description="Default: models:/<model name>@candidate (a variant: @candidate-<variant>)"
     )
-    variant: Literal["fp32", "int8", "onnx"] = Field(
-        "fp32", description="the candidate's variant to score with: int8 (train's), onnx (the compress stage's)"
+    variant: Literal["fp32", "int8", "onnx", "prune", "prune-onnx", "distill", "distill-onnx"] = Field(
+        "fp32",
+        description="the candidate's variant to score with: int8 (train's); the compress stage's (its README section)",
     )
     batch_size: int = Field(4096, gt=0)
     source: str | None = Field(
@@ -675,12 +676,39 @@ class BaselineConfig(_Strict):
     register_model: bool = Field(True, description="register the tree model (alias `baseline`) so a user can choose it")
 
 
+class PruneConfig(_Strict):
+    """Structured pruning of the candidate MLP: the hidden units with the smallest weights are removed (a
+    smaller dense network, not a sparse mask), then the smaller network is fine-tuned on the train split
+    through train's launcher."""
+
+    sparsity: float = Field(
+        0.0, ge=0, lt=1, description="share of each hidden layer's units removed (0: no pruned variant)"
+    )
+    finetune_epochs: int = Field(3, ge=0, description="epochs of fine-tuning after pruning (0: none)")
+    finetune_lr: float | None = Field(None, gt=0, description="default: train.lr / 3")
+
+
+class DistillConfig(_Strict):
+    """Knowledge distillation: a smaller student MLP trained on the candidate's soft targets (and the labels)
+    through train's launcher (Horovod or TorchDistributor), on the train split."""
+
+    enabled: bool = Field(False, description="train and measure a distilled student")
+    hidden: list[int] = Field(default_factory=lambda: [32], min_length=1, description="the student's layer widths")
+    temperature: float = Field(4.0, gt=0, description="softens both models' outputs for the soft-target loss")
+    alpha: float = Field(
+        0.7, ge=0, le=1, description="weight of the soft-target loss; 1 - alpha goes to the labels' own loss"
+    )
+    epochs: int | None = Field(None, gt=0, description="default: train.epochs")
+
+
 class CompressConfig(_Strict):
     """Compressed variants of the candidate, made by the compress stage after train: each measured on the
     validation rows against the fp32 model (quality delta, size, single-thread and Spark rows/s) and
     registered under its own alias, candidate-<variant>, when it passes the gate below."""
 
     onnx: bool = Field(True, description="export to ONNX, scored with ONNX Runtime (alias candidate-onnx; tabular)")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     max_accuracy_drop: float = Field(0.01, ge=0, description="a variant is registered only if it loses at most this")
     max_rmse_increase: float = Field(
         0.02, ge=0, description="regression: ... only if its RMSE is at most this much larger (relative)"
@@ -689,7 +717,7 @@ class CompressConfig(_Strict):
     @property
     def enabled(self) -> bool:
         """Whether the compress stage has a variant to make."""
-        return self.onnx
+        return self.onnx or self.prune.sparsity > 0 or self.distill.enabled
 
 
 class EvaluateConfig(_Strict):

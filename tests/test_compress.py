@@ -3,6 +3,7 @@ validation rows, registered behind the raw-record interface and scored by infer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import mlflow
@@ -12,8 +13,10 @@ import torch
 
 from dlpipe.model.compress import passes
 from dlpipe.model.onnxmodel import OnnxModule, export
+from dlpipe.ops.processes import pid_alive
 from dlpipe.pipeline import run_pipeline
 from dlpipe.serve import infer
+from dlpipe.serve.serving import ModelServer
 from dlpipe.storage import dataset_paths
 from tests.conftest import make_cfg
 
@@ -44,27 +47,52 @@ def test_the_variant_gate_registers_within_the_limit_and_refuses_beyond(tmp_path
 
 @pytest.mark.slow
 def test_variants_are_measured_side_by_side_registered_and_scored_by_infer(spark, tmp_path):
-    """The ONNX variant and train's int8 beside fp32 in one table; the ONNX one registered as
-    @candidate-onnx, answering raw records like fp32 and scoring the test split through infer.variant=onnx."""
-    cfg = make_cfg(tmp_path, "compress.onnx=true", "quantize.enabled=true", rows=3000)
+    """Every variant beside fp32 in one table: ONNX, the pruned and fine-tuned network, the distilled student
+    (both trained through the Horovod launcher) and train's int8. The ONNX one registered as @candidate-onnx,
+    answering raw records like fp32 and scoring the test split through infer.variant=onnx; the trained ones
+    registered exactly when their gate says so, and smaller than fp32."""
+    cfg = make_cfg(
+        tmp_path,
+        "compress.onnx=true",
+        "quantize.enabled=true",
+        "compress.prune.sparsity=0.5",
+        "compress.prune.finetune_epochs=3",
+        "compress.distill.enabled=true",
+        "compress.distill.epochs=8",
+        "compress.max_accuracy_drop=0.1",  # 3,000 rows: the gate itself is checked above
+        rows=3000,
+    )
     result = run_pipeline(spark, cfg, stages=("generate", "ingest", "preprocess", "train", "compress"))
     m = result.metrics["compress"]
     assert m["onnx_registered"] == 1.0 and abs(m["onnx_accuracy_delta"]) <= 0.002, m
-    for variant in ("fp32", "int8", "onnx"):
-        assert (
-            m[f"{variant}_rows_per_s"] > 0 and m[f"{variant}_spark_rows_per_s"] > 0 and m[f"{variant}_size_bytes"] > 0
-        )
-    assert m["fp32_speedup"] == 1.0 and m["best_variant_speedup"] == max(m["onnx_speedup"], m["int8_speedup"])
+    variants = ("fp32", "onnx", "prune", "prune-onnx", "distill", "distill-onnx", "int8")
+    for variant in variants:
+        assert m[f"{variant}_rows_per_s"] > 0 and m[f"{variant}_size_bytes"] > 0
+        assert (m.get(f"{variant}_spark_rows_per_s", 0) > 0) == (m[f"{variant}_registered"] == 1.0), variant
+    for variant in variants[2:-1]:
+        within = -m[f"{variant}_accuracy_delta"] <= cfg.compress.max_accuracy_drop
+        assert m[f"{variant}_registered"] == float(within), (variant, m)
+    registered = [v for v in variants[1:] if m[f"{v}_registered"] == 1.0]
+    assert registered == list(variants[1:]), {k: v for k, v in m.items() if "accuracy" in k}
+    assert m["fp32_speedup"] == 1.0 and m["best_variant_speedup"] == max(m[f"{v}_speedup"] for v in registered)
     assert m["int8_size_bytes"] < m["fp32_size_bytes"]  # int8 weights
+    # 64-64 hidden units: half of each pruned; the student has 32 in one layer
+    assert m["distill_size_bytes"] < m["prune_size_bytes"] < m["fp32_size_bytes"]
+    for variant in ("prune", "distill"):  # compiled, it answers as it does
+        assert abs(m[f"{variant}-onnx_accuracy_delta"] - m[f"{variant}_accuracy_delta"]) <= 0.002, m
 
     table = json.loads((tmp_path / "data/warehouse/tabular_example/variants/variants.json").read_text())
-    assert [r["variant"] for r in table] == ["fp32", "onnx", "int8"]
+    assert [r["variant"] for r in table] == list(variants)
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.search_runs(
         [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` = 'compress'"
     )[0]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "variants")}
-    assert {"variants/table.json", "variants/table.csv", "variants/comparison.png"} <= logged, logged
+    curves = {"variants/prune_learning_curve.png", "variants/distill_learning_curve.png"}
+    assert {"variants/table.json", "variants/table.csv", "variants/comparison.png", *curves} <= logged, logged
+    for variant in registered:
+        mv = client.get_model_version_by_alias(cfg.model_name, f"candidate-{variant}")
+        assert mv.tags["dlpipe.variant"] == variant
 
     candidate = client.get_model_version_by_alias(cfg.model_name, "candidate")
     onnx = client.get_model_version_by_alias(cfg.model_name, "candidate-onnx")
@@ -79,9 +107,78 @@ def test_variants_are_measured_side_by_side_registered_and_scored_by_infer(spark
     assert (answered["predicted_class"] == fp32["predicted_class"]).all()
     assert np.allclose(np.stack(answered["probabilities"]), np.stack(fp32["probabilities"]), atol=1e-5)
 
+    # the serving check: a variant of each saved form behind `mlflow models serve` answers as its pyfunc does:
+    # ONNX (as every *-onnx), a torch network (as distill), TorchScript (int8); fp32 is test_stages.py's
+    with contextlib.ExitStack() as stack:
+        servers = {
+            v: stack.enter_context(
+                ModelServer(f"models:/{cfg.model_name}@candidate-{v}", result.tracking_uri, tmp_path / f"{v}.log")
+            )
+            for v in ("onnx", "prune", "int8")
+        }
+        for variant, server in servers.items():
+            local = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@candidate-{variant}").predict(records)
+            served = server.predict(records)
+            assert list(served["predicted_class"]) == list(local["predicted_class"]), variant
+            assert np.allclose(np.stack(served["probabilities"]), np.stack(local["probabilities"]), atol=1e-5)
+    assert not any(pid_alive(s.proc.pid) for s in servers.values())
+
     scored = infer.run(spark, make_cfg(tmp_path, "infer.variant=onnx", rows=3000))
     preds = spark.read.parquet(dataset_paths(cfg).predictions).toPandas()
     assert scored["rows_scored"] == len(preds) > 0 and set(preds["model_version"]) == {int(onnx.version)}
 
     again = run_pipeline(spark, cfg, stages=("compress",))  # unchanged candidate and data: reused
     assert again.metrics["compress"]["skipped"] == 1
+
+
+def _mlp_with_dead_units(dead: list[int]) -> torch.nn.Sequential:
+    """An MLP 5 -> 8 -> 8 -> 3 whose listed units of each hidden layer have no incoming weight or bias."""
+    from dlpipe.train.models import build_mlp
+
+    torch.manual_seed(0)
+    net = build_mlp((5,), 3, hidden=[8, 8])
+    with torch.no_grad():
+        for linear in (net[1], net[3]):
+            linear.weight[dead] = 0.0
+            linear.bias[dead] = 0.0
+    return net
+
+
+def test_pruning_removes_whole_units_of_least_weight_and_keeps_the_answers_they_did_not_change():
+    from dlpipe.model.prune import dense_layers, mlp_of, prune_layers, widths
+
+    net = _mlp_with_dead_units([0, 2, 5, 7])  # 4 of 8 units in each hidden layer: the least important
+    layers = dense_layers(net.state_dict())
+    smaller = prune_layers(layers, 0.5)
+    assert widths(layers) == [8, 8] and widths(smaller) == [4, 4]
+    assert [tuple(w.shape) for w, _ in smaller] == [(4, 5), (4, 4), (3, 4)]  # the next layer's columns too
+    pruned = mlp_of(smaller, (5,))
+    x = torch.randn(64, 5)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), net(x), atol=1e-6)  # the dead units changed nothing
+    alive = _mlp_with_dead_units([])  # the same weights with every unit alive: pruning now changes answers
+    with torch.no_grad():
+        assert not torch.allclose(mlp_of(prune_layers(dense_layers(alive.state_dict()), 0.5), (5,))(x), alive(x))
+    assert widths(prune_layers(layers, 0.9)) == [1, 1]  # at least one unit stays
+
+
+def test_pruning_refuses_a_network_that_is_not_dense_layers():
+    from dlpipe.model.prune import dense_layers
+    from dlpipe.train.models import build_cnn
+
+    with pytest.raises(ValueError, match=r"0\.weight \(16, 1, 3, 3\) is not a dense layer's"):
+        dense_layers(build_cnn((1, 8, 8), 3).state_dict())
+
+
+def test_the_distillation_loss_blends_soft_targets_and_labels_by_alpha():
+    from dlpipe.model.objective import Objective
+
+    obj = Objective("classification")
+    out, y = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 1])
+    hard = obj.loss(out, y)
+    assert obj.distilled(hard, out, out.clone(), 4.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)  # same as teacher
+    assert obj.distilled(hard, out, -out, 4.0, 0.0).item() == pytest.approx(hard.item())  # labels only
+    soft = obj.distilled(hard, out, -out, 4.0, 1.0).item()
+    assert soft > 0 and obj.distilled(hard, out, -out, 4.0, 0.5).item() == pytest.approx(0.5 * soft + 0.5 * hard.item())
+    reg = Objective("regression", 10.0, 2.0)
+    assert reg.distilled(hard, torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), 4.0, 1.0).item() == 4.0

@@ -298,3 +298,41 @@ def test_a_rank_resumes_at_the_epoch_after_its_checkpoint(tmp_path, one_rank):
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]  # epochs 3 and 4 only were trained
     assert second["history"][:2] == first["history"]
     assert CheckpointStore(spec.checkpoint_uri).restore().state.epoch == 4
+
+
+def test_a_distilled_student_follows_its_teacher_as_far_as_alpha_says(tmp_path, one_rank):
+    """A teacher that always answers class 2: a student on its soft targets alone (alpha 1) learns to answer
+    2 whatever the labels; on the labels alone (alpha 0) it learns the labels."""
+    from dlpipe.train.models import build_mlp
+    from dlpipe.train.transfer import serialized
+    from dlpipe.train.worker import Teacher
+
+    teacher = build_mlp((4,), 3, hidden=[4])
+    with torch.no_grad():
+        teacher[-1].weight.zero_()
+        teacher[-1].bias.copy_(torch.tensor([0.0, 0.0, 8.0]))
+    train = TrainConfig(
+        launcher="torch_distributor",
+        epochs=6,
+        lr=0.03,
+        batch_size=16,
+        model=ModelConfig(factory="mlp", hidden=[8]),
+        early_stopping=EarlyStoppingConfig(patience=0),
+    )
+    spec = TrainSpec(
+        train=train,
+        train_uri=_split(tmp_path / "train", 300, 1),
+        val_uri=_split(tmp_path / "val", 150, 2),
+        train_rows=300,
+        val_rows=150,
+        feature_shape=(4,),
+        num_classes=3,
+        checkpoint_uri="",
+    )
+    val_labels = pq.read_table(tmp_path / "val").column("label").to_numpy()
+    accuracy = {}
+    for alpha in (1.0, 0.0):
+        who = Teacher({"factory": "mlp", "hidden": [4]}, serialized(teacher.state_dict()), temperature=2.0, alpha=alpha)
+        accuracy[alpha] = one_rank(dataclasses.replace(spec, teacher=who))["history"][-1]["val_accuracy"]
+    assert accuracy[1.0] == pytest.approx(float((val_labels == 2).mean()))  # the teacher's answer, every row
+    assert accuracy[0.0] > accuracy[1.0] + 0.2, accuracy

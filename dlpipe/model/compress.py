@@ -1,9 +1,13 @@
 """The compress stage: smaller, faster variants of the candidate, measured side by side and registered.
 
-After train, each variant switched on in `compress.*` is made from the @candidate network (today: `onnx`,
-the network compiled to ONNX and run by ONNX Runtime). Train's int8 variant, when registered for this
-candidate, joins the comparison. Every variant is measured against the fp32 network on the validation rows
-(streamed: the split may be larger than memory):
+After train, each variant switched on in `compress.*` is made from the @candidate network:
+- `onnx`: the network compiled to ONNX and run by ONNX Runtime;
+- `prune`: whole hidden units removed (compress.prune.sparsity), then fine-tuned (dlpipe.model.prune);
+- `distill`: a smaller student trained on the candidate's soft targets (compress.distill).
+The two trained ones train through train's launcher (dlpipe.model.students); with compress.onnx, each is also
+compiled to ONNX (`prune-onnx`, `distill-onnx`). Train's int8 variant, when
+registered for this candidate, joins the comparison. Every variant is measured against the fp32 network on
+the validation rows (streamed: the split may be larger than memory):
 - quality: accuracy (regression: RMSE) and its delta to fp32;
 - size on disk of what is registered;
 - single-thread rows/s (what one Spark task gets) and its speedup over fp32;
@@ -127,7 +131,10 @@ class Compress(Stage):
         from dlpipe import tracking
 
         if not cfg.compress.enabled:
-            raise ValueError("the compress stage has no variant to make: set compress.onnx=true (conf or override)")
+            raise ValueError(
+                "the compress stage has no variant to make: set compress.onnx=true, compress.prune.sparsity (0-1) "
+                "or compress.distill.enabled=true (conf or override)"
+            )
         if cfg.dataset.source.format == "image":
             raise ValueError("compress: the variants take raw records; image models are not compressed yet")
         tracking.require_active_run("compress")
@@ -151,7 +158,13 @@ class Compress(Stage):
         metric = "rmse" if regression else "accuracy"
         fp32 = _inference_form(network_of(candidate.download_uri))
         batches = _val_batches(cfg, stats)
-        made = {"onnx": export(fp32, next(iter(batches()))[0][:5])} if cfg.compress.onnx else {}
+        example = next(iter(batches()))[0][:5]
+        made = {"onnx": export(fp32, example)} if cfg.compress.onnx else {}
+        trained = _trained_variants(spark, cfg, stats, fp32, example)
+        for name, net in trained.items():
+            made[name] = net
+            if cfg.compress.onnx:  # the trained variants compiled too: the smallest network, the fastest runtime
+                made[f"{name}-onnx"] = export(net, example)
         models: dict[str, Any] = {"fp32": fp32, **made}
         registered = {"fp32": candidate}  # variant -> its registered version (ModelRef)
         int8 = _registered_int8(cfg, candidate)
@@ -165,7 +178,7 @@ class Compress(Stage):
             verdicts[name] = why
             log.info("compress: %s variant: %s, %.2fx fp32's single-thread rows/s", name, why, _speedup(measured, name))
             if ok:
-                registered[name] = _register(spark, cfg, stats, name, model, candidate)
+                registered[name] = _register(spark, cfg, stats, name, model, candidate, example)
         spark_rates = {name: spark_rows_per_s(spark, cfg, stats, mv) for name, mv in registered.items()}
         table = [_row(name, models[name], measured, spark_rates, registered, verdicts, metric) for name in models]
         HadoopFS(spark).write_json(f"{tmp['variants']}/{TABLE}", table)
@@ -184,6 +197,34 @@ def _inference_form(model):
     import torch
 
     return model if isinstance(model, torch.fx.GraphModule) else model.eval()
+
+
+def _trained_variants(spark: SparkSession, cfg: Config, stats: FittedStats, fp32, example: np.ndarray) -> dict:
+    """The pruned and the distilled variants switched on (dlpipe.model.students), in their served form; the
+    learning curve of each goes to the run as variants/<variant>_learning_curve.png."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from dlpipe.model import students
+    from dlpipe.model.objective import served
+    from dlpipe.train.live import learning_curve
+
+    c = cfg.compress
+    makers = {"prune": students.pruned if c.prune.sparsity > 0 else None}
+    makers["distill"] = students.distilled if c.distill.enabled else None
+    wanted = {name: make for name, make in makers.items() if make is not None}
+    if not wanted:
+        return {}
+    teacher = students.candidate_network(fp32, stats, example)
+    out = {}
+    for name, make in wanted.items():
+        net, history = make(spark, cfg, stats, teacher)
+        out[name] = served(net, stats).eval()
+        if history:
+            fig = learning_curve(history)
+            mlflow.log_figure(fig, f"variants/{name}_learning_curve.png")
+            plt.close(fig)
+    return out
 
 
 def _speedup(measured: dict, name: str) -> float:
@@ -223,20 +264,20 @@ def _registered_int8(cfg: Config, candidate):
     return int8 if int8.run_id == candidate.run_id else None
 
 
-def _register(spark: SparkSession, cfg: Config, stats: FittedStats, name: str, model, candidate):
+def _register(spark: SparkSession, cfg: Config, stats: FittedStats, name: str, model, candidate, example):
     """Log the variant behind the raw-record interface as a new version under alias candidate-<name>; its
-    ModelRef."""
+    ModelRef. example: a few validation rows' features (a torch variant's own input example)."""
     from dlpipe import tracking
     from dlpipe.model.rawmodel import raw_example, register_variant
 
     requirements = tracking.pip_requirements()
-    if name == "onnx":
+    if name.endswith("onnx"):
         import onnxruntime
 
         requirements.append(f"onnxruntime=={onnxruntime.__version__}")
     tags = {"dlpipe.variant_of": str(candidate.version)}
-    example = raw_example(spark, cfg)
-    version = register_variant(cfg, stats, model, name, variant_alias(name), example, requirements, tags)
+    records = raw_example(spark, cfg)
+    version = register_variant(cfg, stats, model, name, variant_alias(name), records, requirements, tags, example)
     log.info("compress: registered %s version %s as @%s", cfg.model_name, version, variant_alias(name))
     return tracking.model_version_for(f"models:/{cfg.model_name}/{version}")
 

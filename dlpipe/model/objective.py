@@ -34,6 +34,21 @@ class Objective:
             return ((out.reshape(-1) - (y - self.mean) / self.std) ** 2).sum()
         return self._ce(out, y)
 
+    def distilled(
+        self, hard: torch.Tensor, out: torch.Tensor, target: torch.Tensor, temperature: float, alpha: float
+    ) -> torch.Tensor:
+        """Summed: knowledge distillation's loss, alpha x the soft-target loss + (1 - alpha) x hard (the labels'
+        loss). Soft targets: the KL divergence between the teacher's and the student's outputs softened by the
+        temperature, times its square so the gradients keep their scale (Hinton et al. 2015); regression: the
+        squared distance to the teacher's (standardized) value."""
+        if self.task == REGRESSION:
+            soft = ((out.reshape(-1) - target.reshape(-1)) ** 2).sum()
+        else:
+            t = temperature
+            student, teacher = nn.functional.log_softmax(out / t, 1), nn.functional.log_softmax(target / t, 1)
+            soft = nn.functional.kl_div(student, teacher, reduction="sum", log_target=True) * t * t
+        return alpha * soft + (1 - alpha) * hard
+
     def hits(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Summed: correct predictions, or absolute errors in label units."""
         if self.task == REGRESSION:

@@ -429,11 +429,13 @@ def register_variant(
     example: pd.DataFrame,
     requirements: list[str],
     tags: dict[str, str] | None = None,
+    tensor_example: np.ndarray | None = None,
 ) -> str:
     """Register a model made from the candidate's data outside train (a compressed variant, the tree
     baseline) as a new version of the registered model, behind the raw-record interface, under alias: the
     statistics its inputs are transformed with go to the active run (where infer looks for them), the version
-    is tagged `dlpipe.variant` (and with tags). Returns the version."""
+    is tagged `dlpipe.variant` (and with tags). A torch network needs tensor_example (a few rows of
+    features), the input example of its own saved form. Returns the version."""
     import mlflow
 
     from dlpipe.model.names import STATS_ARTIFACT
@@ -442,7 +444,15 @@ def register_variant(
     metadata = {**model_metadata(stats), "variant": variant}
     name = cfg.model_name
     version = log_raw_model(
-        network, stats, input_columns(cfg), f"model_{variant}", name, example, None, requirements, metadata=metadata
+        network,
+        stats,
+        input_columns(cfg),
+        f"model_{variant}",
+        name,
+        example,
+        tensor_example,
+        requirements,
+        metadata=metadata,
     )
     client = mlflow.MlflowClient()
     for key, value in {"dlpipe.variant": variant, **(tags or {})}.items():

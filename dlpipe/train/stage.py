@@ -71,6 +71,7 @@ def launch(spark: SparkSession, cfg: Config, spec: TrainSpec) -> dict:
             except Exception as exc:  # a failed Spark job: a rank died, a task was lost
                 if (
                     attempt == cfg.train.max_attempts
+                    or not spec.checkpoint_uri
                     or CheckpointStore(spec.checkpoint_uri, spec.storage).latest() is None
                 ):
                     raise

@@ -37,6 +37,25 @@ Comm = HorovodComm | TorchComm | SoloComm
 
 
 @dataclass(frozen=True)
+class Teacher:
+    """Knowledge distillation (the compress stage's student): the network whose soft targets the student
+    learns from, as a train.model-style dict and its weights, and how its targets blend with the labels'."""
+
+    model: dict[str, Any]
+    state: bytes = field(repr=False)
+    temperature: float = 4.0
+    alpha: float = 0.7  # the soft targets' share of the loss
+
+    def build(self, in_shape: tuple[int, ...], outputs: int, device: torch.device) -> nn.Module:
+        """The teacher on this rank's device, frozen, in eval mode."""
+        net = build_model(self.model, in_shape, outputs)
+        net.load_state_dict(torch.load(io.BytesIO(self.state)))
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.to(device).eval()
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """What every rank needs, picklable and light (no Spark, no MLflow on the executors).
 
@@ -62,6 +81,7 @@ class TrainSpec:
     run_id: str | None = None
     tracking_credentials: Credentials | None = field(default=None, repr=False)  # for executors without them
     init_state: bytes | None = field(default=None, repr=False)  # train.init_from's tensors (dlpipe.train.transfer)
+    teacher: Teacher | None = None  # distillation: the network whose soft targets the model also learns
 
     @classmethod
     def from_config(
@@ -181,6 +201,7 @@ class RankRun:
     resumed_from: int  # the checkpoint's epoch, 0 in a fresh run
     warmup_steps: int
     started: float  # time.time() before the first epoch, for ETAs
+    teacher: nn.Module | None = None  # distillation's teacher on this device (spec.teacher built)
 
     @property
     def first_epoch(self) -> int:
@@ -323,6 +344,7 @@ def set_up(spec: TrainSpec, comm: Comm) -> tuple[RankRun, ResumeState]:
         resumed_from=state.epoch,
         warmup_steps=warmup_steps(spec.train.warmup_epochs, train.steps),
         started=time.time(),
+        teacher=spec.teacher.build(spec.feature_shape, spec.num_classes, device) if spec.teacher else None,
     )
     return run, state
 
@@ -362,6 +384,8 @@ def train_epoch(run: RankRun, epoch: int) -> tuple[int, float, float, float]:
         with autocast(device, run.amp):
             logits = run.forward(x)
             loss = run.objective.loss(logits.float(), y)
+            if run.teacher is not None:
+                loss = distilled(run, x, logits.float(), loss)
         scaled = loss / len(y)
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         optimizer_step(optimizer, run.scaler)
@@ -381,6 +405,14 @@ def train_epoch(run: RankRun, epoch: int) -> tuple[int, float, float, float]:
             )
     loss_sum, correct = float(loss_t), float(correct_t)  # waits for the epoch's last GPU work
     return train.rows_last_epoch, loss_sum, correct, time.time() - t0
+
+
+def distilled(run: RankRun, x: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """The student's loss: the labels' (hard) blended with the teacher's soft targets on the same batch."""
+    teacher = run.spec.teacher
+    with torch.no_grad():
+        target = run.teacher(x).float()
+    return run.objective.distilled(hard, logits, target, teacher.temperature, teacher.alpha)
 
 
 def validate(run: RankRun, epoch: int) -> tuple[int, float, float]:
