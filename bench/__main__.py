@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("data", "training", "inference", "scale", "tune", "compress")
+GROUPS = ("data", "training", "inference", "scale", "tune", "compress", "serving")
 OUT = Path("data/bench")
 
 

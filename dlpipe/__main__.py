@@ -85,10 +85,12 @@ def main(argv: list[str]) -> int:
         return _submit(cfg, args)
     setup_logging()
     if args.command == "status":
-        from dlpipe.ops.status import render, stage_status
+        from dlpipe.ops.status import drift_verdicts, render, render_drift, stage_status
         from dlpipe.pipeline import stages_for
 
-        print(redact.text(render(stage_status(cfg, stages_for(cfg)))))
+        text = render(stage_status(cfg, stages_for(cfg)))
+        drift = render_drift(drift_verdicts(cfg))
+        print(redact.text(f"{text}\n{drift}" if drift else text))
         return 0
     from dlpipe.pipeline import run_pipeline, run_stage, summary
     from dlpipe.session import build_spark, stop_spark

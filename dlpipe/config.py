@@ -646,6 +646,21 @@ class InferConfig(_Strict):
         return value
 
 
+class MonitorConfig(_Strict):
+    """The drift watch of every infer run on new data (dlpipe.data.drift): thresholds whose crossing raises an
+    alert (the run is tagged dlpipe.drift=alert, naming what crossed)."""
+
+    enabled: bool = Field(True, description="count drift while scoring new data (infer.source)")
+    psi: float = Field(0.25, gt=0, description="a feature's population stability index vs the train split")
+    unseen_share: float = Field(0.05, ge=0, le=1, description="share of a learned category's values never seen")
+    missing_share_increase: float = Field(
+        0.1, ge=0, le=1, description="rise of an imputed feature's missing share over the train split's"
+    )
+    quarantined_share: float = Field(0.05, ge=0, le=1, description="share of the rows quarantined")
+    prediction_psi: float = Field(0.25, gt=0, description="PSI of the predicted classes (values) vs the train labels")
+    fail_on_alert: bool = Field(False, description="fail the infer run on an alert (nothing is written)")
+
+
 class QuantizeConfig(_Strict):
     enabled: bool = Field(True, description="build, measure and register an int8 variant after training")
     max_accuracy_drop: float = Field(
@@ -747,6 +762,7 @@ class Config(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

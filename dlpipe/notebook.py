@@ -296,3 +296,62 @@ def variants_plot(spark: SparkSession, cfg: Config):
     table = variants(spark, cfg)
     metric = "rmse" if "rmse" in table.columns else "accuracy"
     return plot(table.to_dict("records"), metric)
+
+
+def score_generated(spark: SparkSession, cfg: Config, name: str, shift: float = 0.0, rows: int = 2000) -> dict:
+    """Score new rows of the built-in generator (another seed; every number moved by `shift` standard
+    deviations) with infer on new data, as a scoring run in production would: the drift watch counts them.
+    Returns the infer stage's metrics (drift_* among them)."""
+    from dlpipe.data.generate import generate
+    from dlpipe.pipeline import run_stage
+
+    if cfg.dataset.generator is None:
+        raise ValueError(f"dataset {cfg.dataset.name} has no generator: score your own files with infer.source")
+    source = (cfg.root / "data/new" / name).as_uri()
+    g = cfg.dataset.generator
+    gen = g.model_copy(update={"seed": g.seed + 1000, "rows": rows, "shift": shift})
+    generate(cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"generator": gen})}), source, force=True)
+    infer = cfg.infer.model_copy(update={"source": source, "output": f"data/new/{name}-scored"})
+    return run_stage(spark, cfg.model_copy(update={"infer": infer}), "infer")
+
+
+def drift_history(cfg: Config, model: str | None = None) -> pd.DataFrame:
+    """Each scoring run of new data of a model (default: this dataset's), oldest first: when, the model
+    version, the verdict and every drift figure (drift_psi_<feature>, ..., drift_prediction_psi)."""
+    import mlflow
+
+    from dlpipe.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    name = model or cfg.model_name
+    df = mlflow.search_runs(
+        experiment_names=[cfg.tracking.experiment],
+        filter_string=f"tags.`dlpipe.drift_model` = '{name}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    if df.empty:
+        raise LookupError(f"no scoring run of new data recorded drift for {name} yet: run infer with infer.source")
+    figures = [c for c in df.columns if c.startswith("metrics.drift_")]
+    out = df[["run_id", "start_time", "tags.dlpipe.model_version", "tags.dlpipe.drift", *figures]]
+    return out.rename(columns=lambda c: c.removeprefix("metrics.").removeprefix("tags.dlpipe."))
+
+
+def drift_plot(cfg: Config, model: str | None = None):
+    """Each feature's PSI across the recorded scoring runs (and the predictions'), with the alert threshold."""
+    import matplotlib.pyplot as plt
+
+    h = drift_history(cfg, model)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    runs = range(1, len(h) + 1)
+    for col in sorted(c for c in h.columns if c.startswith("drift_psi_")):
+        ax.plot(runs, h[col], marker="o", label=col.removeprefix("drift_psi_"))
+    if "drift_prediction_psi" in h:
+        ax.plot(runs, h["drift_prediction_psi"], marker="s", color="black", linestyle="--", label="(predictions)")
+    ax.axhline(cfg.monitor.psi, color="grey", linestyle=":", label=f"monitor.psi {cfg.monitor.psi}")
+    ax.set_xticks(list(runs), [f"{i}\nv{v}" for i, v in zip(runs, h["model_version"], strict=True)])
+    ax.set_xlabel("scoring run (model version)")
+    ax.set_ylabel("PSI vs the train split")
+    ax.set_title(f"drift over time: {model or cfg.model_name}")
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    return fig

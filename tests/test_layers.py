@@ -27,8 +27,8 @@ EXECUTOR_MODULES = (
 )
 # Driver-only: stage orchestration, Spark DataFrame stages, MLflow registry work, operations.
 DRIVER_ONLY = re.compile(
-    r"^dlpipe\.(pipeline|stage|cli|notebook|session|train\.stage|data\.(ingest|features|generate)"
-    r"|model\.(evaluate|promotion|quantize|baseline|compress|students)|serve\.(infer|serving)|storage\.(lineage|runlock)|tune\.stage|ops\..*)$"
+    r"^dlpipe\.(pipeline|stage|cli|notebook|session|train\.stage|data\.(ingest|features|generate|drift)"
+    r"|model\.(evaluate|promotion|quantize|baseline|compress|students)|serve\.(infer|serving|server)|serving|storage\.(lineage|runlock)|tune\.stage|ops\..*)$"
 )
 
 

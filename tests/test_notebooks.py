@@ -62,5 +62,7 @@ def test_quickstart_then_model_exploration_run_headless(tmp_path, monkeypatch):
     assert any("tree baseline" in t and "macro_f1" in t for t in tables)  # the network beside the trees
     assert any("best_val_loss" in t and "train.lr" in t for t in tables)  # the tuning trials, with settings
     assert any("onnx" in t and "spark_rows_per_s" in t for t in tables)  # the variants table
+    assert any("drift_psi_x0" in t and "alert" in t for t in tables)  # the scoring runs' drift, the shift alerted
     figures = [o for o in _outputs(explore, "execute_result") if "image/png" in o.data]
-    assert len(figures) >= 4  # the baseline and variant comparisons, the optimization history, the confusion matrix
+    # the baseline and variant comparisons, drift over time, the optimization history, the confusion matrix
+    assert len(figures) >= 5

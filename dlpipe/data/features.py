@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dlpipe.config import ColumnSpec, Config
+from dlpipe.data.drift import fit_reference
 from dlpipe.data.ingest import read_clean
 from dlpipe.data.stats import FeatureStats, FittedStats
 from dlpipe.data.tensors import decode_arrow, encode_arrow
@@ -493,6 +494,8 @@ class Preprocess(Stage):
         clean = read_clean(spark, cfg, dataset_paths(cfg).clean).withColumn(SPLIT, split_column(cfg))
         with job_description(spark, "preprocess: fit statistics on the train split"):
             stats = fit_stats(clean.where(F.col(SPLIT) == "train"), cfg)
+        with job_description(spark, "preprocess: the drift watch's reference, from the train split"):
+            stats = fit_reference(clean.where(F.col(SPLIT) == "train"), cfg, stats)
         log.info("preprocess: statistics fitted on the train split; features of shape %s", list(stats.feature_shape))
         seen = Observation("preprocess")
         rows = _route_unknown_labels(clean, stats).observe(seen, *_observed(stats))

@@ -49,6 +49,10 @@ class FeatureStats:
     fill: JsonScalar | None = None
     missing_share_train: float | None = None
     indicator: bool = False
+    # the drift watch's reference (dlpipe.serve.drift): a number's train deciles (edges) and the share of the
+    # train split's values in each bin they make; a category's share of each vocab value (+ __other__)
+    drift_edges: tuple[float, ...] | None = None
+    drift_shares: tuple[float, ...] | None = None
 
     @property
     def imputed(self) -> bool:
@@ -68,7 +72,7 @@ class FeatureStats:
     def from_dict(cls, entry: Mapping[str, Any]) -> FeatureStats:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in entry.items() if k in known}
-        for name in ("shape", "vocab"):
+        for name in ("shape", "vocab", "drift_edges", "drift_shares"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         values["other"] = bool(values.get("other", False))
@@ -99,6 +103,9 @@ class FittedStats:
     label_mean: float = 0.0
     label_std: float = 1.0
     rows: Mapping[str, int] = field(default_factory=dict)
+    # regression: the train labels' deciles and the share in each bin (the predicted values' drift reference)
+    label_edges: tuple[float, ...] | None = None
+    label_shares: tuple[float, ...] | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -157,6 +164,8 @@ class FittedStats:
         }
         if self.is_regression:
             out.update(label_mean=self.label_mean, label_std=self.label_std)
+            if self.label_edges is not None:
+                out.update(label_edges=list(self.label_edges), label_shares=list(self.label_shares or ()))
         else:
             for name in ("classes", "class_counts_train"):
                 value = getattr(self, name)
@@ -192,6 +201,8 @@ class FittedStats:
             label_mean=float(d.get("label_mean", 0.0)),
             label_std=float(d.get("label_std", 1.0)),
             rows={str(k): int(v) for k, v in (d.get("rows") or {}).items()},
+            label_edges=maybe_tuple("label_edges"),
+            label_shares=maybe_tuple("label_shares"),
         )
 
     def to_json(self) -> str:

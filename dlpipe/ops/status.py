@@ -90,6 +90,51 @@ def stage_status(cfg: Config, stages: list[str]) -> list[StageStatus]:
     return result
 
 
+def drift_verdicts(cfg: Config, newest: int = 200) -> list[dict]:
+    """The last drift verdict of each model scored on new data (the newest infer runs tagged dlpipe.drift):
+    model, version, verdict, the drifted features, when, and the run."""
+    from mlflow import MlflowClient
+
+    from dlpipe.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`dlpipe.drift` LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=newest,
+    )
+    last: dict[str, dict] = {}
+    for r in runs:
+        model = r.data.tags.get("dlpipe.drift_model", "")
+        if model not in last:
+            last[model] = {
+                "model": model,
+                "version": r.data.tags.get("dlpipe.model_version", "?"),
+                "verdict": r.data.tags["dlpipe.drift"],
+                "features": r.data.tags.get("dlpipe.drift_features", ""),
+                "alerts": int(r.data.metrics.get("drift_alerts", 0)),
+                "when": r.info.start_time / 1000,
+                "run_id": r.info.run_id,
+            }
+    return list(last.values())
+
+
+def render_drift(verdicts: list[dict]) -> str:
+    lines = []
+    for v in verdicts:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["when"]))
+        drifted = f" drifted: {v['features']}" if v["features"] else ""
+        lines.append(
+            f"drift       {v['verdict']:<11} {when:<19} {v['model']} version {v['version']}, {v['alerts']} alert(s)"
+            f"{drifted} (run {v['run_id']})"
+        )
+    return "\n".join(lines)
+
+
 def render(statuses: list[StageStatus]) -> str:
     lines = []
     for st in statuses:

@@ -29,6 +29,7 @@ from pyspark.sql import functions as F
 
 from dlpipe import redact, tracking
 from dlpipe.config import Config
+from dlpipe.data import drift
 from dlpipe.data.features import label_index, model_stats, read_stats, transform
 from dlpipe.data.ingest import (
     QUARANTINE_COLUMNS,
@@ -105,12 +106,16 @@ UNSEEN = "unseen_label_rows"
 
 def _new_rows(
     spark: SparkSession, cfg: Config, source: str, stats: FittedStats
-) -> tuple[DataFrame, Observation | None]:
+) -> tuple[DataFrame, Observation | None, Observation | None]:
     """Raw rows at source, validated: (key, label, the validation's reason columns, features), features null
-    where the row failed validation; and, for a classifier, an Observation of the valid rows whose label is
-    a class the model never saw (counted as they pass; the rows are scored all the same)."""
+    where the row failed validation; for a classifier, an Observation of the valid rows whose label is a class
+    the model never saw (counted as they pass; the rows are scored all the same); and, with monitor.enabled,
+    the drift watch's Observation of the valid rows' features (dlpipe.data.drift)."""
     checked = validate(read_source(spark, cfg, source, label_optional=True), cfg, scoring=True)
     rows = checked.rows()
+    watched = None
+    if cfg.monitor.enabled:
+        rows, watched = drift.watch_rows(rows, stats, F.col("reason_code").isNull())
     unseen = None
     if not stats.is_regression:
         label = F.col(stats.label)  # typed; null where missing or where the row failed validation
@@ -126,7 +131,7 @@ def _new_rows(
     valid = F.col("reason_code").isNull()
     cells = transform(rows, cfg, stats, label_optional=True, carry=list(QUARANTINE_COLUMNS))
     cells = cells.select(stats.key, "label", *QUARANTINE_COLUMNS, F.when(valid, F.col("features")).alias("features"))
-    return cells, unseen
+    return cells, unseen, watched
 
 
 def _report_unseen(unseen: Observation | None, stats: FittedStats, out: str) -> dict[str, int]:
@@ -193,7 +198,8 @@ class Infer(Stage):
         inputs = {source: source_fp, uri: mv.lineage()}
         spec = cfg.infer.model_dump(mode="json", exclude={"output"})
         out = paths.infer_output
-        fp = lineage.digest({"stage": "infer", "inputs": inputs, "infer": spec, "out": out})
+        watch = cfg.monitor.model_dump() if cfg.infer.source else None  # new thresholds: a new verdict
+        fp = lineage.digest({"stage": "infer", "inputs": inputs, "infer": spec, "out": out, "monitor": watch})
         context = {"source": source, "stats": stats, "mv": mv, "uri": uri}
         return Plan(fp, inputs, {"scored": out, "quarantine": paths.infer_quarantine}, context=context)
 
@@ -201,19 +207,70 @@ class Infer(Stage):
         source, stats, mv = plan.context["source"], plan.context["stats"], plan.context["mv"]
         uri = plan.context["uri"]
         log.info("infer: scoring %s with %s (version %s, run %s)", source, uri, mv.version, mv.run_id)
-        unseen = None
+        unseen = watched = predicted = None
         if cfg.infer.source:
-            (rows, unseen), carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
+            (rows, unseen, watched), carry = _new_rows(spark, cfg, source, stats), QUARANTINE_COLUMNS
         else:
             rows, carry = spark.read.parquet(source), ()
         seen = Observation("infer")  # rows in, counted on the way, apart from the outputs' footers
         rows = rows.observe(seen, F.count(F.lit(1)).alias("rows_in"))
         scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
+        if watched is not None:
+            scored, predicted = drift.watch_predictions(scored, stats)
         out = plan.outputs["scored"]
         report = partial(_report_unseen, unseen, stats, out)
         metrics = _write(spark, cfg, scored, stats, tmp, seen, bool(carry), report)
         log.info("infer: wrote %d predictions to %s", metrics["rows_scored"], out)
+        if watched is not None:
+            metrics.update(_drift(spark, cfg, stats, mv, watched, predicted, metrics, tmp["scored"]))
         return metrics
+
+
+def _drift(
+    spark: SparkSession,
+    cfg: Config,
+    stats: FittedStats,
+    mv: ModelRef,
+    watched: Observation,
+    predicted: Observation,
+    metrics: dict,
+    folder: str,
+) -> dict[str, float]:
+    """The drift report of this run, from what was counted while scoring: beside the predictions
+    (drift.REPORT_FILE), on the run (metrics, drift/report.json, drift/worst_features.png, the tags
+    dlpipe.drift and dlpipe.drift_features); a DriftAlert, before anything is committed, when
+    monitor.fail_on_alert and a threshold was passed."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from dlpipe.storage import HadoopFS
+
+    report = drift.report(
+        watched.get, predicted.get, stats, metrics["rows_in"], metrics["rows_quarantined"], cfg.monitor
+    )
+    report["model"] = {"name": mv.name, "version": mv.version, "run_id": mv.run_id}
+    HadoopFS(spark).write_json(f"{folder}/{drift.REPORT_FILE}", report)
+    if mlflow.active_run() is not None:
+        mlflow.log_dict(report, "drift/report.json")
+        fig = drift.plot(report, cfg.monitor)
+        mlflow.log_figure(fig, "drift/worst_features.png")
+        plt.close(fig)
+        tags = {"dlpipe.drift": report["verdict"], "dlpipe.drift_features": ",".join(report["drifted_features"])}
+        mlflow.set_tags({**tags, "dlpipe.drift_model": mv.name or ""})
+    if report["alerts"]:
+        log.warning("infer: drift alert (%d): %s", len(report["alerts"]), "; ".join(report["alerts"]))
+        if cfg.monitor.fail_on_alert:
+            raise drift.DriftAlert(
+                f"infer: the new data drifted from the model's training data: {'; '.join(report['alerts'])}. "
+                "Nothing was written (monitor.fail_on_alert=true); the report is on the run (drift/report.json)"
+            )
+    else:
+        log.info("infer: no drift alert (largest feature PSI %.3f)", _largest_psi(report))
+    return drift.metrics(report)
+
+
+def _largest_psi(report: dict) -> float:
+    return max((e["psi"] for e in report["features"].values() if "psi" in e), default=0.0)
 
 
 def run(spark: SparkSession, cfg: Config, force: bool = False) -> dict:
