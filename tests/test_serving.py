@@ -1,11 +1,13 @@
 """python -m dlpipe.serving (dlpipe.serve.server): several workers behind one port, health naming the model,
-4xx with reasons for bad records, a clean stop by process id, and a model change under load without one
-failed request."""
+4xx with reasons for bad records, a dead worker replaced, a clean stop by process id, and a model change
+under load without one failed request."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 
@@ -43,6 +45,20 @@ def _post(conn: http.client.HTTPConnection, payload) -> tuple[int, dict, str | N
     return resp.status, json.loads(resp.read() or b"{}"), resp.getheader("X-Model-Version")
 
 
+def _health(port: int) -> dict:
+    """GET /health on a new connection (a refused one, while a worker is replaced, is retried)."""
+    for _ in range(50):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            return json.loads(conn.getresponse().read())
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            conn.close()
+    raise AssertionError(f"no answer from /health on port {port}")
+
+
 def _split(records) -> dict:
     return {"dataframe_split": json.loads(records.to_json(orient="split", index=False))}
 
@@ -54,10 +70,7 @@ def test_workers_answer_like_the_registered_model_refuse_bad_records_and_stop_cl
     with Server(overrides, tmp_path / "serve.log", workers=2) as server:
         pids = set()
         for _ in range(60):  # a new connection each time: the kernel hands them to either worker
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            conn.request("GET", "/health")
-            health = json.loads(conn.getresponse().read())
-            conn.close()
+            health = _health(server.port)
             pids.add(health["pid"])
             if len(pids) == 2:
                 break
@@ -96,6 +109,13 @@ def test_workers_answer_like_the_registered_model_refuse_bad_records_and_stop_cl
         status, _, _ = _post(conn, _split(records.head(1)))  # still serving after the refusals
         assert status == 200
         conn.close()
+
+        os.kill(health["pid"], signal.SIGKILL)  # a worker dies: the other answers, and it is replaced
+        deadline, now = time.monotonic() + 60, set()
+        while time.monotonic() < deadline and len(now) < 2:
+            now.add(_health(server.port)["pid"])
+        assert health["pid"] not in now and len(now) == 2, now
+        running = server.processes()
     assert not [pid for pid in running if pid_alive(pid)], "processes left after the stop"
 
 

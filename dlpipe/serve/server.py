@@ -2,8 +2,9 @@
 
 Our own small HTTP server (Starlette under uvicorn) rather than `mlflow models serve`, for what operating a
 model needs:
-- **several workers**: `--workers N` uvicorn processes on one port of 127.0.0.1 (the kernel spreads the
-  connections); each loads the model once and scores on one torch thread, so N workers use N cores;
+- **several workers**: `--workers N` uvicorn processes, each with its own socket on the same port of
+  127.0.0.1 (SO_REUSEPORT: the kernel spreads the connections over them); each loads the model once and
+  scores on one torch thread, so N workers use N cores; one that dies is started again;
 - **health**: `GET /health` answers the model's name, version and alias, its run, and the worker's pid;
 - **bad records get a 4xx**: a body that is not JSON, records with missing columns, values of the wrong type
   or out of range are answered 400 with the reason of each bad record (dlpipe.model.rawmodel's checks),
@@ -12,8 +13,8 @@ model needs:
   once on `POST /reload`. A new version is loaded beside the old one and swapped in with one assignment:
   requests under way finish on the old model, the next ones get the new one, none is dropped. Every answer
   carries the version that made it (`X-Model-Version`);
-- **clean shutdown**: the server runs in its own process group; SIGTERM to it (by process id, `Server.stop`)
-  stops uvicorn's supervisor and its workers, with no stray children.
+- **clean shutdown**: SIGTERM to the server (by process id; `Server.stop` signals its process group) stops
+  its workers, each finishing the requests under way, with no stray children.
 
 The request format is MLflow's (`dataframe_split` or `dataframe_records`), and so is the answer
 (`{"predictions": [...]}`), so clients of `mlflow models serve` work unchanged.
@@ -215,20 +216,72 @@ def create_app():
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Run uvicorn with `workers` processes until SIGTERM or Ctrl-C."""
-    import uvicorn
+    """Serve until SIGTERM or Ctrl-C: one uvicorn process, or `workers` of them each with its own listening
+    socket on the same port (SO_REUSEPORT: the kernel spreads new connections evenly over the workers, where
+    one shared socket lets whichever worker wakes first take a burst of them all). A worker that dies is
+    started again."""
+    import signal
 
     os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
-    uvicorn.run(
+    if workers == 1:
+        _run_worker(host, port, reuse_port=False)
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def stop(signum, frame) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def start():
+        p = ctx.Process(target=_run_worker, args=(host, port, True), name="dlpipe-serving-worker")
+        p.start()
+        return p
+
+    procs = [start() for _ in range(workers)]
+    while not stopping.wait(1.0):
+        for i, p in enumerate(procs):
+            if not p.is_alive():
+                log.warning("serving: worker pid %s exited (%s); starting another", p.pid, p.exitcode)
+                procs[i] = start()
+    for p in procs:
+        if p.is_alive():
+            p.terminate()  # SIGTERM: uvicorn finishes the requests under way, then exits
+    for p in procs:
+        p.join(15)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def _run_worker(host: str, port: int, reuse_port: bool) -> None:
+    import socket
+
+    import uvicorn
+
+    config = uvicorn.Config(
         "dlpipe.serve.server:create_app",
         factory=True,
         host=host,
         port=port,
-        workers=workers,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    if not reuse_port:
+        uvicorn.Server(config).run()
+        return
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only for sockets that say so, and
+    # without it each response (headers, then body) waits ~40 ms on the client's delayed ACK (Nagle)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class Server:
