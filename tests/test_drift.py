@@ -14,6 +14,7 @@ from dlpipe.data import drift
 from dlpipe.data.features import read_stats
 from dlpipe.data.generate import generate
 from dlpipe.data.stats import FeatureStats, FittedStats
+from dlpipe.ops.status import drift_verdicts, render_drift
 from dlpipe.pipeline import run_pipeline, run_stage
 from dlpipe.storage import dataset_paths
 from dlpipe.tracking import tracking_uri
@@ -108,3 +109,7 @@ def test_new_data_with_a_known_shift_raises_the_alert_naming_the_shifted_feature
     with pytest.raises(drift.DriftAlert, match="x0: psi"):
         run_stage(spark, failing, "infer")
     assert not Path(dataset_paths(failing).infer_output.removeprefix("file://")).exists()  # nothing written
+
+    (last,) = drift_verdicts(cfg)  # what `python -m dlpipe status` ends with: the model's last verdict
+    assert (last["model"], last["verdict"]) == (cfg.model_name, "alert") and last["features"].startswith("x0,x1")
+    assert "drift       alert" in render_drift([last]) and cfg.model_name in render_drift([last])

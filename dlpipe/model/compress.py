@@ -4,10 +4,10 @@ After train, each variant switched on in `compress.*` is made from the @candidat
 - `onnx`: the network compiled to ONNX and run by ONNX Runtime;
 - `prune`: whole hidden units removed (compress.prune.sparsity), then fine-tuned (dlpipe.model.prune);
 - `distill`: a smaller student trained on the candidate's soft targets (compress.distill).
-The two trained ones train through train's launcher (dlpipe.model.students); with compress.onnx, each is also
-compiled to ONNX (`prune-onnx`, `distill-onnx`). Train's int8 variant, when
-registered for this candidate, joins the comparison. Every variant is measured against the fp32 network on
-the validation rows (streamed: the split may be larger than memory):
+The two trained ones train through train's launcher (dlpipe.model.students); with compress.onnx, each is
+also compiled to ONNX (`prune-onnx`, `distill-onnx`). Train's int8 variant, when registered for this
+candidate, joins the comparison. Every variant is measured against the fp32 network on the validation rows
+(streamed: the split may be larger than memory):
 - quality: accuracy (regression: RMSE) and its delta to fp32;
 - size on disk of what is registered;
 - single-thread rows/s (what one Spark task gets) and its speedup over fp32;
@@ -209,10 +209,11 @@ def _trained_variants(spark: SparkSession, cfg: Config, stats: FittedStats, fp32
     from dlpipe.model.objective import served
     from dlpipe.train.live import learning_curve
 
-    c = cfg.compress
-    makers = {"prune": students.pruned if c.prune.sparsity > 0 else None}
-    makers["distill"] = students.distilled if c.distill.enabled else None
-    wanted = {name: make for name, make in makers.items() if make is not None}
+    wanted = {}
+    if cfg.compress.prune.sparsity > 0:
+        wanted["prune"] = students.pruned
+    if cfg.compress.distill.enabled:
+        wanted["distill"] = students.distilled
     if not wanted:
         return {}
     teacher = students.candidate_network(fp32, stats, example)

@@ -286,7 +286,8 @@ def _run_worker(host: str, port: int, reuse_port: bool) -> None:
 
 class Server:
     """`python -m dlpipe.serving` as a child process in its own process group, for tests, benchmarks and
-    scripts: started on a free port of 127.0.0.1, ready when /health answers, stopped by process id."""
+    scripts: started on a free port of 127.0.0.1, ready when every worker has answered /health (a new
+    connection each time: the kernel spreads them), stopped by process id."""
 
     def __init__(
         self, overrides: list[str], log_path, workers: int = 1, model_uri: str | None = None, poll: float = 10
@@ -315,10 +316,12 @@ class Server:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
+        answered: set[int] = set()  # ready when every worker has answered (each loads the model on its own)
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                    if resp.status == 200:
+                    answered.add(json.load(resp)["pid"])
+                    if len(answered) >= self.workers:
                         return self
             except OSError:
                 time.sleep(0.3)
