@@ -11,6 +11,7 @@ import pickle
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -253,6 +254,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _one_rank_spec(tmp_path, train_rows: int, val_rows: int, checkpoint_uri: str, **train: Any) -> TrainSpec:
+    """A one-rank torch_distributor spec: an MLP with 8 hidden units on 4-feature, 3-class splits of these
+    sizes written under tmp_path; train: more TrainConfig settings (epochs, batch_size, lr)."""
+    return TrainSpec(
+        train=TrainConfig(
+            launcher="torch_distributor",
+            model=ModelConfig(factory="mlp", hidden=[8]),
+            early_stopping=EarlyStoppingConfig(patience=0),
+            **train,
+        ),
+        train_uri=_split(tmp_path / "train", train_rows, 1),
+        val_uri=_split(tmp_path / "val", val_rows, 2),
+        train_rows=train_rows,
+        val_rows=val_rows,
+        feature_shape=(4,),
+        num_classes=3,
+        checkpoint_uri=checkpoint_uri,
+    )
+
+
 @pytest.fixture
 def one_rank(monkeypatch):
     """The environment torchrun gives a one-process job; torch's thread count put back afterwards."""
@@ -270,23 +291,8 @@ def one_rank(monkeypatch):
 
 
 def test_a_rank_resumes_at_the_epoch_after_its_checkpoint(tmp_path, one_rank):
-    train = TrainConfig(
-        launcher="torch_distributor",
-        epochs=2,
-        batch_size=8,
-        model=ModelConfig(factory="mlp", hidden=[8]),
-        early_stopping=EarlyStoppingConfig(patience=0),
-    )
-    spec = TrainSpec(
-        train=train,
-        train_uri=_split(tmp_path / "train", 60, 1),
-        val_uri=_split(tmp_path / "val", 21, 2),
-        train_rows=60,
-        val_rows=21,
-        feature_shape=(4,),
-        num_classes=3,
-        checkpoint_uri=(tmp_path / "ckpt").as_uri(),
-    )
+    spec = _one_rank_spec(tmp_path, 60, 21, (tmp_path / "ckpt").as_uri(), epochs=2, batch_size=8)
+    train = spec.train
     first = one_rank(spec)
     assert (first["resumed_from_epoch"], [h["epoch"] for h in first["history"]]) == (0, [1, 2])
     saved = CheckpointStore(spec.checkpoint_uri).restore().state
@@ -311,24 +317,7 @@ def test_a_distilled_student_follows_its_teacher_as_far_as_alpha_says(tmp_path, 
     with torch.no_grad():
         teacher[-1].weight.zero_()
         teacher[-1].bias.copy_(torch.tensor([0.0, 0.0, 8.0]))
-    train = TrainConfig(
-        launcher="torch_distributor",
-        epochs=6,
-        lr=0.03,
-        batch_size=16,
-        model=ModelConfig(factory="mlp", hidden=[8]),
-        early_stopping=EarlyStoppingConfig(patience=0),
-    )
-    spec = TrainSpec(
-        train=train,
-        train_uri=_split(tmp_path / "train", 300, 1),
-        val_uri=_split(tmp_path / "val", 150, 2),
-        train_rows=300,
-        val_rows=150,
-        feature_shape=(4,),
-        num_classes=3,
-        checkpoint_uri="",
-    )
+    spec = _one_rank_spec(tmp_path, 300, 150, "", epochs=6, lr=0.03, batch_size=16)
     val_labels = pq.read_table(tmp_path / "val").column("label").to_numpy()
     accuracy = {}
     for alpha in (1.0, 0.0):

@@ -37,3 +37,19 @@ def pid_alive(pid: int) -> bool:
             return False
         return True
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_group(proc, timeout: float = 20.0) -> None:
+    """Stop a child started with start_new_session=True, and everything in its process group: SIGTERM, then
+    SIGKILL after timeout seconds; a group already gone is fine. proc: its subprocess.Popen."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass  # gone already
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

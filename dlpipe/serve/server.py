@@ -340,20 +340,11 @@ class Server:
             return []
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the process group (uvicorn stops its workers), SIGKILL after timeout."""
-        import signal
-        import subprocess
+        """SIGTERM to the process group (the server and its workers), SIGKILL after timeout."""
+        from dlpipe.ops.processes import stop_group
 
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
-        except ProcessLookupError:
-            pass  # gone already
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            stop_group(self.proc, timeout)
 
     def __enter__(self) -> Server:
         return self.start()

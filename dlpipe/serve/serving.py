@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dlpipe.ops.processes import free_ports
+from dlpipe.ops.processes import free_ports, stop_group
 
 
 class ServingError(RuntimeError):
@@ -98,16 +97,8 @@ class ModelServer:
         return np.asarray(body["predictions"], dtype=np.float32)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
-        except ProcessLookupError:
-            pass  # gone already
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            stop_group(self.proc, timeout)
 
     def __enter__(self) -> ModelServer:
         return self.start()
