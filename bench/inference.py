@@ -127,11 +127,17 @@ def _register_onnx(model: torch.nn.Module, x: np.ndarray) -> str:
             ).model_uri
 
 
-def _register_torch(model: torch.nn.Module, name: str) -> str:
+def _register_torch(model: torch.nn.Module, name: str, x: np.ndarray) -> str:
     import mlflow
+    from mlflow.models import infer_signature
 
+    example = x[:5]
+    with torch.no_grad():
+        out = model.eval()(torch.from_numpy(example)).numpy()
     with mlflow.start_run():
-        return mlflow.pytorch.log_model(model.eval(), name=name).model_uri
+        return mlflow.pytorch.log_model(
+            model, name=name, signature=infer_signature(example, out), input_example=example
+        ).model_uri
 
 
 def _students(model: torch.nn.Module, x: np.ndarray, rows: int = 200_000) -> dict[str, torch.nn.Module]:
@@ -286,7 +292,7 @@ def run() -> dict[str, float]:
     int8_uri = _register_int8(model)
     uris = {"fp32": model_uri, "int8": int8_uri, "onnx": _register_onnx(model, x)}
     for name, student in _students(model, x).items():
-        uris[name] = _register_torch(student, f"model_{name}")
+        uris[name] = _register_torch(student, f"model_{name}", x)
         uris[f"{name}-onnx"] = _register_onnx(student, x)
     torch_rate = _torch(x, model_uri)
     variants = _variants(x[-100_000:], uris)  # rows the students never trained on
