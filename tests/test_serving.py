@@ -4,6 +4,7 @@ under load without one failed request."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -15,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from bench import serving as load_bench
 from dlpipe.data.ingest import read_clean
 from dlpipe.ops.processes import pid_alive
 from dlpipe.pipeline import run_pipeline
@@ -109,6 +111,14 @@ def test_workers_answer_like_the_registered_model_refuse_bad_records_and_stop_cl
         status, _, _ = _post(conn, _split(records.head(1)))  # still serving after the refusals
         assert status == 200
         conn.close()
+
+        # the load bench's client (bench/serving.py), a small run: every request answered and timed
+        body = json.dumps(_split(records.head(1))).encode()
+        latencies, failures, _ = asyncio.run(load_bench._load(server.port, load_bench._request(body), 60, 4, 30))
+        assert (len(latencies), failures) == (60, []) and min(latencies) > 0
+        bad_body = load_bench._request(b"{not json")
+        latencies, failures, _ = asyncio.run(load_bench._load(server.port, bad_body, 10, 2, 30))
+        assert failures == [400] * 10  # a refused request counts as failed
 
         os.kill(health["pid"], signal.SIGKILL)  # a worker dies: the other answers, and it is replaced
         deadline, now = time.monotonic() + 60, set()
