@@ -125,7 +125,7 @@ def _check_numbers(col: dict, entry: FeatureStats, values: pd.Series, reasons: l
     """_check_and_fill for a numeric column that arrived as numbers (JSON numbers, a float DataFrame column):
     the same checks and words in numpy, without the text round trip (a served single record's main cost)."""
     name, kind = col["name"], col["type"]
-    number = values.to_numpy(np.float64)
+    number = values.to_numpy(np.float64, na_value=np.nan)  # a nullable integer column's <NA> too
     missing = np.isnan(number)
 
     def fail(mask: np.ndarray, why: str) -> None:
