@@ -184,6 +184,7 @@ def report(
     valid = int(features["__valid"])
     per_feature: dict[str, dict[str, float]] = {}
     alerts: list[str] = []
+    drifted: list[str] = []
     for f in stats.features:
         entry: dict[str, float] = {}
         if f.drift_shares is not None:
@@ -199,7 +200,10 @@ def report(
             entry["missing_share_train"] = float(f.missing_share_train or 0.0)
         if entry:
             per_feature[f.name] = entry
-            alerts += _feature_alerts(f.name, entry, monitor)
+            found = _feature_alerts(f.name, entry, monitor)
+            alerts += found
+            if found:
+                drifted.append(f.name)
     quarantined_share = rows_quarantined / rows_in if rows_in else 0.0
     if quarantined_share > monitor.quarantined_share:
         alerts.append(
@@ -221,7 +225,7 @@ def report(
                 f"predictions: psi {out['prediction_psi']:.3f} > monitor.prediction_psi {monitor.prediction_psi}"
             )
     out["alerts"] = alerts
-    out["drifted_features"] = sorted({a.split(":")[0] for a in alerts if a.split(":")[0] in per_feature})
+    out["drifted_features"] = sorted(drifted)
     out["verdict"] = "alert" if alerts else "ok"
     return out
 
