@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from dlpipe.ops.processes import LOOPBACK, free_ports
+from dlpipe.ops.processes import LOOPBACK, free_ports, group_members
 
 S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
 # Each component directory that tools/provision_servers.sh completes carries this marker.
@@ -560,21 +560,6 @@ class HdfsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group (Linux /proc; [] elsewhere)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue  # gone while we looked
-        if int(group) == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 _AUTH_INI = """\

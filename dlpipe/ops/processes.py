@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -39,17 +40,41 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group (Linux /proc; [] elsewhere)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue  # gone while we looked
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
 def stop_group(proc, timeout: float = 20.0) -> None:
     """Stop a child started with start_new_session=True, and everything in its process group: SIGTERM, then
-    SIGKILL after timeout seconds; a group already gone is fine. proc: its subprocess.Popen."""
+    SIGKILL for whatever is left after timeout seconds; a group already gone is fine. Returns once every
+    member is gone, not only the leader: a busy machine can leave a worker finishing its shutdown after the
+    supervisor has exited. proc: its subprocess.Popen."""
     import signal
     import subprocess
+    import time
 
-    try:
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ProcessLookupError):  # gone already
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except ProcessLookupError:
-        pass  # gone already
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(max(deadline - time.monotonic(), 0.1))
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None or group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        end = time.monotonic() + 10
+        while group_members(proc.pid) and time.monotonic() < end:
+            time.sleep(0.05)
