@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dlpipe.ops.processes import pid_alive
+from dlpipe.ops.processes import group_members, pid_alive
 from tests.jvm_archive import spark_class_archive
 from tests.require_all import (  # noqa: F401  (hooks: DLPIPE_REQUIRE_ALL=1 fails a session with skips)
     pytest_configure,
@@ -25,7 +25,7 @@ from tests.require_all import (  # noqa: F401  (hooks: DLPIPE_REQUIRE_ALL=1 fail
     pytest_sessionfinish,
     pytest_terminal_summary,
 )
-from tests.servers import HdfsCluster, MlflowServer, S3Server, group_members, missing_components, spark_jars
+from tests.servers import HdfsCluster, MlflowServer, S3Server, missing_components, spark_jars
 
 REPO = Path(__file__).resolve().parent.parent
 # What tools/provision_servers.sh fills (`make setup`): the S3 and HDFS servers and the s3a jars.
@@ -188,17 +188,67 @@ def make_cfg(root: Path, *overrides: str, rows: int = 1500, dataset: str | None 
     return load_config("local", cfg_overrides(root, *overrides, rows=rows, dataset=dataset), conf_dir=REPO / "conf")
 
 
+# Where prepare() makes each distinct dataset once per test session, shared by the xdist workers (their temp
+# folders' parent is the session's): set by the _prepared_datasets fixture.
+_PREPARED: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prepared_datasets(tmp_path_factory) -> None:
+    global _PREPARED
+    base = tmp_path_factory.getbasetemp()
+    _PREPARED = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "prepared-datasets"
+    _PREPARED.mkdir(parents=True, exist_ok=True)
+
+
+def _data_key(cfg, root: Path) -> str | None:
+    """What a prepared dataset depends on (the dataset's, preprocessing's and storage's settings, the root
+    left out), or None where its data would not live under root/data (another store, another folder)."""
+    import hashlib
+    import json
+
+    from dlpipe.storage import dataset_paths
+
+    paths = dataset_paths(cfg)
+    data = (Path(root).resolve() / "data").as_uri() + "/"  # what prepare copies
+    if not (paths.raw.startswith(data) and paths.clean.startswith(data)):
+        return None
+    settings = cfg.model_dump(mode="json", include={"dataset", "preprocess", "storage"})
+    text = json.dumps(settings, sort_keys=True).replace(str(Path(root).resolve()), "<root>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def prepare(spark, root: Path, *overrides: str, rows: int, dataset: str | None = None):
-    """A config rooted in root whose dataset is generated, ingested and preprocessed: ready to train."""
+    """A config rooted in root whose dataset is generated, ingested and preprocessed: ready to train.
+
+    Tests only read (or copy and change) what this makes, so each distinct dataset is made once per session,
+    in a folder of its own by these same stage functions, and its data/ folder copied into root."""
+    import fcntl
+
+    cfg = make_cfg(root, *overrides, rows=rows, dataset=dataset)
+    key = _data_key(cfg, root) if _PREPARED is not None else None
+    if key is None:
+        _make_dataset(spark, cfg)
+        return cfg
+    made = _PREPARED / key
+    with open(_PREPARED / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker making the same dataset: wait for it
+        if not (made / "complete").is_file():
+            shutil.rmtree(made, ignore_errors=True)
+            _make_dataset(spark, make_cfg(made, *overrides, rows=rows, dataset=dataset))
+            (made / "complete").touch()
+    shutil.copytree(made / "data", Path(root) / "data", dirs_exist_ok=True)
+    return cfg
+
+
+def _make_dataset(spark, cfg) -> None:
     from dlpipe.data import features, ingest
     from dlpipe.data.generate import generate
     from dlpipe.storage import dataset_paths
 
-    cfg = make_cfg(root, *overrides, rows=rows, dataset=dataset)
     generate(cfg, dataset_paths(cfg).raw)
     ingest.run(spark, cfg)
     features.run(spark, cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 from dlpipe.config import ConfigError
 from dlpipe.model.trees import BoosterModule
 from dlpipe.pipeline import run_pipeline
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, prepare
 
 
 def _booster(objective: str, classes: int | None, rng) -> object:
@@ -65,7 +65,8 @@ def test_the_tree_baseline_is_measured_like_the_network_gates_it_and_is_register
     from dlpipe.data.ingest import read_clean
     from dlpipe.serve import infer
 
-    cfg = make_cfg(
+    cfg = prepare(
+        spark,
         tmp_path,
         "train.epochs=1",
         "train.lr=0.00001",
@@ -73,7 +74,7 @@ def test_the_tree_baseline_is_measured_like_the_network_gates_it_and_is_register
         "evaluate.require_beat_baseline=true",
         rows=3000,
     )
-    result = run_pipeline(spark, cfg)
+    result = run_pipeline(spark, cfg, stages=("train", "infer", "evaluate"))
     ev = result.metrics["evaluate"]
     for name in ("accuracy", "macro_f1", "auc", "log_loss"):
         assert name in ev and f"baseline_{name}" in ev, (name, sorted(ev))

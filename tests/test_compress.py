@@ -17,7 +17,7 @@ from dlpipe.pipeline import run_pipeline
 from dlpipe.serve import infer
 from dlpipe.serve.serving import ModelServer
 from dlpipe.storage import dataset_paths
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, prepare
 
 
 def test_an_onnx_export_answers_like_the_network_and_survives_saving(tmp_path):
@@ -50,7 +50,8 @@ def test_variants_are_measured_side_by_side_registered_and_scored_by_infer(spark
     (both trained through the Horovod launcher) and train's int8. The ONNX one registered as @candidate-onnx,
     answering raw records like fp32 and scoring the test split through infer.variant=onnx; the trained ones
     registered exactly when their gate says so, and smaller than fp32."""
-    cfg = make_cfg(
+    cfg = prepare(
+        spark,
         tmp_path,
         "compress.onnx=true",
         "quantize.enabled=true",
@@ -61,7 +62,7 @@ def test_variants_are_measured_side_by_side_registered_and_scored_by_infer(spark
         "compress.max_accuracy_drop=0.1",  # 3,000 rows: the gate itself is checked above
         rows=3000,
     )
-    result = run_pipeline(spark, cfg, stages=("generate", "ingest", "preprocess", "train", "compress"))
+    result = run_pipeline(spark, cfg, stages=("train", "compress"))
     m = result.metrics["compress"]
     assert m["onnx_registered"] == 1.0 and abs(m["onnx_accuracy_delta"]) <= 0.002, m
     variants = ("fp32", "onnx", "prune", "prune-onnx", "distill", "distill-onnx", "int8")
