@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -70,17 +71,21 @@ def test_a_second_run_on_the_same_dataset_fails_at_once_naming_the_first(tmp_pat
 
 
 def test_a_run_told_to_wait_runs_after_the_first_and_a_dead_holders_lock_is_taken_over(tmp_path):
-    """Two pipeline runs that each register a model, the second (the whole pipeline) started while the first
-    (up to train) is at work and told to wait: both succeed, one after the other, and the registry holds one
-    version per run."""
-    whole = ("train.epochs=2", "train.num_proc=1", *UNCHECKED_WORK)
-    first = _start(tmp_path, *whole, to="train")
+    """Two pipeline runs that each register a model, the second (the whole pipeline, with another epoch count)
+    started while the first (up to train) is at work and told to wait: both succeed, one after the other, and
+    the registry holds one version per run. The second finds the first's data made from the same config and
+    reuses it; its own training makes the version it registers."""
+    whole = ("train.num_proc=1", *UNCHECKED_WORK)
+    first = _start(tmp_path, *whole, "train.epochs=2", to="train")
     _wait_for_lock(tmp_path, first)
-    second = _start(tmp_path, *whole, "storage.lock_wait_seconds=600", "--force", to="evaluate")
+    second = _start(tmp_path, *whole, "train.epochs=3", "storage.lock_wait_seconds=600", to="evaluate")
     first_out, _ = first.communicate(timeout=900)
     out, _ = second.communicate(timeout=900)
     assert first.returncode == 0, first_out[-3000:]
     assert second.returncode == 0 and "waiting up to 600s" in out, out[-3000:]
+    # the first run's data reused (made from the same config), the model trained again
+    assert re.search(r"preprocess: file:\S+ is up to date", out.split("stage train: start")[0]), out[-3000:]
+    assert "stage train: done" in out and "train: launching" in out.split("stage train: start")[1], out[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     versions = sorted(client.search_model_versions("name = 'tabular_example-classifier'"), key=lambda v: int(v.version))
     assert [str(v.version) for v in versions] == ["1", "2"], versions  # one per run, none lost or doubled
