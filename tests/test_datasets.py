@@ -212,7 +212,8 @@ def test_a_new_csv_dataset_runs_end_to_end_from_a_yaml_file_alone(spark, tmp_pat
             f"project.root={tmp_path}",
             "train.epochs=15",
             "train.batch_size=32",
-            "compress.onnx=false",  # test_compress.py's; the tree baseline stays on (checked below)
+            "compress.onnx=false",  # test_compress.py's, and the int8 variant test_stages.py's; the tree
+            "quantize.enabled=false",  # baseline stays on (checked below)
         ],
         conf_dir=conf,
     )
