@@ -65,34 +65,38 @@ def no_gpu() -> str | None:
     return f"no CUDA device (torch {torch.__version__}, {build}): run `make test-gpu` on a machine with a GPU"
 
 
-# Modules longest first, as a clean-clone run measured them (worker-seconds): with `make test`'s two workers
-# (pytest-xdist, a module to a worker) each free worker takes the longest module left, so the run ends on
-# short ones and neither worker waits long for the other. Left in file-name order, test_tracking_server.py
-# (a server start and a whole pipeline) came last of all; unlisted modules take under 10 s each.
+# Modules longest first, as a full run with `make test`'s three workers measured them (worker-seconds): each
+# free worker (pytest-xdist, a module to a worker) takes the longest module left, so the run ends on short
+# ones and no worker waits long for the others. Left in file-name order, test_tracking_server.py (a server
+# start and a whole pipeline) came last of all; unlisted modules take under 20 s each.
 LONGEST_FIRST = (
-    "test_training.py",  # 294
-    "test_cluster.py",  # 200
-    "test_airflow.py",  # 143
-    "test_scale.py",  # 128
-    "test_runlock.py",  # 110
-    "test_stages.py",  # 108
-    "test_notebooks.py",  # 88
-    "test_tracking_server.py",  # 84
-    "test_storage_kinds.py",  # 83
-    "test_datasets.py",  # 77
-    "test_pipeline.py",  # 62
-    "test_your_data.py",  # 54
-    "test_bad_input.py",  # 48
-    "test_transfer.py",  # 47 alone
-    "test_feature_types.py",  # 44
-    "test_tune.py",  # 36 alone
-    "test_promotion.py",  # 35
-    "test_faults.py",  # 31
-    "test_secrets.py",  # 28
-    "test_preflight.py",  # 18
-    "test_regression.py",  # 18
-    "test_servers.py",  # 16
-    "test_sources.py",  # 12
+    "test_training.py",  # 395
+    "test_cluster.py",  # 326
+    "test_airflow.py",  # 264
+    "test_stages.py",  # 237
+    "test_datasets.py",  # 191
+    "test_scale.py",  # 185
+    "test_notebooks.py",  # 179
+    "test_runlock.py",  # 167
+    "test_your_data.py",  # 162
+    "test_tracking_server.py",  # 143
+    "test_pipeline.py",  # 139
+    "test_transfer.py",  # 111
+    "test_storage_kinds.py",  # 108
+    "test_compress.py",  # 105
+    "test_bad_input.py",  # 100
+    "test_feature_types.py",  # 98
+    "test_baseline.py",  # 84
+    "test_serving.py",  # 75
+    "test_faults.py",  # 74
+    "test_promotion.py",  # 73
+    "test_secrets.py",  # 65
+    "test_regression.py",  # 49
+    "test_drift.py",  # 46
+    "test_preflight.py",  # 35
+    "test_sources.py",  # 33
+    "test_tune.py",  # 24
+    "test_servers.py",  # 20
 )
 
 
