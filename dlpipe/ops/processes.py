@@ -42,8 +42,11 @@ def pid_alive(pid: int) -> bool:
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group (Linux /proc; [] elsewhere)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
     members = []
-    for entry in Path("/proc").iterdir():
+    for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
