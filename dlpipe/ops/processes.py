@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -58,6 +59,15 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _group_gone(pgid: int, until: float) -> bool:
+    """Wait (until the monotonic time `until`) for every member of the process group to be gone."""
+    while group_members(pgid):
+        if time.monotonic() >= until:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def stop_group(proc, timeout: float = 20.0) -> None:
     """Stop a child started with start_new_session=True, and everything in its process group: SIGTERM, then
     SIGKILL for whatever is left after timeout seconds; a group already gone is fine. Returns once every
@@ -65,19 +75,15 @@ def stop_group(proc, timeout: float = 20.0) -> None:
     supervisor has exited. proc: its subprocess.Popen."""
     import signal
     import subprocess
-    import time
 
     deadline = time.monotonic() + timeout
     with contextlib.suppress(ProcessLookupError):  # gone already
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(max(deadline - time.monotonic(), 0.1))
-    while group_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is None or group_members(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        end = time.monotonic() + 10
-        while group_members(proc.pid) and time.monotonic() < end:
-            time.sleep(0.05)
+    if proc.poll() is not None and _group_gone(proc.pid, deadline):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    _group_gone(proc.pid, time.monotonic() + 10)
