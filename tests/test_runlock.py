@@ -84,8 +84,9 @@ def test_a_run_told_to_wait_runs_after_the_first_and_a_dead_holders_lock_is_take
     assert first.returncode == 0, first_out[-3000:]
     assert second.returncode == 0 and "waiting up to 600s" in out, out[-3000:]
     # the first run's data reused (made from the same config), the model trained again
-    assert re.search(r"preprocess: file:\S+ is up to date", out.split("stage train: start")[0]), out[-3000:]
-    assert "stage train: done" in out and "train: launching" in out.split("stage train: start")[1], out[-3000:]
+    before_train, started_train, train_on = out.partition("stage train: start")
+    assert started_train and re.search(r"preprocess: file:\S+ is up to date", before_train), out[-3000:]
+    assert "train: launching" in train_on and "stage train: done" in train_on, out[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     versions = sorted(client.search_model_versions("name = 'tabular_example-classifier'"), key=lambda v: int(v.version))
     assert [str(v.version) for v in versions] == ["1", "2"], versions  # one per run, none lost or doubled
