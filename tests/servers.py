@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from dlpipe.ops.processes import LOOPBACK, free_ports, group_members
+from dlpipe.ops.processes import LOOPBACK, free_ports, group_members, stop_group
 
 S3A_JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
 # Each component directory that tools/provision_servers.sh completes carries this marker.
@@ -158,28 +158,13 @@ class _Process:
         rc = self.popen.poll()
         return None if rc is None else f"{self.name} exited with status {rc}"
 
-    def _signal_group(self, sig: signal.Signals) -> bool:
-        assert self.popen is not None
-        try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            return False  # the whole group is gone already
-        return True
-
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, SIGKILL it if it lingers, and reap the process (once; later calls do nothing)."""
+        """SIGTERM the process group, SIGKILL what lingers, and return once the whole group is gone (once; later
+        calls do nothing)."""
         if self.popen is None or self._stopped:
             return
         self._stopped = True
-        if self.popen.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self.popen.wait(10)
-        # Anything the leader left behind in its group (none expected) goes too.
-        self._signal_group(signal.SIGKILL)
+        stop_group(self.popen, timeout)
 
 
 def _wait_until(
