@@ -624,6 +624,12 @@ class InferConfig(_Strict):
         description="the candidate's variant to score with: int8 (train's); the compress stage's (its README section)",
     )
     batch_size: int = Field(4096, gt=0)
+    bytes_per_task: int = Field(
+        4 * 2**20,
+        gt=0,
+        description="input bytes a scoring task takes at least: each task's Python worker loads the model, so a "
+        "small input is scored in fewer tasks than it has files (a large one keeps Spark's split)",
+    )
     source: str | None = Field(
         None,
         description="null: score the test split. A URI of new raw data (dataset.source's format and columns, "

@@ -156,6 +156,15 @@ def test_infer_scores_every_test_row(spark, cfg, preprocessed, inferred):
     assert row.model_name == cfg.model_name and row.model_version == 1
     out = local_path(dataset_paths(cfg).predictions)
     assert [p.name for p in out.glob("model_version=*")] == ["model_version=1"]  # infer.partition_by
+    # the split's files (one per preprocess task) were scored by one task, the model loaded once: one file out
+    assert len(list(local_path(dataset_paths(cfg).split("test")).glob("part-*.parquet"))) == 2
+    assert len(list(out.glob("model_version=1/part-*.parquet"))) == 1
+
+
+def test_a_small_input_is_scored_in_as_few_tasks_as_its_bytes_need():
+    assert infer.scoring_tasks(0, 4096) == infer.scoring_tasks(1, 4096) == infer.scoring_tasks(4096, 4096) == 1
+    assert infer.scoring_tasks(4097, 4096) == 2
+    assert infer.scoring_tasks(10 * 2**30, 4 * 2**20) == 2560  # 10 GiB: more than Spark's own split, a no-op
 
 
 def test_evaluate_reports_metrics_and_coverage(spark, cfg, inferred):

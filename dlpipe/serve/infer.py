@@ -42,7 +42,7 @@ from dlpipe.data.stats import FittedStats
 from dlpipe.model.names import variant_alias
 from dlpipe.session import job_description
 from dlpipe.stage import Plan, Stage, execute, require_input
-from dlpipe.storage import dataset_paths, lineage, resolve_uri, storage_settings
+from dlpipe.storage import HadoopFS, dataset_paths, lineage, resolve_uri, storage_settings
 from dlpipe.storage.parquet_io import Output, write_routed
 from dlpipe.tracking import ModelRef
 
@@ -102,6 +102,14 @@ def score_rows(
 
 
 UNSEEN = "unseen_label_rows"
+
+
+def scoring_tasks(input_bytes: int, bytes_per_task: int) -> int:
+    """The most tasks that score an input of input_bytes. Each task's Python worker loads the model (in a fresh
+    worker, seconds of CPU: torch, MLflow, the model), while Spark splits a small input into at least one task
+    per file or per core: scoring 200 rows in two files loaded the model twice. Coalescing to this count only
+    ever lowers the count, so an input larger than bytes_per_task times Spark's split keeps Spark's split."""
+    return max(1, -(-input_bytes // bytes_per_task))
 
 
 def _new_rows(
@@ -214,6 +222,7 @@ class Infer(Stage):
             rows, carry = spark.read.parquet(source), ()
         seen = Observation("infer")  # rows in, counted on the way, apart from the outputs' footers
         rows = rows.observe(seen, F.count(F.lit(1)).alias("rows_in"))
+        rows = rows.coalesce(scoring_tasks(HadoopFS(spark).total_bytes(source), cfg.infer.bytes_per_task))
         scored = _unify_reasons(score_rows(spark, cfg, rows, stats, mv, carry), stats, bool(carry))
         if watched is not None:
             scored, predicted = drift.watch_predictions(scored, stats)
@@ -242,8 +251,6 @@ def _drift(
     monitor.fail_on_alert and a threshold was passed."""
     import matplotlib.pyplot as plt
     import mlflow
-
-    from dlpipe.storage import HadoopFS
 
     report = drift.report(
         watched.get, predicted.get, stats, metrics["rows_in"], metrics["rows_quarantined"], cfg.monitor

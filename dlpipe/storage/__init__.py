@@ -327,6 +327,12 @@ class HadoopFS:
     def read_json(self, uri: str) -> Any:
         return json.loads(self.read_bytes(uri).decode())
 
+    def total_bytes(self, uri: str) -> int:
+        """The size of the file at uri, or of every file under the folder at uri."""
+        fs, path = self._fs(uri)
+        with storage_errors(uri):
+            return int(fs.getContentSummary(path).getLength())
+
     def list_names(self, uri: str) -> list[str]:
         fs, path = self._fs(uri)
         return sorted(str(st.getPath().getName()) for st in fs.listStatus(path))
