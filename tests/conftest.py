@@ -257,7 +257,8 @@ def _make_dataset(spark, cfg) -> None:
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    """A real Spark in local mode (2 cores), UI off, warehouse and scratch in temp folders."""
+    """A real Spark in local mode (2 cores), UI off, warehouse and scratch in temp folders, warm Python workers
+    (tests/warm_daemon.py)."""
     from pyspark.sql import SparkSession
 
     tmp = tmp_path_factory.mktemp("spark")
@@ -272,6 +273,9 @@ def spark(tmp_path_factory):
         .config("spark.sql.warehouse.dir", str(tmp / "warehouse"))
         .config("spark.local.dir", str(tmp / "local"))
         .config("spark.sql.session.timeZone", "UTC")
+        # its Python workers fork from a daemon that has imported torch, MLflow and the executor code once
+        .config("spark.python.daemon.module", "tests.warm_daemon")
+        .config("spark.executorEnv.PYTHONPATH", str(REPO))  # where that daemon's module is, whatever the cwd
     )
     # s3a:// needs hadoop-aws + the AWS SDK bundle, which pyspark lacks (tools/provision_servers.sh fetches them).
     jars = spark_jars(SERVERS_CACHE)
