@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import mlflow
@@ -227,6 +228,25 @@ def test_the_pandas_udf_form_scores_exactly_like_the_arrow_scorer(spark, cfg, pr
     for k, (pred, probs) in a.items():
         assert pred == b[k][0]
         np.testing.assert_allclose(probs, b[k][1], rtol=1e-6)
+
+
+def test_a_scoring_worker_loads_the_model_from_its_files_alone(cfg, trained, tmp_path):
+    """What a scoring worker does with the version's artifact URI (dlpipe.serve.scoring.load_model), in a fresh
+    interpreter with no tracking URI: the model loads from its files, and MLflow's tracking store is never
+    opened (its SQLAlchemy module not imported, no default store made in the working folder)."""
+    import subprocess
+
+    mv = tracking.model_version_for(infer.model_uri(cfg))
+    code = (
+        "import sys\nfrom dlpipe.serve.scoring import load_model\nmodel = load_model(sys.argv[1])\n"
+        "print(model(__import__('torch').zeros(2, 12)).shape, 'mlflow.store.tracking.sqlalchemy_store' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    argv = [sys.executable, "-c", code, mv.download_uri]
+    out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["torch.Size([2,", "3])", "False"], out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a tracking store was made in the working folder"
 
 
 @pytest.mark.slow
