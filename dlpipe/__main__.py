@@ -29,6 +29,7 @@ from dlpipe.cli import (
 )
 from dlpipe.config import Config
 from dlpipe.pipeline import STAGES, stages_for
+from dlpipe.runtime import tune_gc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +80,7 @@ def _submit(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
+    tune_gc()
     args = parse(_parser(), argv)
     cfg = load_or_exit(args)
     if args.command == "submit":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dlpipe import redact
 from dlpipe.config import Config, ConfigError, load_config
+from dlpipe.runtime import tune_gc
 
 
 def setup_logging() -> None:
@@ -107,6 +108,7 @@ def run_job(stage: str, argv: list[str]) -> int:
     from dlpipe.pipeline import run_stage
     from dlpipe.session import build_spark, stop_spark
 
+    tune_gc()
     p = parser(f"jobs/{stage}.py", f"Run the dlpipe '{stage}' stage.")
     p.add_argument("--parent-run-id", help="MLflow run id of the pipeline run this stage belongs to")
     args = parse(p, argv)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dlpipe.ops.processes import group_members, pid_alive
+from dlpipe.runtime import tune_gc
 from tests.jvm_archive import spark_class_archive
 from tests.require_all import (  # noqa: F401  (hooks: DLPIPE_REQUIRE_ALL=1 fails a session with skips)
     pytest_configure,
@@ -119,6 +120,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if gpu_reason:
                 item.add_marker(pytest.mark.skip(reason=gpu_reason))
 
+
+# The pytest workers are the drivers of the in-process tests: the collector as dlpipe's own processes set it.
+tune_gc()
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -71,3 +71,17 @@ def test_the_readme_layout_names_every_module_and_nothing_else():
     actual = {p.name for p in tree.rglob("*.py") if p.name != "__init__.py" or p.parent.name == "storage"}
     assert named - actual == set(), "the README names modules that do not exist"
     assert actual - named == set(), "modules the README's layout does not name"
+
+
+def test_a_dlpipe_command_starts_with_the_collector_sized_for_its_heap():
+    """dlpipe.runtime.tune_gc runs first in `python -m dlpipe` (and the jobs, the ranks and the trials): Python's
+    default thresholds (700, 10, 10) spent a fifth of a driver's CPU walking torch's and MLflow's objects."""
+    from dlpipe.runtime import GC_THRESHOLDS
+
+    code = (
+        "import contextlib, gc, json\nfrom dlpipe.__main__ import main\nbefore = gc.get_threshold()\n"
+        "with contextlib.suppress(SystemExit):\n    main(['--help'])\nprint(json.dumps([before, gc.get_threshold()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == [700, 10, 10] and after == list(GC_THRESHOLDS) != before

@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 import importlib
 
+from dlpipe.runtime import tune_gc
+
 # What the training ranks, the scorers and the tuning trials import (tests/test_layers.py lists that code):
 # the frameworks, MLflow's model loading and its SQLite store (rank 0 logs live metrics), and torch's lazy
 # parts a rank or a load reaches (an optimizer imports torch._dynamo; an exported model torch.export's
@@ -37,6 +39,7 @@ PRELOAD = (
     "udfs.score",
 )
 
+tune_gc()  # the workers it forks collect as dlpipe's processes do
 for _name in PRELOAD:
     importlib.import_module(_name)
 gc.collect()

@@ -24,6 +24,7 @@ from dlpipe.data.stats import FittedStats
 from dlpipe.model import task as tasks
 from dlpipe.model.objective import Objective
 from dlpipe.model.task import label_numpy_type
+from dlpipe.runtime import tune_gc
 from dlpipe.storage import StorageSettings, dataset_paths, storage_settings
 from dlpipe.tracking import Credentials
 from dlpipe.train.checkpoints import CheckpointStore, ResumeState
@@ -160,6 +161,7 @@ def train_worker(spec: TrainSpec) -> dict | None:
     is: the driver clears them before a fresh run (not with `train.resume`), so a checkpoint found here
     means Spark retried the barrier stage after a task died, or the user asked to resume.
     """
+    tune_gc()
     device = pick_device(spec)
     comm = open_comm(spec.train.launcher, device)
     try:

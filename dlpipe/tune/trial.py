@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dlpipe.runtime import tune_gc
 from dlpipe.train.comm import SoloComm
 from dlpipe.train.worker import TrainSpec, epoch_record, pick_device, set_up, train_epoch, validate
 
@@ -45,6 +46,7 @@ def _pruner_trial(spec: TrialSpec) -> Any:
 def run_trial(spec: TrialSpec) -> dict[str, Any]:
     """Train until the epochs run out, early stopping, or pruning; return the curve and the best
     validation loss (the value the study minimizes)."""
+    tune_gc()
     t = spec.train
     started = time.time()
     run, state = set_up(t, SoloComm(pick_device(t)))  # the ranks' own set-up: no checkpoints, no live tracking
