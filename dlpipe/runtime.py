@@ -15,6 +15,5 @@ GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def tune_gc() -> None:
-    """Raise the young generation's threshold (GC_THRESHOLDS); idempotent, cheap, process-wide."""
-    if gc.get_threshold() != GC_THRESHOLDS:
-        gc.set_threshold(*GC_THRESHOLDS)
+    """Raise the young generation's threshold (GC_THRESHOLDS), process-wide; calling it again changes nothing."""
+    gc.set_threshold(*GC_THRESHOLDS)
