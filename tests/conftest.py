@@ -128,20 +128,10 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 # Every JVM the tests start (Spark drivers and executors, the cluster's and HDFS's daemons) lives seconds to
 # minutes on tiny data: C2's optimising compiles never pay back. C1 alone cut the CPU of the stage tests by
-# a fifth (90 s against 111-138 s, measured); even the session's JVM, alive for the whole run, used more
-# with C2 (241 CPU-s against 179 over four modules). Spark's classes come from an archive made once (a
-# quarter of a small application's CPU: tests/jvm_archive.py). The serial collector (G1's concurrent
-# threads are overhead on heaps this small) and no verifying of the bytecode of Spark's jars and of the code
-# Spark generates (trusted; a user's JVM still verifies it) took a 1,500-row ingest and preprocess's JVM from
-# 16.3 to 13.9 CPU-s (medians of three, interleaved). test_scale.py, whose data is large, runs without any
-# of these.
+# a fifth (90 s against 111-138 s, measured). Spark's classes come from an archive made once (a quarter of
+# a small application's CPU: tests/jvm_archive.py). test_scale.py, whose data is large, runs without either.
 if "JAVA_TOOL_OPTIONS" not in os.environ:
-    _jvm = [
-        "-XX:TieredStopAtLevel=1",
-        "-XX:+UseSerialGC",
-        "-XX:+UnlockDiagnosticVMOptions",
-        "-XX:-BytecodeVerificationRemote",
-    ]
+    _jvm = ["-XX:TieredStopAtLevel=1"]
     _archive = spark_class_archive(REPO / ".cache")
     if _archive is not None:  # a JVM that cannot use it (another class path) says nothing and runs without
         _jvm += [f"-XX:SharedArchiveFile={_archive}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
