@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import mlflow
@@ -234,8 +235,6 @@ def test_a_scoring_worker_loads_the_model_from_its_files_alone(cfg, trained, tmp
     """What a scoring worker does with the version's artifact URI (dlpipe.serve.scoring.load_model), in a fresh
     interpreter with no tracking URI: the model loads from its files, and MLflow's tracking store is never
     opened (its SQLAlchemy module not imported, no default store made in the working folder)."""
-    import subprocess
-
     mv = tracking.model_version_for(infer.model_uri(cfg))
     code = (
         "import sys\nfrom dlpipe.serve.scoring import load_model\nmodel = load_model(sys.argv[1])\n"
