@@ -1,7 +1,8 @@
 """Training on a real Spark standalone cluster: a master and two 1-core workers on 127.0.0.1 (the
 `standalone_cluster` fixture, i.e. `make cluster-up`). Jobs run as their own driver processes, as a user's
-would: the whole pipeline through spark-submit with 2 Horovod ranks, the image dataset's CNN trained by
-TorchDistributor, and a slot shortage that fails fast with both numbers instead of waiting for slots.
+would: the whole pipeline through spark-submit with 2 Horovod ranks (one of them killed mid-training, so
+Spark retries the barrier stage and the ranks resume from the checkpoint), the image dataset's CNN trained
+by TorchDistributor, and a slot shortage that fails fast with both numbers instead of waiting for slots.
 
 Where the time goes: each job is a Spark application (a driver JVM, two executor JVMs, Python workers; with
 the shipped environment, two unpacked archives) and each training a fresh MLflow store; the epochs
@@ -145,20 +146,36 @@ def _submit(cluster, shipment, script: str, *args: str, timeout: int = 900) -> s
 RANK_ORIGIN = re.compile(r"dlpipe\.train\.rank(\d): python (\S+), torch \S+ from (\S+), dlpipe from (\S+)")
 
 
-def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships(standalone_cluster, shipment, tmp_path):
+# rank 1 kills its own process (SIGKILL) right after the epoch-2 checkpoint, in the first attempt only
+KILL_RANK_1 = ("train.early_stopping.patience=0", "train.fault_injection.rank=1", "train.fault_injection.epoch=2")
+
+
+def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships_and_a_killed_rank_resumes(
+    standalone_cluster, shipment, tmp_path
+):
     """The whole tabular pipeline, submitted with the code as --py-files and a packed virtualenv as
     --archives, trains with Horovod. Each rank says
     where its interpreter, torch and dlpipe come from (dlpipe.train.worker.runtime_origin): the unpacked
     archive and the zip, never the project folder or its .venv. Infer's UDF (udfs/) runs on the executors
-    too, so a zip without it fails the run."""
+    too, so a zip without it fails the run. Rank 1 is killed after epoch 2: its executor reports the task
+    lost, Spark retries the barrier stage, and both ranks resume from the epoch-2 checkpoint to a model of an
+    uninterrupted run's quality."""
 
     def submitted(args: list[str]) -> subprocess.CompletedProcess:
         return _submit(standalone_cluster, shipment, "pipelines/run.py", *args)
 
     # Bayes accuracy 0.933 on this generator; the local tests reach 0.9
-    proc = _train_on_the_cluster(standalone_cluster, tmp_path, 6000, None, 0.85, "train.epochs=8", first=submitted)
+    proc = _train_on_the_cluster(
+        standalone_cluster, tmp_path, 6000, None, 0.85, "train.epochs=8", *KILL_RANK_1, first=submitted
+    )
     said = proc.stdout + proc.stderr
     assert "test accuracy:" in proc.stdout
+    assert "fault injection: killing rank 1" in said, said[-4000:]
+    run = _last_train(tmp_path)
+    assert run.data.metrics["resumed_from_epoch"] == 2, "the retried stage did not start from the saved epoch"
+    assert run.data.metrics["epochs_run"] == 8
+    client = mlflow.MlflowClient(tracking.tracking_uri(make_cfg(tmp_path)))
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(1, 9))
 
     origins = {int(m[1]): m.groups()[1:] for m in RANK_ORIGIN.finditer(said)}
     assert sorted(origins) == [0, 1], said[-4000:]

@@ -1,11 +1,8 @@
-"""Training: a rank killed mid-training resumes from a checkpoint when Spark retries the barrier stage,
-`train.resume`, your own model factory, early stopping (the image CNN trains in test_cluster.py)."""
+"""Training: a DDP rank killed mid-training resumes from a checkpoint when the driver starts the job again,
+`train.resume`, your own model factory, early stopping (the image CNN, and a Horovod rank killed and resumed
+when Spark retries the barrier stage, are test_cluster.py's)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -13,7 +10,7 @@ import torch
 
 from dlpipe import tracking
 from dlpipe.pipeline import run_stage
-from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
+from tests.conftest import make_cfg, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +20,9 @@ def _train(spark, cfg) -> dict:
         return run_stage(spark, cfg, "train")
 
 
-# Horovod: Spark retries the barrier stage (local[2,4] allows task retries, as a cluster does: a job of its own,
-# as a user's spark-submit would be); TorchDistributor: its barrier stage cannot be retried, so the driver
-# starts the job again (this test's own Spark will do).
+# TorchDistributor: its barrier stage cannot be retried, so the driver starts the job again (this test's own
+# Spark will do). Horovod's killed rank is the cluster's (test_cluster.py): Spark retries its barrier stage, as
+# a cluster allows task retries and the local session (local[2]) does not.
 KILL_RANK_1 = (
     "train.epochs=6",
     "train.early_stopping.patience=0",
@@ -34,31 +31,19 @@ KILL_RANK_1 = (
 )
 
 
-@pytest.mark.parametrize("launcher", ["horovod", "torch_distributor"])
-def test_a_killed_rank_resumes_from_its_checkpoint(spark, tmp_path, caplog, launcher):
+def test_a_killed_ddp_rank_resumes_from_its_checkpoint(spark, tmp_path, caplog):
     cfg = prepare(spark, tmp_path, rows=6000)
-    if launcher == "horovod":
-        job = cfg_overrides(
-            tmp_path, "spark.master=local[2,4]", "spark.conf.spark.ui.enabled=false", *KILL_RANK_1, rows=6000
-        )
-        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-        proc = subprocess.run(
-            [sys.executable, "jobs/train.py", *job], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        said = proc.stderr
-    else:
-        caplog.set_level("INFO", logger="dlpipe")
-        _train(spark, make_cfg(tmp_path, "train.launcher=torch_distributor", *KILL_RANK_1, rows=6000))
-        said = "\n".join(r.getMessage() for r in caplog.records)
-        assert "train: attempt 1 of 3 failed" in said, said[-4000:]  # the driver started the job again
+    caplog.set_level("INFO", logger="dlpipe")
+    _train(spark, make_cfg(tmp_path, "train.launcher=torch_distributor", *KILL_RANK_1, rows=6000))
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "train: attempt 1 of 3 failed" in said, said[-4000:]  # the driver started the job again
     assert "fault injection: killing rank 1" in said
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
     run = client.search_runs(
         [client.get_experiment_by_name("dlpipe").experiment_id], filter_string="tags.`dlpipe.stage` = 'train'"
     )[0]
     m = run.data.metrics
-    assert run.data.params["train.launcher"] == launcher
+    assert run.data.params["train.launcher"] == "torch_distributor"
     assert m["resumed_from_epoch"] == 2, "the retried run did not start from the saved epoch"
     assert m["epochs_run"] == 6
     assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
