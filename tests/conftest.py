@@ -174,6 +174,11 @@ def seed_tracking_store(root: Path) -> None:
 # and the tree baseline (XGBoost on Spark, in every evaluate): only the tests that check them want them.
 UNCHECKED_WORK = ("quantize.enabled=false", "compress.onnx=false", "evaluate.baseline.enabled=false")
 
+# The killed-rank tests' fault (test_training.py: TorchDistributor; test_cluster.py: Horovod): rank 1 kills its
+# own process (SIGKILL) right after the epoch-2 checkpoint, in the first attempt only; no early stop, so every
+# epoch runs.
+KILL_RANK_1 = ("train.early_stopping.patience=0", "train.fault_injection.rank=1", "train.fault_injection.epoch=2")
+
 
 def cfg_overrides(root: Path, *overrides: str, rows: int = 1500, dataset: str | None = None) -> list[str]:
     """The override list of a test config (also what a test passes to a job on the command line)."""

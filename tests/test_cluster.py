@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dlpipe import tracking
-from tests.conftest import REPO, cfg_overrides, make_cfg, prepare
+from tests.conftest import KILL_RANK_1, REPO, cfg_overrides, make_cfg, prepare
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -144,10 +144,6 @@ def _submit(cluster, shipment, script: str, *args: str, timeout: int = 900) -> s
 
 
 RANK_ORIGIN = re.compile(r"dlpipe\.train\.rank(\d): python (\S+), torch \S+ from (\S+), dlpipe from (\S+)")
-
-
-# rank 1 kills its own process (SIGKILL) right after the epoch-2 checkpoint, in the first attempt only
-KILL_RANK_1 = ("train.early_stopping.patience=0", "train.fault_injection.rank=1", "train.fault_injection.epoch=2")
 
 
 def test_the_pipeline_runs_through_spark_submit_with_only_what_it_ships_and_a_killed_rank_resumes(

@@ -10,7 +10,7 @@ import torch
 
 from dlpipe import tracking
 from dlpipe.pipeline import run_stage
-from tests.conftest import make_cfg, prepare
+from tests.conftest import KILL_RANK_1, make_cfg, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +23,10 @@ def _train(spark, cfg) -> dict:
 # TorchDistributor: its barrier stage cannot be retried, so the driver starts the job again (this test's own
 # Spark will do). Horovod's killed rank is the cluster's (test_cluster.py): Spark retries its barrier stage, as
 # a cluster allows task retries and the local session (local[2]) does not.
-KILL_RANK_1 = (
-    "train.epochs=6",
-    "train.early_stopping.patience=0",
-    "train.fault_injection.rank=1",  # rank 1 kills its own process (SIGKILL) right after the epoch-2
-    "train.fault_injection.epoch=2",  # checkpoint, in the first attempt only
-)
-
-
 def test_a_killed_ddp_rank_resumes_from_its_checkpoint(spark, tmp_path, caplog):
     cfg = prepare(spark, tmp_path, rows=6000)
     caplog.set_level("INFO", logger="dlpipe")
-    _train(spark, make_cfg(tmp_path, "train.launcher=torch_distributor", *KILL_RANK_1, rows=6000))
+    _train(spark, make_cfg(tmp_path, "train.launcher=torch_distributor", "train.epochs=6", *KILL_RANK_1, rows=6000))
     said = "\n".join(r.getMessage() for r in caplog.records)
     assert "train: attempt 1 of 3 failed" in said, said[-4000:]  # the driver started the job again
     assert "fault injection: killing rank 1" in said
